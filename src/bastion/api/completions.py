@@ -1,0 +1,22 @@
+"""POST /v1/completions (legacy): parse, call, return."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from bastion.api.deps import CatalogDep, InferenceKey, SettingsDep
+from bastion.protocol.completions import Completion, CompletionRequest
+from bastion.serving.common import sse, unless_disconnected
+from bastion.serving.completions import complete, prepare_completion, stream_completion
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", response_model=Completion)
+async def create_completion(body: CompletionRequest, key: InferenceKey, catalog: CatalogDep,
+                            settings: SettingsDep, request: Request) -> Completion | StreamingResponse:
+    prep = await prepare_completion(body, catalog.resolve(body.model), settings)
+    if body.stream:
+        return StreamingResponse(sse(stream_completion(prep)), media_type="text/event-stream")
+    return await unless_disconnected(request, complete(prep))

@@ -1,0 +1,68 @@
+"""Dependency aliases that read like types: CurrentKey, SettingsDep, CatalogDep, require()."""
+
+from __future__ import annotations
+
+from typing import Annotated, Callable
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from bastion.catalog.registry import Catalog
+from bastion.config import Settings
+from bastion.errors import AuthenticationError, AuthorizationError
+from bastion.tenancy.keys import Principal, verify
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_catalog(request: Request) -> Catalog:
+    return request.app.state.catalog
+
+
+async def current_principal(request: Request) -> Principal:
+    header = request.headers.get("authorization")
+    if not header:
+        raise AuthenticationError(
+            "You didn't provide an API key. Send it in the Authorization header as "
+            "'Authorization: Bearer YOUR_API_KEY'.", code="missing_api_key")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationError(
+            "The Authorization header must be 'Bearer YOUR_API_KEY'.", code="invalid_api_key")
+    if len(token) > 512:
+        raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
+    factory = request.app.state.sessions
+
+    def lookup() -> Principal | None:
+        with factory() as session:
+            return verify(session, token)
+
+    principal = await run_in_threadpool(lookup)
+    if principal is None:
+        raise AuthenticationError("Incorrect API key provided. You can find your API keys in "
+                                  "the dashboard or create one with `bastion keys create`.",
+                                  code="invalid_api_key")
+    return principal
+
+
+CurrentKey = Annotated[Principal, Depends(current_principal)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+
+
+def require(permission: str) -> Callable[[Principal], Principal]:
+    """A dependency that lets through only keys holding `permission`."""
+
+    def check(principal: CurrentKey) -> Principal:
+        if not principal.can(permission):
+            raise AuthorizationError(
+                f"This API key lacks the '{permission}' permission needed for this endpoint.")
+        return principal
+
+    return check
+
+
+InferenceKey = Annotated[Principal, Depends(require("inference"))]

@@ -1,0 +1,27 @@
+"""GET /v1/models and /v1/models/{id}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from bastion.api.deps import CatalogDep, CurrentKey
+from bastion.catalog.registry import Deployment
+from bastion.protocol.models import ModelCard, ModelList
+
+router = APIRouter()
+
+
+def card(dep: Deployment) -> ModelCard:
+    info = dep.engine.info
+    return ModelCard(id=dep.id, created=info.created, owned_by=dep.owned_by,
+                     context_length=info.context_length, parameters=info.parameters)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(key: CurrentKey, catalog: CatalogDep) -> ModelList:
+    return ModelList(data=[card(d) for d in catalog.all()])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, key: CurrentKey, catalog: CatalogDep) -> ModelCard:
+    return card(catalog.resolve(model_id))

@@ -1,0 +1,52 @@
+"""create_app(settings) -> FastAPI. The lifespan opens the database and loads the engines."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from bastion import __version__
+from bastion.api import chat, completions, health, models
+from bastion.catalog.registry import load_catalog
+from bastion.config import Settings
+from bastion.db.session import make_engine, migrate, session_factory
+from bastion.errors import install_error_handlers
+from bastion.lifecycle import Gatekeeper, Lifecycle
+from bastion.tenancy.keys import bootstrap
+
+log = logging.getLogger("bastion")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = make_engine(settings.resolved_database_url)
+        migrate(db)
+        app.state.sessions = session_factory(db)
+        generated = bootstrap(app.state.sessions, settings.admin_key)
+        if generated:
+            print(f"\n  Bastion created an admin API key. It is shown only this once:\n\n"
+                  f"      {generated}\n", flush=True)
+        app.state.catalog = await run_in_threadpool(load_catalog, settings)
+        log.info("serving %s", ", ".join(d.id for d in app.state.catalog.all()) or "no models")
+        try:
+            yield
+        finally:
+            app.state.catalog.close()
+            db.dispose()
+
+    app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.lifecycle = Lifecycle()
+    install_error_handlers(app)
+    for module in (chat, completions, models, health):
+        app.include_router(module.router)
+    app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes)
+    return app

@@ -1,0 +1,83 @@
+"""Which models exist and which engine serves each; resolves an id or alias or raises."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from bastion.config import Settings
+from bastion.engines.base import Engine, engine_class
+from bastion.errors import ModelNotFoundError
+from bastion.catalog.bundled import BUNDLED_ID, bundled_gguf
+
+log = logging.getLogger("bastion.catalog")
+
+
+@dataclass
+class Deployment:
+    id: str
+    engine: Engine
+    owned_by: str
+    aliases: list[str] = field(default_factory=list)
+
+
+class Catalog:
+    def __init__(self) -> None:
+        self._deployments: dict[str, Deployment] = {}
+        self._aliases: dict[str, str] = {}
+
+    def add(self, deployment: Deployment) -> None:
+        if deployment.id in self._deployments or deployment.id in self._aliases:
+            raise ValueError(f"model id {deployment.id!r} is configured twice")
+        self._deployments[deployment.id] = deployment
+        for alias in deployment.aliases:
+            self.alias(alias, deployment.id)
+
+    def alias(self, alias: str, target: str) -> None:
+        if alias in self._deployments:
+            raise ValueError(f"alias {alias!r} collides with a model id")
+        self._aliases[alias] = target
+
+    def resolve(self, name: str) -> Deployment:
+        """Never falls back to another model: an unknown name is a 404."""
+        dep = self._deployments.get(name) or self._deployments.get(self._aliases.get(name, ""))
+        if dep is None:
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist or you do not have access to it.",
+                param="model")
+        return dep
+
+    def all(self) -> list[Deployment]:
+        return list(self._deployments.values())
+
+    def close(self) -> None:
+        for dep in self._deployments.values():
+            dep.engine.close()
+
+
+def load_catalog(settings: Settings) -> Catalog:
+    """Load every configured model (the bundled one unless disabled) into its engine."""
+    catalog = Catalog()
+    engine_cls = engine_class("llamacpp")
+    common = dict(n_seq=settings.parallel, ctx_per_seq=settings.context_per_sequence,
+                  n_batch=settings.batch_tokens, threads=settings.threads)
+    try:
+        if settings.serve_bundled_model:
+            path = bundled_gguf(settings.models_dir)
+            log.info("loading bundled model %s from %s", BUNDLED_ID, path)
+            catalog.add(Deployment(BUNDLED_ID, engine_cls(path=path, name=BUNDLED_ID, **common),
+                                   owned_by="google"))
+        for spec in settings.models:
+            model_id = spec.id or spec.path.stem
+            log.info("loading model %s from %s", model_id, spec.path)
+            engine = engine_cls(path=spec.path, name=model_id, chat_template=spec.chat_template,
+                                **common)
+            catalog.add(Deployment(model_id, engine, owned_by=spec.owned_by,
+                                   aliases=list(spec.aliases)))
+        for alias, target in settings.aliases.items():
+            if target in {d.id for d in catalog.all()} and alias not in {d.id for d in catalog.all()}:
+                catalog.alias(alias, target)
+    except BaseException:
+        catalog.close()
+        raise
+    return catalog

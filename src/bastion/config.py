@@ -1,0 +1,55 @@
+"""Settings read from BASTION_* environment variables; built inside create_app, never at import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ModelSpec(BaseModel):
+    """One GGUF model to serve besides (or instead of) the bundled one."""
+
+    path: Path
+    id: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    chat_template: str | None = None  # name of a built-in template; default: the GGUF's own
+    owned_by: str = "bastion"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BASTION_", env_nested_delimiter="__")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".bastion")
+    database_url: str | None = None
+    admin_key: str | None = None
+
+    serve_bundled_model: bool = True
+    models: list[ModelSpec] = Field(default_factory=list)
+    aliases: dict[str, str] = Field(default_factory=lambda: {"gemma": "gemma-3-270m"})
+
+    # llama.cpp engine
+    parallel: int = Field(16, ge=1, le=256, description="sequences decoded together per model")
+    context_per_sequence: int = Field(4096, ge=256, description="context window of one sequence")
+    batch_tokens: int = Field(512, ge=32, description="tokens in one llama_decode batch")
+    threads: int | None = None
+
+    # request bounds
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 8
+    max_messages: int = 1024
+    default_max_tokens: int = 2048
+
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'bastion.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"

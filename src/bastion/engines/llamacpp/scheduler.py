@@ -1,0 +1,286 @@
+"""Continuous batching: one thread per model decodes every running sequence in one batch.
+
+Each step the thread (1) takes new requests, cancellations and aborts from its command queue,
+(2) admits waiting requests into free sequence slots, (3) builds one llama_decode batch with the
+next token of every decoding sequence plus prompt chunks of newly admitted ones, and (4) samples
+each sequence with its own sampler chain and hands the events to the request's sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bastion.engines.base import (Delta, EngineError, Event, Finished, GenerationRequest,
+                                  PromptLogprobs, TokenLogprob)
+from bastion.engines.llamacpp import sampling
+from bastion.engines.llamacpp.model import LlamaModel
+from bastion.engines.llamacpp.text import StopMatcher, Utf8Stream
+
+log = logging.getLogger("bastion.scheduler")
+
+DONE = object()  # pushed to a sink after the last event of a request
+Sink = Callable[[object], None]
+
+
+@dataclass(eq=False)
+class _Seq:
+    index: int
+    slot: int
+    chain: object
+    max_tokens: int
+    stops: StopMatcher
+    utf8: Utf8Stream = field(default_factory=Utf8Stream)
+    n_past: int = 0
+    last_token: int = -1
+    generated: int = 0
+    decoding: bool = False
+    finished: bool = False
+    pending_lp: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Job:
+    """One submitted request: its prompt, its n sequences and where its events go."""
+
+    request: GenerationRequest
+    sink: Sink
+    seqs: list[_Seq] = field(default_factory=list)
+    prefilled: int = 0
+    prompt_lp: list[TokenLogprob | None] = field(default_factory=list)
+    cancelled: bool = False
+
+
+class Scheduler:
+    def __init__(self, model: LlamaModel, name: str) -> None:
+        self.model = model
+        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._free_slots = list(range(model.n_seq))
+        self._stopping = False
+        self._describe_cache: dict[int, tuple[str, list[int]]] = {}
+        self._thread = threading.Thread(target=self._run, name=f"llamacpp-{name}", daemon=True)
+        self._thread.start()
+
+    # --- called from the event loop ---------------------------------------------------------
+    def submit(self, request: GenerationRequest, sink: Sink) -> Job:
+        job = Job(request=request, sink=sink)
+        self._commands.put(("submit", job))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        self._commands.put(("cancel", job))
+
+    def abort_all(self, message: str) -> None:
+        self._commands.put(("abort", message))
+
+    def stop(self) -> None:
+        self._commands.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    def stats(self) -> dict[str, int]:
+        return {"running_sequences": self.model.n_seq - len(self._free_slots),
+                "waiting_requests": len(self._waiting), "slots": self.model.n_seq}
+
+    # --- the thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._take_commands(block=not self._running and not self._waiting)
+                if self._stopping:
+                    break
+                self._admit()
+                self._step()
+            except Exception as exc:  # the thread must survive anything a request does
+                log.exception("scheduler step failed")
+                self._fail_all(EngineError(f"The model failed while generating: {exc}"))
+        self._fail_all(EngineError("The server is shutting down.", error_type="server_error",
+                                   code="service_unavailable"))
+
+    def _take_commands(self, block: bool) -> None:
+        while True:
+            try:
+                cmd, arg = self._commands.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if cmd == "submit":
+                self._waiting.append(arg)  # type: ignore[arg-type]
+            elif cmd == "cancel":
+                self._cancel(arg)  # type: ignore[arg-type]
+            elif cmd == "abort":
+                self._fail_all(EngineError(str(arg), error_type="server_error",
+                                           code="service_unavailable"))
+            elif cmd == "stop":
+                self._stopping = True
+                return
+
+    def _cancel(self, job: Job) -> None:
+        job.cancelled = True
+        if job in self._waiting:
+            self._waiting.remove(job)
+            return
+        if job in self._running:
+            self._release(job)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._free_slots) >= self._waiting[0].request.n:
+            job = self._waiting.popleft()
+            p = job.request.params
+            for i in range(job.request.n):
+                slot = self._free_slots.pop(0)
+                self.model.clear_slot(slot)
+                chain = sampling.build_chain(p, n_vocab=self.model.n_vocab,
+                                             penalty_window=self.model.ctx_per_seq, seed_offset=i)
+                job.seqs.append(_Seq(index=i, slot=slot, chain=chain, max_tokens=p.max_tokens,
+                                     stops=StopMatcher(p.stop)))
+            self._running.append(job)
+
+    def _step(self) -> None:
+        entries: list[tuple[int, int, int, bool]] = []
+        decoders: list[tuple[_Seq, Job, int]] = []
+        prefills: list[tuple[Job, int, int, bool]] = []  # job, batch start, count, completes
+        outputs = 0
+        for job in self._running:
+            for seq in job.seqs:
+                if seq.decoding and not seq.finished:
+                    decoders.append((seq, job, len(entries)))
+                    entries.append((seq.last_token, seq.n_past, seq.slot, True))
+                    outputs += 1
+        for job in self._running:
+            prompt = job.request.prompt_tokens
+            if job.prefilled >= len(prompt):
+                continue
+            budget = self.model.n_batch - len(entries)
+            if job.request.params.prompt_logprobs:
+                budget = min(budget, self.model.n_outputs_max - outputs)
+            if budget <= 0:
+                break
+            start = job.prefilled
+            chunk = prompt[start:start + budget]
+            completes = start + len(chunk) == len(prompt)
+            all_logits = job.request.params.prompt_logprobs
+            leader = job.seqs[0].slot
+            first = len(entries)
+            for k, tok in enumerate(chunk):
+                last = completes and k == len(chunk) - 1
+                entries.append((tok, start + k, leader, all_logits or last))
+            outputs += len(chunk) if all_logits else int(completes)
+            prefills.append((job, first, len(chunk), completes))
+            job.prefilled += len(chunk)
+        if not entries:
+            return
+        rc = self.model.decode(entries)
+        if rc != 0:
+            jobs = {id(j): j for _, j, _ in decoders} | {id(j): j for j, *_ in prefills}
+            for job in jobs.values():
+                self._finish_job(job, EngineError(f"llama_decode failed with status {rc}"))
+            return
+
+        touched: dict[int, tuple[Job, list[Event]]] = {}
+        for job, first, count, completes in prefills:
+            events = touched.setdefault(id(job), (job, []))[1]
+            if job.request.params.prompt_logprobs:
+                self._collect_prompt_logprobs(job, first, count)
+            if completes:
+                if job.request.params.prompt_logprobs:
+                    events.append(PromptLogprobs(tokens=[None] + job.prompt_lp))
+                n_prompt = len(job.request.prompt_tokens)
+                for seq in job.seqs:
+                    if seq.slot != job.seqs[0].slot:
+                        self.model.copy_slot(job.seqs[0].slot, seq.slot)
+                    seq.n_past = n_prompt
+                    self._sample(seq, job, first + count - 1, events)
+        for seq, job, idx in decoders:
+            seq.n_past += 1
+            self._sample(seq, job, idx, touched.setdefault(id(job), (job, []))[1])
+        for job, events in touched.values():
+            if events:
+                job.sink(events)
+            if all(s.finished for s in job.seqs):
+                self._finish_job(job)
+
+    def _collect_prompt_logprobs(self, job: Job, first: int, count: int) -> None:
+        prompt = job.request.prompt_tokens
+        start = job.prefilled - count
+        top_n = job.request.params.top_logprobs
+        for k in range(count):
+            nxt = start + k + 1
+            if nxt < len(prompt):
+                logits = self.model.logits(first + k)
+                job.prompt_lp.append(sampling.token_logprob(logits, prompt[nxt], top_n,
+                                                            self._describe))
+
+    def _sample(self, seq: _Seq, job: Job, idx: int, events: list[Event]) -> None:
+        p = job.request.params
+        tok = sampling.sample(seq.chain, self.model.ctx, idx)
+        if self.model.is_eog(tok):
+            self._end_seq(seq, "stop", events)
+            return
+        seq.generated += 1
+        if p.logprobs:
+            seq.pending_lp.append(sampling.token_logprob(self.model.logits(idx), tok,
+                                                         p.top_logprobs, self._describe))
+        text, hit = seq.stops.feed(seq.utf8.feed(self.model.piece(tok)))
+        if hit:
+            self._emit(seq, text, events)
+            self._end_seq(seq, "stop", events, flush=False)
+        elif seq.generated >= seq.max_tokens or seq.n_past >= self.model.ctx_per_seq:
+            self._emit(seq, text, events)
+            self._end_seq(seq, "length", events)
+        else:
+            self._emit(seq, text, events)
+            seq.last_token = tok
+            seq.decoding = True
+
+    def _emit(self, seq: _Seq, text: str, events: list[Event]) -> None:
+        if text or seq.pending_lp:
+            events.append(Delta(index=seq.index, text=text, logprobs=seq.pending_lp))
+            seq.pending_lp = []
+
+    def _end_seq(self, seq: _Seq, reason: str, events: list[Event], flush: bool = True) -> None:
+        if flush:
+            self._emit(seq, seq.stops.feed(seq.utf8.flush())[0] + seq.stops.flush(), events)
+        elif seq.pending_lp:
+            self._emit(seq, "", events)
+        seq.finished = True
+        seq.decoding = False
+        events.append(Finished(index=seq.index, finish_reason=reason,
+                               completion_tokens=seq.generated))
+
+    def _describe(self, token: int) -> tuple[str, list[int]]:
+        hit = self._describe_cache.get(token)
+        if hit is None:
+            raw = self.model.piece(token)
+            hit = (raw.decode("utf-8", "replace"), list(raw))
+            if len(self._describe_cache) < 100_000:
+                self._describe_cache[token] = hit
+        return hit
+
+    def _release(self, job: Job) -> None:
+        if job in self._running:
+            self._running.remove(job)
+        for seq in job.seqs:
+            sampling.free_chain(seq.chain)  # type: ignore[arg-type]
+            seq.chain = None
+            self.model.clear_slot(seq.slot)
+            self._free_slots.append(seq.slot)
+        job.seqs = []
+
+    def _finish_job(self, job: Job, error: EngineError | None = None) -> None:
+        self._release(job)
+        if not job.cancelled:
+            job.sink(error if error is not None else DONE)
+
+    def _fail_all(self, error: EngineError) -> None:
+        for job in list(self._running):
+            self._finish_job(job, error)
+        while self._waiting:
+            job = self._waiting.popleft()
+            if not job.cancelled:
+                job.sink(error)

@@ -1,0 +1,88 @@
+"""Chat templates: the GGUF's own (rendered in Jinja's sandbox) or a named built-in."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from bastion.errors import InvalidRequestError
+
+BUILTIN_TEMPLATES: dict[str, str] = {
+    # Gemma's turn format; a system prompt is folded into the first user turn, as Gemma does.
+    "gemma": (
+        "{{ bos_token }}"
+        "{% set ns = namespace(system='') %}"
+        "{% for m in messages %}"
+        "{% if m.role == 'system' %}{% set ns.system = ns.system + m.content + '\n\n' %}"
+        "{% else %}"
+        "{% set role = 'model' if m.role == 'assistant' else 'user' %}"
+        "<start_of_turn>{{ role }}\n"
+        "{% if role == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+        "{{ m.content | trim }}<end_of_turn>\n"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}"
+        "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+        "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+}
+
+
+class TemplateRenderError(InvalidRequestError):
+    code = "invalid_messages"
+
+
+def _raise(message: str) -> None:
+    raise TemplateRenderError(f"The model's chat template rejected the messages: {message}",
+                              param="messages")
+
+
+class ChatTemplate:
+    """A compiled chat template; untrusted GGUF templates cannot reach Python internals."""
+
+    def __init__(self, source: str, *, bos_token: str, eos_token: str, name: str) -> None:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.template = env.from_string(source)
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.name = name
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        try:
+            return self.template.render(messages=messages, bos_token=self.bos_token,
+                                        eos_token=self.eos_token,
+                                        add_generation_prompt=add_generation_prompt)
+        except TemplateRenderError:
+            raise
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise TemplateRenderError(
+                f"The model's chat template could not render these messages: {exc}",
+                param="messages") from exc
+
+
+def pick_template(*, gguf_template: str | None, name: str | None, bos_token: str,
+                  eos_token: str) -> ChatTemplate:
+    """A named built-in wins when configured, else the GGUF's template, else Gemma's format."""
+    if name:
+        if name not in BUILTIN_TEMPLATES:
+            known = ", ".join(sorted(BUILTIN_TEMPLATES))
+            raise ValueError(f"unknown chat template {name!r}; built-in templates: {known}")
+        return ChatTemplate(BUILTIN_TEMPLATES[name], bos_token=bos_token, eos_token=eos_token,
+                            name=name)
+    if gguf_template:
+        return ChatTemplate(gguf_template, bos_token=bos_token, eos_token=eos_token, name="gguf")
+    return ChatTemplate(BUILTIN_TEMPLATES["gemma"], bos_token=bos_token, eos_token=eos_token,
+                        name="gemma")

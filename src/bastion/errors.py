@@ -1,0 +1,153 @@
+"""Errors that carry their HTTP status and OpenAI error type, rendered by one handler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class APIError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code,
+                          "param": self.param}}
+
+
+class InvalidRequestError(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFoundError(APIError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class AuthenticationError(APIError):
+    status = 401
+    type = "authentication_error"
+
+
+class AuthorizationError(APIError):
+    status = 403
+    type = "authorization_error"
+    code = "insufficient_permissions"
+
+
+class ModelError(APIError):
+    status = 500
+    type = "model_error"
+
+
+class ServiceUnavailableError(APIError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not out:
+            out = str(p)
+        elif str(p).startswith(("function-", "tagged-union")):
+            continue
+        else:
+            out += f".{p}"
+    return out or None
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequestError("The request body is invalid.")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        ctx = first.get("ctx") or {}
+        return InvalidRequestError(
+            f"The request body is not valid JSON: {ctx.get('error', 'parse error')}.",
+            code="invalid_json")
+    loc = tuple(first.get("loc", ()))
+    param = _param_from_loc(loc)
+    msg = first.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+        return InvalidRequestError(message, param=param, code="missing_required_parameter")
+    if first.get("type") == "extra_forbidden":
+        return InvalidRequestError(f"Unrecognized request argument supplied: {param}",
+                                   param=param, code="unknown_parameter")
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    message = f"Invalid value for '{param}': {msg} (got {shown})." if param else f"{msg}."
+    extra = len(errors) - 1
+    if extra:
+        message += f" ({extra} more error{'s' if extra > 1 else ''} in the request.)"
+    return InvalidRequestError(message, param=param, code="invalid_value")
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            err: APIError = NotFoundError(f"Unknown URL: no route matches this path.",
+                                          code="unknown_url")
+        elif exc.status_code == 405:
+            err = InvalidRequestError("Method not allowed for this URL.", code="method_not_allowed")
+            err.status = 405
+        else:
+            err = InvalidRequestError(str(exc.detail))
+            err.status = exc.status_code
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        import logging
+        logging.getLogger("bastion").exception("unhandled error")
+        return error_response(APIError("The server had an error while processing your request."))

@@ -1,0 +1,109 @@
+"""Admission at the door: request-size limit, in-flight accounting and graceful draining."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+from bastion.errors import APIError, InvalidRequestError, PayloadTooLargeError, ServiceUnavailableError
+
+log = logging.getLogger("bastion.lifecycle")
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class Lifecycle:
+    """Counts requests in flight so that a SIGTERM can wait for them before aborting the rest."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+async def _reject(send: Send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if isinstance(err, ServiceUnavailableError):
+        headers.append((b"retry-after", b"5"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gatekeeper:
+    """Pure ASGI middleware: refuses new API work while draining and bodies over the limit,
+    before any JSON is parsed or any model time is spent."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], lifecycle: Lifecycle,
+                 max_body: int) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        if self.lifecycle.draining:
+            await _reject(send, ServiceUnavailableError(
+                "The server is shutting down and accepts no new requests; retry on another replica."))
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                await _reject(send, InvalidRequestError("Content-Length header is not a number."))
+                return
+            if int(length) > self.max_body:
+                await _reject(send, self._too_large(int(length)))
+                return
+        body = bytearray()
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                if len(body) > self.max_body:
+                    await _reject(send, self._too_large(len(body)))
+                    return
+                if not message.get("more_body"):
+                    break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        self.lifecycle.enter()
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.lifecycle.leave()
+
+    def _too_large(self, size: int) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"The request body is {size} bytes; the limit is {self.max_body} bytes.")

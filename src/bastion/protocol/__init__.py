@@ -1,0 +1,1 @@
+"""OpenAI wire schemas (pydantic) and nothing else."""

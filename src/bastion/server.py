@@ -1,0 +1,49 @@
+"""Runs the app under uvicorn with a graceful SIGTERM: stop admitting, drain, then abort."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+log = logging.getLogger("bastion.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT new API requests get 503 while running streams finish; after
+    the drain timeout the rest end with an error event. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.bastion_app = app
+        self.drain_timeout = drain_timeout
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        lifecycle = self.bastion_app.state.lifecycle
+        if lifecycle.draining:
+            super().handle_exit(sig, frame)
+            return
+        lifecycle.draining = True
+        loop = asyncio.get_event_loop()
+        self._drain_task = loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        state = self.bastion_app.state
+        log.info("draining: %d request(s) in flight, waiting up to %.0fs",
+                 state.lifecycle.in_flight, self.drain_timeout)
+        if not await state.lifecycle.wait_idle(self.drain_timeout):
+            log.warning("drain timeout: ending %d request(s) with an error", state.lifecycle.in_flight)
+            for dep in state.catalog.all():
+                dep.engine.abort_all("The server is shutting down; the request was interrupted.")
+            await state.lifecycle.wait_idle(5.0)
+        self.should_exit = True
+
+
+def serve(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=5, access_log=False)
+    DrainingServer(config, app, drain_timeout).run()

@@ -1,0 +1,1 @@
+"""Turns validated wire requests into engine requests and engine events into wire responses."""

@@ -1,0 +1,127 @@
+"""Chat completions: messages -> prompt tokens -> engine events -> ChatCompletion or chunks."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from starlette.concurrency import run_in_threadpool
+
+from bastion.catalog.registry import Deployment
+from bastion.config import Settings
+from bastion.engines.base import Delta, Finished, GenerationRequest, TokenLogprob
+from bastion.errors import InvalidRequestError
+from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
+                                   ChatCompletionRequest, ChoiceLogprobs, ImagePart,
+                                   TokenLogprobContent, TopLogprob)
+from bastion.protocol.common import Usage
+from bastion.serving.common import (check_n, completion_budget, merge, new_id,
+                                    sampling_params)
+
+
+class PreparedChat:
+    """Everything known before generation starts: validated, tokenised, budgeted."""
+
+    def __init__(self, body: ChatCompletionRequest, deployment: Deployment,
+                 prompt_tokens: list[int], request: GenerationRequest) -> None:
+        self.body = body
+        self.deployment = deployment
+        self.prompt_tokens = prompt_tokens
+        self.request = request
+        self.id = new_id("chatcmpl")
+        self.created = int(time.time())
+
+
+async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment,
+                       settings: Settings) -> PreparedChat:
+    engine = deployment.engine
+    if not engine.capabilities.chat:
+        raise InvalidRequestError(f"The model '{deployment.id}' does not support chat completions.",
+                                  param="model", code="model_not_supported")
+    if len(body.messages) > settings.max_messages:
+        raise InvalidRequestError(
+            f"messages may hold at most {settings.max_messages} messages (got {len(body.messages)}).",
+            param="messages", code="too_many_messages")
+    messages: list[dict[str, Any]] = []
+    for i, m in enumerate(body.messages):
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                if isinstance(part, ImagePart) and not engine.capabilities.vision:
+                    raise InvalidRequestError(
+                        f"The model '{deployment.id}' does not support image input.",
+                        param=f"messages[{i}].content[{j}]", code="model_not_supported")
+        role = "system" if m.role == "developer" else m.role
+        messages.append({"role": role, "content": m.text()})
+    check_n(body.n, max_n=settings.max_n, slots=getattr(engine, "max_parallel", body.n))
+    prompt = await run_in_threadpool(engine.render_chat, messages)
+    max_tokens = completion_budget(prompt_len=len(prompt), requested=body.completion_limit,
+                                   context=engine.info.context_length,
+                                   default=settings.default_max_tokens, param="messages",
+                                   what="messages")
+    params = sampling_params(body, max_tokens=max_tokens, vocab_size=engine.info.vocab_size,
+                             logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+    gen = GenerationRequest(prompt_tokens=prompt, params=params, n=body.n)
+    return PreparedChat(body, deployment, prompt, gen)
+
+
+def _logprobs(items: list[TokenLogprob]) -> list[TokenLogprobContent]:
+    return [TokenLogprobContent(token=lp.token, logprob=lp.logprob, bytes=lp.bytes,
+                                top_logprobs=[TopLogprob(token=t, bytes=b, logprob=v)
+                                              for t, b, v in lp.top])
+            for lp in items]
+
+
+async def complete_chat(prep: PreparedChat) -> ChatCompletion:
+    n = prep.request.n
+    texts = [""] * n
+    lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    reasons = ["stop"] * n
+    completion = 0
+    async for _, ev in merge([prep.deployment.engine.generate(prep.request)]):
+        if isinstance(ev, Delta):
+            texts[ev.index] += ev.text
+            lps[ev.index].extend(ev.logprobs)
+        elif isinstance(ev, Finished):
+            reasons[ev.index] = ev.finish_reason
+            completion += ev.completion_tokens
+    want_lp = prep.body.logprobs
+    choices = [ChatChoice(index=i, message=AssistantMessage(content=texts[i]),
+                          logprobs=ChoiceLogprobs(content=_logprobs(lps[i])) if want_lp else None,
+                          finish_reason=reasons[i])  # type: ignore[arg-type]
+               for i in range(n)]
+    prompt = len(prep.prompt_tokens)
+    return ChatCompletion(id=prep.id, created=prep.created, model=prep.deployment.id,
+                          choices=choices,
+                          usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
+                                      total_tokens=prompt + completion))
+
+
+async def stream_chat(prep: PreparedChat) -> AsyncIterator[dict[str, Any]]:
+    body = prep.body
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    base = {"id": prep.id, "object": "chat.completion.chunk", "created": prep.created,
+            "model": prep.deployment.id, "system_fingerprint": None}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], *, logprobs: Any = None,
+              finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                     "finish_reason": finish}], **extra}
+
+    for i in range(prep.request.n):
+        yield chunk(i, {"role": "assistant", "content": ""},
+                    logprobs={"content": [], "refusal": None} if body.logprobs else None)
+    completion = 0
+    async for _, ev in merge([prep.deployment.engine.generate(prep.request)]):
+        if isinstance(ev, Delta):
+            lp = ({"content": [c.model_dump() for c in _logprobs(ev.logprobs)], "refusal": None}
+                  if body.logprobs else None)
+            yield chunk(ev.index, {"content": ev.text}, logprobs=lp)
+        elif isinstance(ev, Finished):
+            completion += ev.completion_tokens
+            yield chunk(ev.index, {}, finish=ev.finish_reason)
+    if include_usage:
+        prompt = len(prep.prompt_tokens)
+        yield {**base, "choices": [], "usage": {"prompt_tokens": prompt,
+                                                "completion_tokens": completion,
+                                                "total_tokens": prompt + completion}}

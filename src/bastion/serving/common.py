@@ -1,0 +1,151 @@
+"""What chat and legacy completions share: token budgets, sampling parameters, SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+from starlette.requests import Request
+
+from bastion.engines.base import EngineError, Event, SamplingParams
+from bastion.errors import APIError, InvalidRequestError
+from bastion.protocol.common import SamplingFields
+
+log = logging.getLogger("bastion.serving")
+T = TypeVar("T")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_urlsafe(18).replace('-', 'x').replace('_', 'y')}"
+
+
+def check_n(n: int, *, max_n: int, slots: int) -> None:
+    limit = min(max_n, slots)
+    if n > limit:
+        raise InvalidRequestError(f"n must be at most {limit} on this server (got {n}).",
+                                  param="n", code="invalid_value")
+
+
+def check_token_ids(tokens: list[int], vocab_size: int, param: str) -> None:
+    for t in tokens:
+        if t < 0 or t >= vocab_size:
+            raise InvalidRequestError(
+                f"Token id {t} in '{param}' is outside this model's vocabulary (0 to {vocab_size - 1}).",
+                param=param, code="invalid_token_id")
+
+
+def completion_budget(*, prompt_len: int, requested: int | None, context: int, default: int,
+                      param: str, what: str) -> int:
+    """The number of tokens to generate, or a 400 that names both numbers."""
+    if prompt_len >= context:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context} tokens, but the {what} "
+            f"{'is' if what == 'prompt' else 'are'} {prompt_len} tokens. Please shorten the {what}.",
+            param=param, code="context_length_exceeded")
+    room = context - prompt_len
+    if requested is None:
+        return min(default, room)
+    if requested > room:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the {what}, {requested} in the "
+            f"completion). Please reduce the {what} or the completion length.",
+            param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, logprobs: bool,
+                    top_logprobs: int, prompt_logprobs: bool = False) -> SamplingParams:
+    bias: list[tuple[int, float]] = []
+    for key, value in (req.logit_bias or {}).items():
+        tok = int(key)
+        check_token_ids([tok], vocab_size, "logit_bias")
+        bias.append((tok, float(value)))
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+        frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+        seed=None if req.seed is None else req.seed & 0xFFFFFFFF,
+        stop=tuple(req.stop_list), logit_bias=tuple(bias), logprobs=logprobs,
+        top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, APIError):
+        return exc.body()
+    if isinstance(exc, EngineError):
+        return {"error": {"message": exc.message, "type": exc.error_type, "code": exc.code,
+                          "param": None}}
+    log.exception("stream failed", exc_info=exc)
+    return {"error": {"message": "The server had an error while generating.",
+                      "type": "server_error", "code": None, "param": None}}
+
+
+async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Frame chunks as server-sent events; once bytes are out, errors travel in the stream."""
+    try:
+        async for chunk in chunks:
+            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    except (APIError, EngineError, Exception) as exc:  # noqa: B014 - the stream must close well
+        yield b"data: " + json.dumps(error_payload(exc)).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
+    """Interleave several engine streams, tagging each event with its stream's number."""
+    if len(streams) == 1:
+        async for ev in streams[0]:
+            yield 0, ev
+        return
+    queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Event]) -> None:
+        try:
+            async for ev in stream:
+                await queue.put((i, ev))
+            await queue.put((i, None))
+        except Exception as exc:
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run work, but cancel it (and so its generation) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        raise asyncio.CancelledError("client disconnected")
+    return task.result()
