@@ -42,7 +42,6 @@ class LlamaModel:
                  threads: int | None) -> None:
         _init_backend()
         mparams = lc.llama_model_default_params()
-        mparams.use_mmap = True
         self.model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load the GGUF model at {path}")

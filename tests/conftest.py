@@ -1,0 +1,115 @@
+"""A real Bastion server on a free loopback port, driven like users drive it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+
+ADMIN_KEY = "sk-bst-test-admin-key-0123456789"
+MODEL = "gemma-3-270m"
+
+
+@dataclass
+class RunningServer:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    data_dir: Path
+    log_path: Path
+
+    @property
+    def api(self) -> str:
+        return self.base_url + "/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def models_cache() -> Path:
+    """Assemble the bundled GGUF once per test run and share it between servers."""
+    from bastion.catalog.bundled import bundled_gguf
+
+    cache = Path(os.environ.get("BASTION_TEST_MODELS", Path.home() / ".cache" / "bastion-test"))
+    bundled_gguf(cache)
+    return cache
+
+
+def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> RunningServer:
+    port = free_port()
+    data_dir = tmp / f"data-{port}"
+    (data_dir / "models").mkdir(parents=True)
+    cached = models_cache() / "gemma-3-270m-q4_k_m.gguf"
+    os.symlink(cached, data_dir / "models" / cached.name)
+    log_path = tmp / f"server-{port}.log"
+    full_env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY, **(env or {})}
+    cmd = [sys.executable, "-m", "bastion.cli", "serve", "--port", str(port),
+           "--data-dir", str(data_dir), *args]
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    server = RunningServer(proc, f"http://127.0.0.1:{port}", data_dir, log_path)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log()}")
+        try:
+            if httpx.get(server.base_url + "/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"server did not start:\n{server.log()}")
+
+
+def stop_server(server: RunningServer) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    srv = start_server(tmp_path_factory.mktemp("server"), "--parallel", "16")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.api, api_key=ADMIN_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=120,
+                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def vocab():
+    """An independent tokenizer: llama-cpp-python's high-level Llama, vocabulary only."""
+    import llama_cpp
+
+    return llama_cpp.Llama(str(models_cache() / "gemma-3-270m-q4_k_m.gguf"), vocab_only=True,
+                           verbose=False)

@@ -1,0 +1,52 @@
+"""Every /v1 request needs a valid bearer key."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from conftest import MODEL, RunningServer
+
+
+@pytest.mark.parametrize("path,method", [("/v1/models", "GET"), ("/v1/chat/completions", "POST"),
+                                         ("/v1/completions", "POST"), ("/v1/models/x", "GET")])
+def test_missing_key_is_401(server: RunningServer, path: str, method: str) -> None:
+    r = httpx.request(method, server.base_url + path, json={})
+    assert r.status_code == 401
+    assert r.json() == {"error": {
+        "message": "You didn't provide an API key. Send it in the Authorization header as "
+                   "'Authorization: Bearer YOUR_API_KEY'.",
+        "type": "authentication_error", "code": "missing_api_key", "param": None}}
+
+
+def test_wrong_key_is_401_invalid_api_key(server: RunningServer) -> None:
+    bad = openai.OpenAI(base_url=server.api, api_key="sk-bst-not-a-real-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as exc:
+        bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert exc.value.status_code == 401
+    assert exc.value.body["type"] == "authentication_error"
+    assert exc.value.body["code"] == "invalid_api_key"
+    assert "sk-bst-not-a-real-key" not in server.log()
+
+
+def test_wrong_scheme_is_401(server: RunningServer) -> None:
+    r = httpx.get(server.base_url + "/v1/models", headers={"Authorization": "Basic abc"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_admin_key_is_stored_hashed(server: RunningServer) -> None:
+    import hashlib
+    import sqlite3
+
+    from conftest import ADMIN_KEY
+
+    with sqlite3.connect(server.data_dir / "bastion.db") as db:
+        rows = db.execute("SELECT prefix, key_hash, permissions, is_server_admin FROM api_keys").fetchall()
+        dump = "\n".join(db.iterdump())
+    assert ADMIN_KEY not in dump
+    prefix, key_hash, permissions, is_admin = rows[0]
+    assert len(rows) == 1 and is_admin == 1
+    assert key_hash == hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
+    assert prefix == ADMIN_KEY[:12]
+    assert "admin" in permissions
