@@ -18,16 +18,16 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import httpx
 import psutil
 
 ADMIN_KEY = "sk-bench-local-admin-key"  # loopback only; not a secret
-BASTION_MODEL = "gemma-3-270m"
 PROMPTS = ("Once upon a time", "The history of the city began", "It was a cold morning when",
            "Long ago, in a small village by the sea,", "The old lighthouse keeper had a secret:",
            "Nobody expected the letter to arrive on a Sunday.")
@@ -45,85 +45,105 @@ class RequestResult:
 @dataclass
 class Server:
     name: str
-    cmd: list[str]
+    cmd: list[str]  # "{port}" is filled in at start
     env: dict[str, str]
     ready_path: str
     headers: dict[str, str]
-    model: str | None  # None: take the first id that /v1/models lists
+    model: str | None  # None: the first id that /v1/models lists
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _sum(proc: psutil.Process, what: Callable[[psutil.Process], float]) -> float:
+    """`what` summed over a process and its children, skipping any that just exited."""
+    total = 0.0
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        tree = [proc]
+    for p in tree:
+        try:
+            total += what(p)
+        except psutil.Error:
+            pass
+    return total
 
 
-class RssSampler(threading.Thread):
-    """Peak RSS of a process tree, sampled in the background so the load loop stays untouched."""
+def _cpu_now(server: psutil.Process) -> tuple[float, float, float]:
+    """CPU seconds: busy machine-wide, used by the server tree, used by this script."""
+    t = psutil.cpu_times()
+    used: Callable[[psutil.Process], float] = lambda p: sum(p.cpu_times()[:2])  # noqa: E731
+    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) \
+        - getattr(t, "guest_nice", 0.0)  # guest time is already counted in user time
+    return busy, _sum(server, used), used(psutil.Process())  # the server is our child: once
+
+
+class Monitor(threading.Thread):
+    """Peak RSS of the server's process tree, sampled in the background so the load loop stays
+    untouched; plus the CPU share used by anything that is neither the server nor this script,
+    because on 2 cores a busy neighbour wrecks llama.cpp's spinning threads and the numbers."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
-        self.proc, self.interval, self.peak = psutil.Process(pid), interval, 0
-        self._stop_event = threading.Event()
+        self.proc, self.interval, self.peak = psutil.Process(pid), interval, 0.0
+        self._halt = threading.Event()
+        self._t0, self._cpu0 = time.perf_counter(), _cpu_now(self.proc)
 
-    def sample(self) -> int:
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        self.peak = max(self.peak, total)
-        return total
+    def sample(self) -> float:
+        rss = _sum(self.proc, lambda p: p.memory_info().rss) / 2**20
+        self.peak = max(self.peak, rss)
+        return rss
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
+        while not self._halt.wait(self.interval):
             self.sample()
 
-    def stop(self) -> int:
-        self._stop_event.set()
+    def stop(self) -> tuple[float, float]:
+        """(peak RSS in MiB, CPU used by other processes in % of all cores)."""
+        self._halt.set()
         self.join()
         self.sample()
-        return self.peak
+        busy, server, me = (b - a for a, b in zip(self._cpu0, _cpu_now(self.proc)))
+        span = (time.perf_counter() - self._t0) * (os.cpu_count() or 1)
+        return self.peak, max(0.0, busy - server - me) / span * 100
 
 
-def start(server: Server, log_path: Path) -> subprocess.Popen[bytes]:
-    """A new session: Ctrl-C in the terminal reaches only us, and we stop the whole group."""
+@contextmanager
+def running(server: Server, log_path: Path, timeout: float) -> Iterator[tuple[str, int]]:
+    """Start the server in its own session (so a terminal Ctrl-C reaches only us), wait until it
+    answers, yield (base URL, pid); always SIGTERM it afterwards, SIGKILL if it lingers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base, cmd = f"http://127.0.0.1:{port}", [a.replace("{port}", str(port)) for a in server.cmd]
+    print(f"[{server.name}] {' '.join(cmd)}", file=sys.stderr)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
-        return subprocess.Popen(server.cmd, env={**os.environ, **server.env}, stdout=log,
+        proc = subprocess.Popen(cmd, env={**os.environ, **server.env}, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-
-
-def stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
-    """SIGTERM the group, then SIGKILL if it lingers (or if we are interrupted again)."""
-    if proc.poll() is not None:
-        return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except (subprocess.TimeoutExpired, KeyboardInterrupt):
-        pass
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{server.name} exited with {proc.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{server.name} not ready after {timeout:.0f}s; see {log_path}")
+            try:
+                if httpx.get(base + server.ready_path, timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        yield base, proc.pid
     finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail}")
-        try:
-            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f}s; see {log_path}")
 
 
 async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> RequestResult:
@@ -145,9 +165,7 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Reques
                     chunk = json.loads(data)
                     if "error" in chunk:
                         error = f"stream error: {chunk['error']}"
-                        continue
-                    choices = chunk.get("choices") or [{}]
-                    if choices[0].get("text"):
+                    elif (chunk.get("choices") or [{}])[0].get("text"):
                         tokens += 1
                         if ttft is None:
                             ttft = (time.perf_counter() - t0) * 1000
@@ -160,112 +178,95 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Reques
 
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile: with few samples p99 is simply the slowest one."""
-    if not values:
-        return None
     ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else None
 
 
 async def run_level(base: str, server: Server, model: str, concurrency: int, per_client: int,
                     max_tokens: int) -> dict[str, Any]:
+    """`concurrency` clients, each sending `per_client` requests back to back."""
     async def client_loop(k: int) -> list[RequestResult]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         async with httpx.AsyncClient(base_url=base, headers=server.headers, trust_env=False,
-                                     timeout=httpx.Timeout(600.0), limits=httpx.Limits(
-                                         max_connections=None, max_keepalive_connections=None)) as c:
+                                     timeout=600.0, limits=limits) as client:
             out = []
             for i in range(per_client):
                 n = k * per_client + i
-                out.append(await one_request(c, {
+                out.append(await one_request(client, {
                     "model": model, "prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": max_tokens,
                     "temperature": 0.8, "stream": True, "seed": 1000 * concurrency + n}))
             return out
 
     t0 = time.perf_counter()
-    per_client_results = await asyncio.gather(*(client_loop(k) for k in range(concurrency)))
+    results = [r for rs in await asyncio.gather(*map(client_loop, range(concurrency))) for r in rs]
     wall = time.perf_counter() - t0
-    results = [r for rs in per_client_results for r in rs]
     ttfts = [r.ttft_ms for r in results if r.ttft_ms is not None and r.error is None]
-    tokens = sum(r.tokens for r in results)
     errors = [r.error for r in results if r.error]
     for e in errors[:3]:
         print(f"    error: {e}", file=sys.stderr)
+    tokens = sum(r.tokens for r in results)
     return {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
-            "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall if wall else 0.0,
+            "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
             "ttft_p50_ms": percentile(ttfts, 0.5), "ttft_p99_ms": percentile(ttfts, 0.99),
             "raw": [asdict(r) for r in results]}
 
 
-async def drive(base: str, server: Server, levels: list[int], args: argparse.Namespace,
-                pid: int) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=base, headers=server.headers, trust_env=False) as c:
-        model = server.model or (await c.get("/v1/models")).json()["data"][0]["id"]
-        warm = await one_request(c, {"model": model, "prompt": PROMPTS[0], "max_tokens": 16,
-                                     "temperature": 0.8, "stream": True, "seed": 1})
+async def drive(base: str, pid: int, server: Server, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up (not measured), then run every level against one running server."""
+    async with httpx.AsyncClient(base_url=base, headers=server.headers, trust_env=False,
+                                 timeout=600.0) as client:
+        model = server.model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        warm = await one_request(client, {"model": model, "prompt": PROMPTS[0], "max_tokens": 16,
+                                          "temperature": 0.8, "stream": True, "seed": 1})
     if warm.error:
         raise RuntimeError(f"{server.name} warm-up failed: {warm.error}")
-    out: dict[str, Any] = {"model": model, "levels": {}}
-    out["idle_rss_mib"] = RssSampler(pid).sample() / 2**20
-    for c in levels:
-        per_client = args.requests_per_client or (3 if c < 8 else 2)
-        sampler = RssSampler(pid)
-        sampler.start()
+    out: dict[str, Any] = {"model": model, "idle_rss_mib": Monitor(pid).sample(), "levels": {}}
+    for c in args.levels:
+        monitor = Monitor(pid)
+        monitor.start()
         try:
-            level = await run_level(base, server, model, c, per_client, args.max_tokens)
+            level = await run_level(base, server, model, c,
+                                    args.requests_per_client or (3 if c < 8 else 2), args.max_tokens)
         finally:
-            level_peak = sampler.stop()
-        level["peak_rss_mib"] = level_peak / 2**20
+            stats = monitor.stop()
+        level["peak_rss_mib"], level["other_cpu_pct"] = stats
         out["levels"][c] = level
         print(f"  {server.name} c={c}: {level['tok_s']:.1f} tok/s, TTFT p50 "
               f"{fmt(level['ttft_p50_ms'])} ms, {level['errors']} errors, "
               f"{level['requests']} requests in {level['wall_s']:.1f}s", file=sys.stderr)
+        if level["other_cpu_pct"] > 10:
+            print(f"  WARNING: other processes used {level['other_cpu_pct']:.0f}% of the CPU "
+                  "during this level; its numbers are not trustworthy", file=sys.stderr)
     return out
-
-
-def bench(server: Server, port: int, levels: list[int], args: argparse.Namespace,
-          log_dir: Path) -> dict[str, Any]:
-    base = f"http://127.0.0.1:{port}"
-    log_path = log_dir / f"{server.name}.log"
-    print(f"[{server.name}] starting: {' '.join(server.cmd)}", file=sys.stderr)
-    t0 = time.perf_counter()
-    proc = start(server, log_path)
-    try:
-        wait_ready(proc, base + server.ready_path, log_path, args.start_timeout)
-        startup = time.perf_counter() - t0
-        result = asyncio.run(drive(base, server, levels, args, proc.pid))
-        result.update(startup_s=startup, cmd=server.cmd, log=str(log_path))
-        return result
-    finally:
-        stop(proc)
 
 
 def fmt(v: float | None, digits: int = 0) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _cell(level: dict[str, Any] | None, key: str, digits: int = 0) -> str:
-    return fmt(level[key], digits) if level else "-"
-
-
-def _ttft(level: dict[str, Any] | None) -> str:
-    return f"{_cell(level, 'ttft_p50_ms')} / {_cell(level, 'ttft_p99_ms')}" if level else "-"
-
-
-def render(results: dict[str, Any], levels: list[int], meta: dict[str, Any]) -> str:
+def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     b, r = results.get("bastion"), results.get("reference")
+
+    def cell(level: dict[str, Any] | None, *keys: str, digits: int = 0) -> str:
+        return "/".join(fmt(level[k], digits) for k in keys) if level else "-"
+
     lines = [f"Run {meta['timestamp']} on {meta['cpus']} CPUs ({meta['platform']}); "
              f"{meta['model_file']}, max_tokens={meta['max_tokens']}, streaming /v1/completions.",
              "", "| concurrency | bastion tok/s | reference tok/s | ratio | bastion TTFT p50/p99 ms "
-             "| reference TTFT p50/p99 ms | errors (b/r) | requests (b/r) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in levels:
-        lb = b["levels"].get(c) if b else None
-        lr = r["levels"].get(c) if r else None
+             "| reference TTFT p50/p99 ms | errors (b/r) | requests (b/r) | other CPU % (b/r) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in meta["levels"]:
+        lb, lr = (res["levels"].get(c) if res else None for res in (b, r))
         ratio = f"{lb['tok_s'] / lr['tok_s']:.2f}x" if lb and lr and lr["tok_s"] else "-"
-        lines.append(f"| {c} | {_cell(lb, 'tok_s', 1)} | {_cell(lr, 'tok_s', 1)} | {ratio} | "
-                     f"{_ttft(lb)} | {_ttft(lr)} | {_cell(lb, 'errors')}/{_cell(lr, 'errors')} | "
-                     f"{_cell(lb, 'requests')}/{_cell(lr, 'requests')} |")
-    top = max(levels)
-    lines.append("")
+        lines.append(" | ".join([
+            f"| {c}", cell(lb, "tok_s", digits=1), cell(lr, "tok_s", digits=1), ratio,
+            cell(lb, "ttft_p50_ms", "ttft_p99_ms"), cell(lr, "ttft_p50_ms", "ttft_p99_ms"),
+            f"{cell(lb, 'errors')}/{cell(lr, 'errors')}",
+            f"{cell(lb, 'requests')}/{cell(lr, 'requests')}",
+            f"{cell(lb, 'other_cpu_pct')}/{cell(lr, 'other_cpu_pct')} |"]))
+    top = max(meta["levels"])
+    lines += ["", "other CPU %: share of all cores used by processes other than the server and "
+              "this script; above ~10% that level ran on a busy machine.", ""]
     for name, res in (("bastion", b), ("reference", r)):
         if res:
             lines.append(f"- {name}: peak RSS at concurrency {top}: "
@@ -277,49 +278,50 @@ def render(results: dict[str, Any], levels: list[int], meta: dict[str, Any]) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=("bastion", "reference"))
-    p.add_argument("--levels", default="1,4,8,16", help="comma-separated concurrency levels")
+    p.add_argument("--levels", default="1,4,8,16", help="comma-separated concurrency levels",
+                   type=lambda s: [int(x) for x in s.split(",") if x.strip()])
     p.add_argument("--requests-per-client", type=int, default=None,
-                   help="requests each client sends (default: 3 below c=8, else 2)")
+                   help="requests each client sends (default: 3 below concurrency 8, else 2)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--data-dir", type=Path, default=Path.home() / ".cache" / "bastion-bench",
-                   help="Bastion data dir; the assembled GGUF is kept here between runs")
+                   help="Bastion's data dir; the assembled GGUF is kept here between runs")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--start-timeout", type=float, default=180.0)
     args = p.parse_args()
-    levels = [int(x) for x in args.levels.split(",") if x.strip()]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks run
 
     from bastion.catalog.bundled import bundled_gguf
 
     gguf = bundled_gguf(args.data_dir / "models")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    log_dir = args.data_dir / "logs" / stamp
     threads = str(args.threads)
     servers = [
         Server("bastion", [sys.executable, "-m", "bastion.cli", "serve", "--port", "{port}",
                            "--data-dir", str(args.data_dir), "--threads", threads],
                {"BASTION_ADMIN_KEY": ADMIN_KEY, "BASTION_DRAIN_TIMEOUT": "5"}, "/health",
-               {"Authorization": f"Bearer {ADMIN_KEY}"}, BASTION_MODEL),
-        # interrupt_requests=False: by default a queued request cuts the running stream short.
+               {"Authorization": f"Bearer {ADMIN_KEY}"}, "gemma-3-270m"),
+        # interrupt_requests=false: by default a queued request cuts the running stream short.
         Server("reference", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
                              "--host", "127.0.0.1", "--port", "{port}", "--n_ctx", "4096",
                              "--n_threads", threads, "--n_threads_batch", threads,
-                             "--interrupt_requests", "false"],
-               {}, "/v1/models", {}, None),
+                             "--interrupt_requests", "false"], {}, "/v1/models", {}, None),
     ]
     results: dict[str, Any] = {}
     for server in servers:
-        if args.only and server.name != args.only:
-            continue
-        port = free_port()
-        server.cmd = [a.replace("{port}", str(port)) for a in server.cmd]
-        results[server.name] = bench(server, port, levels, args, log_dir)
+        if args.only in (None, server.name):
+            log_path = args.data_dir / "logs" / stamp / f"{server.name}.log"
+            t0 = time.perf_counter()
+            with running(server, log_path, args.start_timeout) as (base, pid):
+                startup = time.perf_counter() - t0
+                results[server.name] = asyncio.run(drive(base, pid, server, args))
+            results[server.name].update(startup_s=startup, log=str(log_path))
 
     meta = {"timestamp": stamp, "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "model_file": gguf.name,
-            "max_tokens": args.max_tokens, "levels": levels,
-            "requests_per_client": args.requests_per_client, "threads": args.threads}
-    table = render(results, levels, meta)
+            "max_tokens": args.max_tokens, "levels": args.levels, "threads": args.threads,
+            "requests_per_client": args.requests_per_client,
+            "commands": {s.name: s.cmd for s in servers if s.name in results}}
+    table = render(results, meta)
     print(table)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"serving-{stamp}.md").write_text(table)

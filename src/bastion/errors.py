@@ -72,19 +72,24 @@ class ServiceUnavailableError(APIError):
     code = "service_unavailable"
 
 
+_TYPE_PARTS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
+
+
+def _is_type_part(part: str) -> bool:
+    """Union branches appear in pydantic locations as type names: 'str', 'list[int]', ..."""
+    return part in _TYPE_PARTS or "[" in part or "-" in part
+
+
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
-    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
-    parts = [p for p in loc if p != "body"]
+    """('body', 'messages', 0, 'content', 'list[...]', 0) -> 'messages[0].content[0]'."""
     out = ""
-    for p in parts:
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif not out:
-            out = str(p)
-        elif str(p).startswith(("function-", "tagged-union")):
+        elif _is_type_part(str(p)):
             continue
         else:
-            out += f".{p}"
+            out += f".{p}" if out else str(p)
     return out or None
 
 
@@ -92,7 +97,8 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     errors = exc.errors()
     if not errors:
         return InvalidRequestError("The request body is invalid.")
-    first = errors[0]
+    # In a union every branch reports; the deepest location is the most specific complaint.
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return InvalidRequestError(
@@ -109,11 +115,16 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     if first.get("type") == "extra_forbidden":
         return InvalidRequestError(f"Unrecognized request argument supplied: {param}",
                                    param=param, code="unknown_parameter")
+    if not param:
+        return InvalidRequestError(f"The request body must be a JSON object: {msg}.",
+                                   code="invalid_body")
     value = first.get("input")
-    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    message = f"Invalid value for '{param}': {msg} (got {shown})." if param else f"{msg}."
+    if first.get("type") == "value_error" or isinstance(value, (dict, list)):
+        message = f"Invalid value for '{param}': {msg}."
+    else:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        message = f"Invalid value for '{param}': {msg} (got {shown})."
     extra = len(errors) - 1
     if extra:
         message += f" ({extra} more error{'s' if extra > 1 else ''} in the request.)"
@@ -136,11 +147,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            err: APIError = NotFoundError(f"Unknown URL: no route matches this path.",
+            err: APIError = NotFoundError("Unknown URL: no route matches this path.",
                                           code="unknown_url")
         elif exc.status_code == 405:
             err = InvalidRequestError("Method not allowed for this URL.", code="method_not_allowed")
             err.status = 405
+        elif exc.status_code == 400:  # FastAPI could not decode the body at all
+            err = InvalidRequestError("The request body could not be parsed as JSON (it is "
+                                      "malformed or nested too deeply).", code="invalid_json")
         else:
             err = InvalidRequestError(str(exc.detail))
             err.status = exc.status_code

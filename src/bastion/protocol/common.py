@@ -17,7 +17,7 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 class StrictModel(BaseModel):
     """OpenAI rejects arguments it does not know; so do we, so typos never pass silently."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(StrictModel):

@@ -1,0 +1,117 @@
+"""Disconnects free their sequence at once; SIGTERM drains, then ends what is left cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import ADMIN_KEY, MODEL, start_server, stop_server
+
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0.8,
+        "stream": True}
+
+
+def read_chunks(lines, n: int) -> list[str]:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            out.append(line[6:])
+            if len(out) >= n:
+                break
+    return out
+
+
+@pytest.fixture
+def one_slot(tmp_path):
+    srv = start_server(tmp_path, "--parallel", "1")
+    yield srv
+    stop_server(srv)
+
+
+def test_disconnect_frees_the_only_slot(one_slot) -> None:
+    url = one_slot.base_url
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=LONG) as r:
+            assert r.status_code == 200
+            assert len(read_chunks(r.iter_lines(), 3)) == 3
+        # The client went away after 3 of 3000 tokens: the slot must be free within moments,
+        # not after the ~40 s the rest of the generation would take.
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            if httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"] == 0:
+                break
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"] == 0
+        t = time.time()
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        assert time.time() - t < 5
+
+
+def test_disconnect_of_non_streamed_request(one_slot) -> None:
+    url = one_slot.base_url
+    body = {**LONG, "stream": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=1.5)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        if httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"] == 0:
+            break
+        time.sleep(0.05)
+    assert httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"] == 0
+
+
+def test_sigterm_drains_running_streams(tmp_path) -> None:
+    srv = start_server(tmp_path, env={"BASTION_DRAIN_TIMEOUT": "30"})
+    try:
+        result: dict = {}
+
+        def stream() -> None:
+            body = {**LONG, "max_tokens": 60}
+            with httpx.stream("POST", srv.api + "/completions", json=body, headers=AUTH,
+                              timeout=60) as r:
+                result["chunks"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(1.0)
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        r = httpx.post(srv.api + "/completions", headers=AUTH,
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503
+        assert r.json()["error"]["type"] == "server_error"
+        t.join(60)
+        chunks = result["chunks"]
+        assert chunks[-1] == "data: [DONE]"
+        finals = [json.loads(c[6:]) for c in chunks[:-1]]
+        assert all("error" not in c for c in finals)
+        assert finals[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        stop_server(srv)
+
+
+def test_sigterm_after_drain_timeout_ends_stream_with_error(tmp_path) -> None:
+    srv = start_server(tmp_path, env={"BASTION_DRAIN_TIMEOUT": "1"})
+    try:
+        with httpx.stream("POST", srv.api + "/completions", json=LONG, headers=AUTH,
+                          timeout=60) as r:
+            lines = r.iter_lines()
+            assert len(read_chunks(lines, 2)) == 2
+            srv.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][6:])
+        assert error["error"]["type"] == "server_error"
+        assert error["error"]["code"] == "service_unavailable"
+        assert "shutting down" in error["error"]["message"]
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        stop_server(srv)
