@@ -67,13 +67,18 @@ def _sum(proc: psutil.Process, what: Callable[[psutil.Process], float]) -> float
     return total
 
 
+def _proc_cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
 def _cpu_now(server: psutil.Process) -> tuple[float, float, float]:
-    """CPU seconds: busy machine-wide, used by the server tree, used by this script."""
+    """CPU seconds: busy machine-wide (hypervisor steal included), used by the server tree, used
+    by this script itself (not its children: the server is one)."""
     t = psutil.cpu_times()
-    used: Callable[[psutil.Process], float] = lambda p: sum(p.cpu_times()[:2])  # noqa: E731
-    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) \
-        - getattr(t, "guest_nice", 0.0)  # guest time is already counted in user time
-    return busy, _sum(server, used), used(psutil.Process())  # the server is our child: once
+    guest = getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)  # already in user time
+    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - guest
+    return busy, _sum(server, _proc_cpu), _proc_cpu(psutil.Process())
 
 
 class Monitor(threading.Thread):
@@ -331,4 +336,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the servers were already stopped on the way out
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

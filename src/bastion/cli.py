@@ -19,6 +19,11 @@ def _settings(**overrides: object) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _template_name(templates: list[str], i: int) -> str | None:
+    name = templates[i] if i < len(templates) else "auto"
+    return None if name == "auto" else name
+
+
 @app.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
@@ -26,7 +31,7 @@ def serve(
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the database and models live.")] = None,
     model: Annotated[Optional[list[Path]], typer.Option(help="Extra GGUF file to serve (repeatable).")] = None,
     alias: Annotated[Optional[list[str]], typer.Option(help="Model id for the --model at the same position.")] = None,
-    chat_template: Annotated[Optional[list[str]], typer.Option(help="Built-in chat template for the --model at the same position (gemma, chatml, llama3).")] = None,
+    chat_template: Annotated[Optional[list[str]], typer.Option(help="Chat template for the --model at the same position: auto (the GGUF's own), gemma, chatml or llama3.")] = None,
     no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Do not serve the bundled Gemma model.")] = False,
     parallel: Annotated[Optional[int], typer.Option(help="Sequences decoded together per model.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Context window of each sequence.")] = None,
@@ -44,7 +49,7 @@ def serve(
     templates = list(chat_template or [])
     for i, path in enumerate(model or []):
         settings.models.append(ModelSpec(path=path, id=aliases[i] if i < len(aliases) else None,
-                                         chat_template=templates[i] if i < len(templates) else None))
+                                         chat_template=_template_name(templates, i)))
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"Bastion on http://{settings.host}:{settings.port}/v1", flush=True)

@@ -6,9 +6,10 @@ from datetime import datetime
 from typing import Any
 
 from jinja2 import TemplateError
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from bastion.errors import InvalidRequestError
+from bastion.errors import InvalidRequestError, ModelError
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     # Gemma's turn format; a system prompt is folded into the first user turn, as Gemma does.
@@ -67,6 +68,9 @@ class ChatTemplate:
                                         add_generation_prompt=add_generation_prompt)
         except TemplateRenderError:
             raise
+        except SecurityError as exc:  # the operator's model is at fault, not the client
+            raise ModelError(f"The model's chat template attempted an unsafe operation and was "
+                             f"stopped by the sandbox: {exc}", code="unsafe_chat_template") from exc
         except (TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
             raise TemplateRenderError(
                 f"The model's chat template could not render these messages: {exc}",
