@@ -71,16 +71,22 @@ def test_sigterm_drains_running_streams(tmp_path) -> None:
     srv = start_server(tmp_path, env={"BASTION_DRAIN_TIMEOUT": "30"})
     try:
         result: dict = {}
+        started = threading.Event()
 
         def stream() -> None:
-            body = {**LONG, "max_tokens": 60}
+            body = {**LONG, "max_tokens": 200, "stream_options": {"include_usage": True}}
             with httpx.stream("POST", srv.api + "/completions", json=body, headers=AUTH,
                               timeout=60) as r:
-                result["chunks"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+                chunks = []
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        chunks.append(line)
+                        started.set()
+                result["chunks"] = chunks
 
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(1.0)
+        assert started.wait(30)
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         r = httpx.post(srv.api + "/completions", headers=AUTH,
@@ -92,7 +98,9 @@ def test_sigterm_drains_running_streams(tmp_path) -> None:
         assert chunks[-1] == "data: [DONE]"
         finals = [json.loads(c[6:]) for c in chunks[:-1]]
         assert all("error" not in c for c in finals)
-        assert finals[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert finals[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+        usage = finals[-1]["usage"]
+        assert usage["completion_tokens"] == 200 or finals[-2]["choices"][0]["finish_reason"] == "stop"
         assert srv.proc.wait(timeout=30) == 0
     finally:
         stop_server(srv)
