@@ -163,3 +163,21 @@ def test_template_text_is_data_not_code(client: openai.OpenAI, vocab) -> None:
 def test_alias_resolves_to_model(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=2)
     assert r.model == MODEL
+
+
+def test_logit_bias_and_penalties(client: openai.OpenAI, vocab) -> None:
+    token = vocab.tokenize(b" ocean", add_bos=False, special=False)
+    assert len(token) == 1
+    for temperature in (0, 1.0):  # the greedy path and the sampler-chain path
+        r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3,
+                                           temperature=temperature, seed=1,
+                                           logit_bias={str(token[0]): 100}, logprobs=True)
+        assert [t.token for t in r.choices[0].logprobs.content] == [" ocean"] * 3
+    prompt = "one two one two one two one two one two one two"
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    penalised = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                          temperature=0, frequency_penalty=2.0,
+                                          presence_penalty=2.0)
+    assert plain.choices[0].text.split().count("one") >= 3
+    words = penalised.choices[0].text.split()
+    assert len(set(words)) == len(words), penalised.choices[0].text  # no word twice

@@ -11,11 +11,12 @@ import numpy as np
 
 from bastion.engines.base import SamplingParams, TokenLogprob
 
-# A token whose logit is this many temperature-scaled units below the best one has probability
-# below e^-30 of it; all 262k such tokens together weigh under 3e-8, so leaving them out of the
-# candidate set changes nothing measurable, while the chain then runs on a few hundred candidates
-# instead of the whole vocabulary (full-vocabulary softmax + sampling costs ~2 ms per token).
-PREFILTER_LOGITS = 30.0
+# Before a chain with top-k/top-p/min-p, penalties or a bias runs, tokens whose logit lies more
+# than RIGOROUS_LOGITS temperature-scaled units below the best are dropped: each has probability
+# below e^-30 of the best, all 262k of them together under 3e-8, so nothing measurable changes
+# while the chain no longer sorts and normalises the whole vocabulary for every token.
+RIGOROUS_LOGITS = 30.0
+BLOCK = 512  # tokens per block in the two-level categorical draw
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 Describe = Callable[[int], tuple[str, list[int]]]
 
@@ -27,7 +28,15 @@ class SequenceSampler:
     def __init__(self, params: SamplingParams, *, n_vocab: int, penalty_window: int,
                  seed_offset: int = 0) -> None:
         self.greedy = params.temperature <= 0.0
-        self.margin = PREFILTER_LOGITS * params.temperature
+        self.inv_temp = 1.0 / params.temperature if params.temperature > 0 else 0.0
+        # Plain temperature sampling (the usual OpenAI request) is an exact categorical draw
+        # over softmax(logits / T), done vectorised: 0.3 ms instead of the chain's 2 ms over
+        # 262k tokens. Anything more (top-k/p, min-p, penalties, bias) goes through the chain.
+        self.plain = not (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
+                          or params.frequency_penalty or params.presence_penalty
+                          or params.logit_bias)
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        self.rng = np.random.default_rng((seed + seed_offset) & 0xFFFFFFFF)
         self.penalised = bool(params.frequency_penalty or params.presence_penalty)
         self.bias_tokens = np.array(sorted({t for t, _ in params.logit_bias}), dtype=np.int64)
         self.history: list[int] = []
@@ -40,8 +49,8 @@ class SequenceSampler:
                 arr[i].bias = bias
             add(lc.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), arr))
         if self.penalised:
-            add(lc.llama_sampler_init_penalties(penalty_window, 1.0, params.frequency_penalty,
-                                                params.presence_penalty))
+            add(lc.llama_sampler_init_penalties(n_vocab, penalty_window, 1.0,
+                                                params.frequency_penalty, params.presence_penalty))
         if self.greedy:
             add(lc.llama_sampler_init_greedy())
             return
@@ -52,12 +61,13 @@ class SequenceSampler:
         if params.min_p > 0.0:
             add(lc.llama_sampler_init_min_p(params.min_p, 1))
         add(lc.llama_sampler_init_temp(params.temperature))
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
         add(lc.llama_sampler_init_dist((seed + seed_offset) & 0xFFFFFFFF))
 
     def sample(self, ctx: ctypes.c_void_p, logits: np.ndarray, batch_index: int) -> int:
         if self.greedy:
             return lc.llama_sampler_sample(self.chain, ctx, batch_index)
+        if self.plain:
+            return self._categorical(logits)
         cand = self._candidates(logits)
         data = np.empty(len(cand), dtype=TOKEN_DATA)
         data["id"] = cand
@@ -85,8 +95,26 @@ class SequenceSampler:
             best = float(masked.max())
         else:
             best = float(logits.max())
-        near = np.flatnonzero(logits >= best - self.margin)
+        near = np.flatnonzero(logits >= best - RIGOROUS_LOGITS / self.inv_temp)
         return np.union1d(near, special) if special.size else near
+
+    def _categorical(self, logits: np.ndarray) -> int:
+        """Exact draw from softmax(logits / T): pick a block by its mass, then a token in it."""
+        n = logits.shape[0]
+        pad = (-n) % BLOCK
+        weights = np.exp((logits - logits.max()) * np.float32(self.inv_temp))
+        if pad:
+            weights = np.concatenate([weights, np.zeros(pad, dtype=weights.dtype)])
+        blocks = weights.reshape(-1, BLOCK)
+        block_mass = np.cumsum(blocks.sum(axis=1, dtype=np.float64))
+        u = self.rng.random() * block_mass[-1]
+        b = min(int(np.searchsorted(block_mass, u, side="right")), len(block_mass) - 1)
+        inner = np.cumsum(blocks[b], dtype=np.float64)
+        rest = u - (block_mass[b - 1] if b else 0.0)
+        i = min(int(np.searchsorted(inner, rest, side="right")), BLOCK - 1)
+        while blocks[b, i] == 0.0 and i > 0:  # never land on padding or a zero-weight token
+            i -= 1
+        return b * BLOCK + i
 
     def close(self) -> None:
         if self.chain:
