@@ -133,15 +133,21 @@ class Scheduler:
         while self._waiting and len(self._free_slots) >= self._waiting[0].request.n:
             job = self._waiting.popleft()
             p = job.request.params
-            for i in range(job.request.n):
-                slot = self._free_slots.pop(0)
-                self.model.clear_slot(slot)
-                sampler = sampling.SequenceSampler(p, n_vocab=self.model.n_vocab,
-                                                   penalty_window=self.model.ctx_per_seq,
-                                                   seed_offset=i)
-                job.seqs.append(_Seq(index=i, slot=slot, sampler=sampler, max_tokens=p.max_tokens,
-                                     stops=StopMatcher(p.stop)))
             self._running.append(job)
+            try:
+                for i in range(job.request.n):
+                    slot = self._free_slots.pop(0)
+                    self.model.clear_slot(slot)
+                    sampler = sampling.SequenceSampler(p, n_vocab=self.model.n_vocab,
+                                                       penalty_window=self.model.ctx_per_seq,
+                                                       seed_offset=i)
+                    job.seqs.append(_Seq(index=i, slot=slot, sampler=sampler,
+                                         max_tokens=p.max_tokens, stops=StopMatcher(p.stop)))
+            except Exception as exc:  # one bad request must not take others down
+                log.exception("could not start a sequence")
+                if len(job.seqs) < job.request.n:
+                    self._free_slots.append(slot)
+                self._finish_job(job, EngineError(f"The model could not start generating: {exc}"))
 
     def _step(self) -> None:
         # rows: (slot, position, token, wants_logits); sorted by slot below, because llama.cpp
