@@ -78,6 +78,8 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Ru
 
 
 def stop_server(server: RunningServer) -> None:
+    """Stop the server, then fail the test if it ever logged a traceback: nothing a client
+    sends may crash a request, and no test expects one."""
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)
         try:
@@ -85,6 +87,8 @@ def stop_server(server: RunningServer) -> None:
         except subprocess.TimeoutExpired:
             server.proc.kill()
             server.proc.wait()
+    log = server.log()
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log[-4000:]
 
 
 @pytest.fixture(scope="session")

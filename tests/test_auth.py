@@ -27,7 +27,6 @@ def test_wrong_key_is_401_invalid_api_key(server: RunningServer) -> None:
     assert exc.value.status_code == 401
     assert exc.value.body["type"] == "authentication_error"
     assert exc.value.body["code"] == "invalid_api_key"
-    assert "sk-bst-not-a-real-key" not in server.log()
 
 
 def test_wrong_scheme_is_401(server: RunningServer) -> None:

@@ -62,7 +62,7 @@ def test_echo_and_logprobs(client: openai.OpenAI) -> None:
     assert len(info.tokens) == len(info.token_logprobs) == len(info.top_logprobs) == 5
     assert "".join(info.tokens) == lp.choices[0].text
     assert all(len(t) == 2 for t in info.top_logprobs)
-    assert info.text_offset == sorted(info.text_offset)
+    assert info.text_offset == [sum(len(t) for t in info.tokens[:k]) for k in range(5)]
     echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0,
                                        logprobs=1, echo=True)
     e = echoed.choices[0].logprobs
@@ -87,3 +87,18 @@ def test_stream_with_usage(client: openai.OpenAI) -> None:
                                             stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 4
     assert chunks[-1].choices == []
+
+
+def test_streamed_logprob_offsets_match(client: openai.OpenAI) -> None:
+    args = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=1, echo=True)
+    full = client.completions.create(**args).choices[0].logprobs
+    chunks = list(client.completions.create(stream=True, **args))
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs
+               for o in c.choices[0].logprobs.text_offset]
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.tokens]
+    assert tokens == full.tokens
+    assert offsets == full.text_offset
+    text = PROMPT + client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6,
+                                              temperature=0).choices[0].text
+    assert [text[o:o + len(t)] for o, t in zip(full.text_offset, full.tokens)] == full.tokens

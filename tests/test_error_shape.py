@@ -66,13 +66,15 @@ CHAT_CASES = [
      "Unrecognized request argument supplied: chat_template"),
     (chat(logit_bias={"abc": 1}), "logit_bias", "invalid_value", None),
     (chat(logit_bias={"99999999": 1}), "logit_bias", "invalid_token_id", None),
+    (chat(logit_bias={"\u00b2": 1}), "logit_bias", "invalid_value", None),
+    (chat(logit_bias={"9" * 5000: 1}), "logit_bias", "invalid_value", None),
     (chat(max_tokens=5000), "max_tokens", "context_length_exceeded",
      "This model's maximum context length is 4096 tokens. However, you requested 5010 tokens "
      "(10 in the messages, 5000 in the completion). Please reduce the messages or the "
      "completion length."),
     (chat(messages=[{"role": "user", "content": "hello " * 5000}]), "messages",
      "context_length_exceeded",
-     "This model's maximum context length is 4096 tokens, but the messages are 5009 tokens. "
+     "This model's maximum context length is 4096 tokens, but the messages are 5010 tokens. "
      "Please shorten the messages."),
     (chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]),

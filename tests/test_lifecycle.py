@@ -123,3 +123,29 @@ def test_sigterm_after_drain_timeout_ends_stream_with_error(tmp_path) -> None:
         assert srv.proc.wait(timeout=30) == 0
     finally:
         stop_server(srv)
+
+
+def test_non_streamed_request_cut_by_shutdown_gets_503(tmp_path) -> None:
+    srv = start_server(tmp_path, env={"BASTION_DRAIN_TIMEOUT": "1"})
+    try:
+        result: dict = {}
+
+        def call() -> None:
+            result["r"] = httpx.post(srv.api + "/completions", headers=AUTH, timeout=60,
+                                     json={**LONG, "stream": False})
+
+        t = threading.Thread(target=call)
+        t.start()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if httpx.get(srv.base_url + "/health").json()["models"][MODEL]["running_sequences"]:
+                break
+            time.sleep(0.05)
+        srv.proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        r = result["r"]
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "service_unavailable"
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        stop_server(srv)

@@ -6,7 +6,8 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
@@ -14,8 +15,10 @@ from bastion.api import chat, completions, health, models
 from bastion.catalog.registry import load_catalog
 from bastion.config import Settings
 from bastion.db.session import make_engine, migrate, session_factory
-from bastion.errors import install_error_handlers
+from bastion.engines.base import EngineError
+from bastion.errors import error_response, install_error_handlers
 from bastion.lifecycle import Gatekeeper, Lifecycle
+from bastion.serving.common import as_api_error
 from bastion.tenancy.keys import bootstrap
 
 log = logging.getLogger("bastion")
@@ -39,13 +42,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            app.state.catalog.close()
+            await run_in_threadpool(app.state.catalog.close)  # joins engine threads
             db.dispose()
 
     app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
+        return error_response(as_api_error(exc))
+
     for module in (chat, completions, models, health):
         app.include_router(module.router)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes)

@@ -72,25 +72,16 @@ def migrate(data_dir: Annotated[Optional[Path], typer.Option()] = None) -> None:
 def keys_create(name: Annotated[str, typer.Option()] = "CLI key",
                 data_dir: Annotated[Optional[Path], typer.Option()] = None) -> None:
     """Create an API key in the default organisation with every permission; shown once."""
-    from sqlalchemy import select
-
     from bastion.db.session import make_engine, migrate as upgrade, session_factory
-    from bastion.db.tables import ApiKey, Organization
-    from bastion.tenancy.keys import ALL_PERMISSIONS, VISIBLE_CHARS, generate_key, hash_key, new_id
+    from bastion.tenancy.keys import ALL_PERMISSIONS, create_key, default_org
 
     settings = _settings(data_dir=data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
     upgrade(engine)
-    raw = generate_key()
     with session_factory(engine).begin() as session:
-        org = session.scalar(select(Organization).order_by(Organization.created_at).limit(1))
-        if org is None:
-            org = Organization(id=new_id("org"), name="Default", plan="dedicated")
-            session.add(org)
-            session.flush()
-        session.add(ApiKey(id=new_id("key"), org_id=org.id, name=name, prefix=raw[:VISIBLE_CHARS],
-                           key_hash=hash_key(raw), permissions=list(ALL_PERMISSIONS)))
+        _, raw = create_key(session, default_org(session).id, name,
+                            permissions=list(ALL_PERMISSIONS))
     typer.echo(raw)
 
 

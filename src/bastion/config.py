@@ -34,13 +34,12 @@ class Settings(BaseSettings):
     # llama.cpp engine
     parallel: int = Field(16, ge=1, le=256, description="sequences decoded together per model")
     context_per_sequence: int = Field(4096, ge=256, description="context window of one sequence")
-    batch_tokens: int = Field(512, ge=32, description="tokens in one llama_decode batch")
+    batch_tokens: int = Field(512, ge=32, description="tokens in one llama_decode batch; at least `parallel`")
     threads: int | None = None
 
     # request bounds
     max_body_bytes: int = 4 * 1024 * 1024
     max_n: int = 8
-    max_messages: int = 1024
     default_max_tokens: int = 2048
 
     drain_timeout: float = 30.0

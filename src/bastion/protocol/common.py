@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -15,9 +15,17 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class StrictModel(BaseModel):
-    """OpenAI rejects arguments it does not know; so do we, so typos never pass silently."""
+    """OpenAI rejects arguments it does not know; so do we, so typos never pass silently.
+    An explicit null means "use the default", as OpenAI treats it."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(StrictModel):
@@ -67,7 +75,7 @@ class SamplingFields(StrictModel):
         if len(v) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries are allowed, got {len(v)}")
         for key, bias in v.items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {bias}")

@@ -11,12 +11,12 @@ from bastion.catalog.registry import Deployment
 from bastion.config import Settings
 from bastion.engines.base import Delta, Finished, GenerationRequest, TokenLogprob
 from bastion.errors import InvalidRequestError
+from bastion.ids import new_id
 from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
                                    ChatCompletionRequest, ChoiceLogprobs, ImagePart,
                                    TokenLogprobContent, TopLogprob)
 from bastion.protocol.common import Usage
-from bastion.serving.common import (check_n, completion_budget, merge, new_id,
-                                    sampling_params)
+from bastion.serving.common import (check_n, completion_budget, merge, sampling_params)
 
 
 class PreparedChat:
@@ -38,10 +38,6 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment,
     if not engine.capabilities.chat:
         raise InvalidRequestError(f"The model '{deployment.id}' does not support chat completions.",
                                   param="model", code="model_not_supported")
-    if len(body.messages) > settings.max_messages:
-        raise InvalidRequestError(
-            f"messages may hold at most {settings.max_messages} messages (got {len(body.messages)}).",
-            param="messages", code="too_many_messages")
     messages: list[dict[str, Any]] = []
     for i, m in enumerate(body.messages):
         if isinstance(m.content, list):

@@ -5,21 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from bastion.engines.base import EngineError, Event, SamplingParams
-from bastion.errors import APIError, InvalidRequestError
+from bastion.errors import APIError, InvalidRequestError, ModelError, ServiceUnavailableError
 from bastion.protocol.common import SamplingFields
 
 log = logging.getLogger("bastion.serving")
 T = TypeVar("T")
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_urlsafe(18).replace('-', 'x').replace('_', 'y')}"
 
 
 def check_n(n: int, *, max_n: int, slots: int) -> None:
@@ -40,6 +36,9 @@ def check_token_ids(tokens: list[int], vocab_size: int, param: str) -> None:
 def completion_budget(*, prompt_len: int, requested: int | None, context: int, default: int,
                       param: str, what: str) -> int:
     """The number of tokens to generate, or a 400 that names both numbers."""
+    if prompt_len == 0:
+        raise InvalidRequestError(f"The {what} is empty: it has no tokens for this model.",
+                                  param=param, code="empty_prompt")
     if prompt_len >= context:
         raise InvalidRequestError(
             f"This model's maximum context length is {context} tokens, but the {what} "
@@ -75,15 +74,20 @@ def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, lo
         top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
 
 
+def as_api_error(exc: EngineError) -> APIError:
+    """An engine's failure as the HTTP error a client sees (503 while shutting down)."""
+    if exc.error_type == "server_error":
+        return ServiceUnavailableError(exc.message, code=exc.code)
+    return ModelError(exc.message, code=exc.code)
+
+
 def error_payload(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, APIError):
         return exc.body()
     if isinstance(exc, EngineError):
-        return {"error": {"message": exc.message, "type": exc.error_type, "code": exc.code,
-                          "param": None}}
-    log.exception("stream failed", exc_info=exc)
-    return {"error": {"message": "The server had an error while generating.",
-                      "type": "server_error", "code": None, "param": None}}
+        return as_api_error(exc).body()
+    log.error("stream failed", exc_info=exc)
+    return APIError("The server had an error while generating.").body()
 
 
 async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -91,7 +95,7 @@ async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-    except (APIError, EngineError, Exception) as exc:  # noqa: B014 - the stream must close well
+    except Exception as exc:  # once the first byte is out, every error travels in the stream
         yield b"data: " + json.dumps(error_payload(exc)).encode() + b"\n\n"
     yield b"data: [DONE]\n\n"
 
@@ -129,8 +133,9 @@ async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int,
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run work, but cancel it (and so its generation) if the client goes away first."""
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
+    """Run work, but cancel it (and so its generation) if the client goes away first; the
+    client is gone then, so the 499 it gets is for the access log only."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -147,5 +152,5 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         if not task.done():
             task.cancel()
     if task.cancelled() or not task.done():
-        raise asyncio.CancelledError("client disconnected")
+        return Response(status_code=499)
     return task.result()

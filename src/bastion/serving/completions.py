@@ -12,10 +12,11 @@ from bastion.catalog.registry import Deployment
 from bastion.config import Settings
 from bastion.engines.base import Delta, Finished, GenerationRequest, PromptLogprobs, TokenLogprob
 from bastion.errors import InvalidRequestError
+from bastion.ids import new_id
 from bastion.protocol.completions import (Completion, CompletionChoice, CompletionLogprobs,
                                           CompletionRequest)
 from bastion.protocol.common import Usage
-from bastion.serving.common import (check_n, check_token_ids, completion_budget, merge, new_id,
+from bastion.serving.common import (check_n, check_token_ids, completion_budget, merge,
                                     sampling_params)
 
 
@@ -26,6 +27,7 @@ class PreparedCompletion:
     prompts: list[list[int]]
     echo_texts: list[str]
     requests: list[GenerationRequest]
+    prompt_pieces: list[list[str]]  # text of each prompt token, for echo with logprobs
     id: str = field(default_factory=lambda: new_id("cmpl"))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -79,54 +81,57 @@ async def prepare_completion(body: CompletionRequest, deployment: Deployment,
                                  logprobs=want_lp, top_logprobs=body.logprobs or 0,
                                  prompt_logprobs=want_lp and body.echo)
         requests.append(GenerationRequest(prompt_tokens=tokens, params=params, n=body.n))
-    return PreparedCompletion(body, deployment, prompts, texts, requests)
+    pieces: list[list[str]] = []
+    if want_lp and body.echo:
+        pieces = await run_in_threadpool(
+            lambda: [[engine.detokenize([t]) for t in tokens] for tokens in prompts])
+    return PreparedCompletion(body, deployment, prompts, texts, requests, pieces)
 
 
 class _LogprobBuilder:
-    """Accumulates OpenAI's legacy logprobs object for one choice."""
+    """Accumulates OpenAI's legacy logprobs object for one choice; text offsets run on across
+    the echoed prompt and every streamed chunk."""
 
     def __init__(self) -> None:
         self.lp = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
         self.offset = 0
 
-    def add(self, items: list[TokenLogprob | None], texts: list[str] | None = None) -> None:
+    def add(self, items: list[TokenLogprob | None], texts: list[str] | None = None
+            ) -> CompletionLogprobs:
+        """Append items; returns just the appended part (what one stream chunk carries)."""
+        part = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
         for k, item in enumerate(items):
             token = item.token if item is not None else (texts[k] if texts else "")
-            self.lp.tokens.append(token)
-            self.lp.token_logprobs.append(item.logprob if item is not None else None)
-            self.lp.top_logprobs.append({t: v for t, _, v in item.top} if item is not None else None)
-            self.lp.text_offset.append(self.offset)
+            for target in (self.lp, part):
+                target.tokens.append(token)
+                target.token_logprobs.append(item.logprob if item is not None else None)
+                target.top_logprobs.append({t: v for t, _, v in item.top} if item else None)
+                target.text_offset.append(self.offset)
             self.offset += len(token)
+        return part
 
 
-def _prompt_items(prep: PreparedCompletion, i: int, ev: PromptLogprobs) -> tuple[list, list[str]]:
-    engine = prep.deployment.engine
-    texts = [engine.detokenize([t]) for t in prep.prompts[i]]
-    return ev.tokens, texts
+def _events(prep: PreparedCompletion) -> AsyncIterator[tuple[int, Any]]:
+    return merge([prep.deployment.engine.generate(r) for r in prep.requests])
 
 
-async def _events(prep: PreparedCompletion) -> AsyncIterator[tuple[int, Any]]:
-    engine = prep.deployment.engine
-    async for i, ev in merge([engine.generate(r) for r in prep.requests]):
-        yield i, ev
+def _usage(prep: PreparedCompletion, completion: int) -> Usage:
+    prompt = sum(len(p) for p in prep.prompts)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion)
 
 
 async def complete(prep: PreparedCompletion) -> Completion:
     n = prep.body.n
     total = n * len(prep.requests)
-    texts = [""] * total
+    texts = [prep.echo_texts[k // n] if prep.body.echo else "" for k in range(total)]
     builders = [_LogprobBuilder() for _ in range(total)]
     reasons = ["stop"] * total
     completion = 0
-    if prep.body.echo:
-        for i in range(len(prep.requests)):
-            for j in range(n):
-                texts[i * n + j] = prep.echo_texts[i]
     async for i, ev in _events(prep):
         if isinstance(ev, PromptLogprobs):
-            items, tok_texts = _prompt_items(prep, i, ev)
             for j in range(n):
-                builders[i * n + j].add(items, tok_texts)
+                builders[i * n + j].add(ev.tokens, prep.prompt_pieces[i])
         elif isinstance(ev, Delta):
             texts[i * n + ev.index] += ev.text
             builders[i * n + ev.index].add(list(ev.logprobs))
@@ -138,10 +143,8 @@ async def complete(prep: PreparedCompletion) -> Completion:
                                 logprobs=builders[k].lp if want_lp else None,
                                 finish_reason=reasons[k])  # type: ignore[arg-type]
                for k in range(total)]
-    prompt = sum(len(p) for p in prep.prompts)
     return Completion(id=prep.id, created=prep.created, model=prep.deployment.id, choices=choices,
-                      usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
-                                  total_tokens=prompt + completion))
+                      usage=_usage(prep, completion))
 
 
 async def stream_completion(prep: PreparedCompletion) -> AsyncIterator[dict[str, Any]]:
@@ -159,29 +162,20 @@ async def stream_completion(prep: PreparedCompletion) -> AsyncIterator[dict[str,
                                      "finish_reason": finish}], **extra}
 
     if body.echo and not want_lp:
-        for i in range(len(prep.requests)):
-            for j in range(n):
-                yield chunk(i * n + j, prep.echo_texts[i], None, None)
+        for k in range(n * len(prep.requests)):
+            yield chunk(k, prep.echo_texts[k // n], None, None)
+    builders = [_LogprobBuilder() for _ in range(n * len(prep.requests))]
     completion = 0
     async for i, ev in _events(prep):
         if isinstance(ev, PromptLogprobs):
-            items, tok_texts = _prompt_items(prep, i, ev)
             for j in range(n):
-                b = _LogprobBuilder()
-                b.add(items, tok_texts)
-                yield chunk(i * n + j, prep.echo_texts[i], b.lp, None)
+                part = builders[i * n + j].add(ev.tokens, prep.prompt_pieces[i])
+                yield chunk(i * n + j, prep.echo_texts[i], part, None)
         elif isinstance(ev, Delta):
-            lp = None
-            if want_lp:
-                b = _LogprobBuilder()
-                b.add(list(ev.logprobs))
-                lp = b.lp
-            yield chunk(i * n + ev.index, ev.text, lp, None)
+            k = i * n + ev.index
+            yield chunk(k, ev.text, builders[k].add(list(ev.logprobs)) if want_lp else None, None)
         elif isinstance(ev, Finished):
             completion += ev.completion_tokens
             yield chunk(i * n + ev.index, "", None, ev.finish_reason)
     if include_usage:
-        prompt = sum(len(p) for p in prep.prompts)
-        yield {**base, "choices": [], "usage": {"prompt_tokens": prompt,
-                                                "completion_tokens": completion,
-                                                "total_tokens": prompt + completion}}
+        yield {**base, "choices": [], "usage": _usage(prep, completion).model_dump()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -11,6 +12,11 @@ from bastion.engines.base import (Capabilities, EngineError, Event, GenerationRe
 from bastion.engines.llamacpp.model import LlamaModel
 from bastion.engines.llamacpp.scheduler import DONE, Scheduler
 from bastion.engines.llamacpp.templates import ChatTemplate, pick_template
+
+
+# Private-use code points: they never occur in chat templates, and mark where message text goes.
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
 class LlamaCppEngine:
@@ -35,12 +41,21 @@ class LlamaCppEngine:
                                    parse_special=False)
 
     def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Prompt tokens of a conversation; the template's own special tokens are parsed,
-        while message text was already inserted as data and cannot inject a template."""
-        text = self.template.render(messages)
-        bos = self.template.bos_token
-        add_bos = self.model.add_bos and not (bos and text.startswith(bos))
-        return self.model.tokenize(text, add_special=add_bos, parse_special=True)
+        """Prompt tokens of a conversation. The template is rendered with a marker in place of
+        each message's text; the template's own text is tokenised with its special tokens, the
+        messages' text without, so a user who types "<end_of_turn>" cannot fake a turn."""
+        shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
+        text = self.template.render(shadow)
+        tokens: list[int] = []
+        for k, part in enumerate(_MARKS.split(text)):
+            if k % 2:
+                tokens += self.model.tokenize(messages[int(part)]["content"], add_special=False,
+                                              parse_special=False)
+            elif part:
+                tokens += self.model.tokenize(part, add_special=False, parse_special=True)
+        if self.model.add_bos and (not tokens or tokens[0] != self.model.bos):
+            tokens.insert(0, self.model.bos)
+        return tokens
 
     def infill_tokens(self, prefix: str, suffix: str) -> list[int]:
         if self._fim is None:
@@ -88,6 +103,6 @@ class LlamaCppEngine:
         self.scheduler.abort_all(message)
 
     def close(self) -> None:
-        self.scheduler.stop()
-        self.model.close()
+        if self.scheduler.stop():  # never free the model under a thread still decoding
+            self.model.close()
 

@@ -50,7 +50,8 @@ class LlamaModel:
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.model)
         self.ctx_per_seq = min(ctx_per_seq, self.n_ctx_train) if self.n_ctx_train > 0 else ctx_per_seq
         self.n_seq = n_seq
-        self.n_batch = n_batch
+        self.n_batch = max(n_batch, n_seq)  # every running sequence needs a row in each step
+        n_batch = self.n_batch
         n_threads = threads or max(1, os.cpu_count() or 1)
 
         cparams = lc.llama_context_default_params()
@@ -79,7 +80,6 @@ class LlamaModel:
         self.bos = lc.llama_vocab_bos(self.vocab)
         self.eos = lc.llama_vocab_eos(self.vocab)
         self.add_bos = lc.llama_vocab_get_add_bos(self.vocab)
-        self._piece_buf = ctypes.create_string_buffer(256)
 
     # --- metadata -------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -117,12 +117,13 @@ class LlamaModel:
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
-        n = lc.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        """Bytes of one token; called from several threads, so the buffer is per call."""
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
-            big = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self.vocab, token, big, -n, 0, False)
-            return big.raw[:n]
-        return self._piece_buf.raw[:n]
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))

@@ -16,6 +16,7 @@ from bastion.engines.base import SamplingParams, TokenLogprob
 # below e^-30 of the best, all 262k of them together under 3e-8, so nothing measurable changes
 # while the chain no longer sorts and normalises the whole vocabulary for every token.
 RIGOROUS_LOGITS = 30.0
+MIN_TEMPERATURE = 1e-3
 BLOCK = 512  # tokens per block in the two-level categorical draw
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 Describe = Callable[[int], tuple[str, list[int]]]
@@ -27,8 +28,10 @@ class SequenceSampler:
 
     def __init__(self, params: SamplingParams, *, n_vocab: int, penalty_window: int,
                  seed_offset: int = 0) -> None:
-        self.greedy = params.temperature <= 0.0
-        self.inv_temp = 1.0 / params.temperature if params.temperature > 0 else 0.0
+        # Below MIN_TEMPERATURE the distribution is a point mass on the argmax anyway, and
+        # 1/T would overflow float32: treat it as greedy.
+        self.greedy = params.temperature < MIN_TEMPERATURE
+        self.inv_temp = 0.0 if self.greedy else 1.0 / params.temperature
         # Plain temperature sampling (the usual OpenAI request) is an exact categorical draw
         # over softmax(logits / T), done vectorised: 0.3 ms instead of the chain's 2 ms over
         # 262k tokens. Anything more (top-k/p, min-p, penalties, bias) goes through the chain.

@@ -24,6 +24,7 @@ from bastion.engines.llamacpp.text import StopMatcher, Utf8Stream
 log = logging.getLogger("bastion.scheduler")
 
 DONE = object()  # pushed to a sink after the last event of a request
+PROMPT_LOGPROB_CHUNK = 32  # prompt tokens scored per step, so echo+logprobs never stalls others
 Sink = Callable[[object], None]
 
 
@@ -79,9 +80,11 @@ class Scheduler:
     def abort_all(self, message: str) -> None:
         self._commands.put(("abort", message))
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Ask the thread to finish its step and end; True once it has."""
         self._commands.put(("stop", None))
         self._thread.join(timeout=30)
+        return not self._thread.is_alive()
 
 
     def stats(self) -> dict[str, int]:
@@ -132,6 +135,9 @@ class Scheduler:
     def _admit(self) -> None:
         while self._waiting and len(self._free_slots) >= self._waiting[0].request.n:
             job = self._waiting.popleft()
+            if not job.request.prompt_tokens:  # nothing to decode would spin forever
+                self._finish_job(job, EngineError("The prompt has no tokens."))
+                continue
             p = job.request.params
             self._running.append(job)
             try:
@@ -145,7 +151,7 @@ class Scheduler:
                                          max_tokens=p.max_tokens, stops=StopMatcher(p.stop)))
             except Exception as exc:  # one bad request must not take others down
                 log.exception("could not start a sequence")
-                if len(job.seqs) < job.request.n:
+                if slot not in {seq.slot for seq in job.seqs}:
                     self._free_slots.append(slot)
                 self._finish_job(job, EngineError(f"The model could not start generating: {exc}"))
 
@@ -167,15 +173,18 @@ class Scheduler:
             prompt = job.request.prompt_tokens
             if job.prefilled >= len(prompt):
                 continue
+            all_logits = job.request.params.prompt_logprobs
             budget = self.model.n_batch - len(rows)
-            if job.request.params.prompt_logprobs:
-                budget = min(budget, self.model.n_outputs_max - outputs)
+            out_budget = self.model.n_outputs_max - outputs
+            if all_logits:  # each prompt token costs a full-vocabulary log-softmax
+                budget = min(budget, out_budget, PROMPT_LOGPROB_CHUNK)
+            start = job.prefilled
+            if not all_logits and start + budget >= len(prompt) and out_budget < 1:
+                budget = len(prompt) - start - 1  # finish next step, when an output is free
             if budget <= 0:
                 break
-            start = job.prefilled
             chunk = prompt[start:start + budget]
             completes = start + len(chunk) == len(prompt)
-            all_logits = job.request.params.prompt_logprobs
             leader = job.seqs[0].slot
             for k, tok in enumerate(chunk):
                 last = completes and k == len(chunk) - 1

@@ -22,7 +22,7 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{% set role = 'model' if m.role == 'assistant' else 'user' %}"
         "<start_of_turn>{{ role }}\n"
         "{% if role == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
-        "{{ m.content | trim }}<end_of_turn>\n"
+        "{{ m.content }}<end_of_turn>\n"
         "{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
@@ -34,7 +34,7 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     "llama3": (
         "{{ bos_token }}"
         "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
-        "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+        "{{ m.content }}<|eot_id|>{% endfor %}"
         "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
     ),
 }
