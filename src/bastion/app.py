@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
-from bastion.api import chat, completions, health, models
+from bastion.api import chat, completions, health, keys, models, organizations
 from bastion.catalog.registry import load_catalog
 from bastion.config import Settings
 from bastion.db.session import make_engine, migrate, session_factory
@@ -45,7 +45,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(app.state.catalog.close)  # joins engine threads
             db.dispose()
 
-    app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan)
+    # No unauthenticated docs: every route but /health needs a key.
+    app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
@@ -54,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, models, organizations, keys, health):
         app.include_router(module.router)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes)
     return app

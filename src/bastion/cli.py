@@ -13,6 +13,8 @@ from bastion.config import ModelSpec, Settings
 app = typer.Typer(help="Bastion: your own OpenAI-compatible AI platform.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+orgs_app = typer.Typer(help="Manage organisations.", no_args_is_help=True)
+app.add_typer(orgs_app, name="orgs")
 
 
 def _settings(**overrides: object) -> Settings:
@@ -60,29 +62,107 @@ def serve(
 @app.command()
 def migrate(data_dir: Annotated[Optional[Path], typer.Option()] = None) -> None:
     """Create or upgrade the database schema."""
-    from bastion.db.session import make_engine, migrate as upgrade
-
-    settings = _settings(data_dir=data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(make_engine(settings.resolved_database_url))
+    _sessions(data_dir)
     typer.echo("database is up to date")
 
 
-@keys_app.command("create")
-def keys_create(name: Annotated[str, typer.Option()] = "CLI key",
-                data_dir: Annotated[Optional[Path], typer.Option()] = None) -> None:
-    """Create an API key in the default organisation with every permission; shown once."""
+def _sessions(data_dir: Path | None):  # type: ignore[no-untyped-def]
+    """The database of this data directory, migrated to the newest schema."""
     from bastion.db.session import make_engine, migrate as upgrade, session_factory
-    from bastion.tenancy.keys import ALL_PERMISSIONS, create_key, default_org
 
     settings = _settings(data_dir=data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
     upgrade(engine)
-    with session_factory(engine).begin() as session:
-        _, raw = create_key(session, default_org(session).id, name,
-                            permissions=list(ALL_PERMISSIONS))
+    return session_factory(engine)
+
+
+DataDir = Annotated[Optional[Path], typer.Option(help="Data directory (default ~/.bastion).")]
+
+
+@orgs_app.command("create")
+def orgs_create(name: Annotated[str, typer.Option()],
+                plan: Annotated[str, typer.Option(help="spark, seed, scale or dedicated")] = "spark",
+                data_dir: DataDir = None) -> None:
+    """Create an organisation; prints its id."""
+    from bastion.db.tables import Organization, utcnow
+    from bastion.ids import new_id
+    from bastion.tenancy.plans import PLANS
+
+    if plan not in PLANS:
+        raise typer.BadParameter(f"unknown plan {plan!r}; plans: {', '.join(PLANS)}")
+    with _sessions(data_dir).begin() as session:
+        org = Organization(id=new_id("org"), name=name, plan=plan, created_at=utcnow())
+        session.add(org)
+    typer.echo(org.id)
+
+
+@orgs_app.command("list")
+def orgs_list(data_dir: DataDir = None) -> None:
+    """All organisations with their plans."""
+    from sqlalchemy import select
+
+    from bastion.db.tables import Organization
+
+    with _sessions(data_dir).begin() as session:
+        for org in session.scalars(select(Organization).order_by(Organization.created_at)):
+            state = " (deleted)" if org.deleted_at else ""
+            typer.echo(f"{org.id}\t{org.plan}\t{org.name}{state}")
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Option()] = "CLI key",
+                org: Annotated[Optional[str], typer.Option(help="Organisation id (default: the first).")] = None,
+                permissions: Annotated[str, typer.Option(help="Comma-separated: inference,training,models,admin")] = "inference,training,models,admin",
+                rate_limit: Annotated[Optional[int], typer.Option(help="Requests per minute for this key.")] = None,
+                data_dir: DataDir = None) -> None:
+    """Create an API key; the key is printed once and never stored."""
+    from bastion.db.tables import Organization
+    from bastion.tenancy.keys import ALL_PERMISSIONS, create_key, default_org
+
+    perms = [p.strip() for p in permissions.split(",") if p.strip()]
+    unknown = [p for p in perms if p not in ALL_PERMISSIONS]
+    if unknown or not perms:
+        raise typer.BadParameter(f"unknown permissions {unknown}; choose from {', '.join(ALL_PERMISSIONS)}")
+    if rate_limit is not None and not 1 <= rate_limit <= 1_000_000:
+        raise typer.BadParameter("rate limit must be between 1 and 1000000 requests per minute")
+    with _sessions(data_dir).begin() as session:
+        target = session.get(Organization, org) if org else default_org(session)
+        if target is None or target.deleted_at is not None:
+            raise typer.BadParameter(f"no organization {org!r}")
+        _, raw = create_key(session, target.id, name, permissions=perms, rate_limit=rate_limit)
     typer.echo(raw)
+
+
+@keys_app.command("list")
+def keys_list(org: Annotated[Optional[str], typer.Option()] = None, data_dir: DataDir = None) -> None:
+    """Keys by prefix only (the full key is never stored)."""
+    from sqlalchemy import select
+
+    from bastion.db.tables import ApiKey
+
+    with _sessions(data_dir).begin() as session:
+        query = select(ApiKey).order_by(ApiKey.created_at)
+        if org:
+            query = query.where(ApiKey.org_id == org)
+        for k in session.scalars(query):
+            state = "revoked" if k.revoked_at else "active"
+            typer.echo(f"{k.id}\t{k.org_id}\t{k.prefix}…\t{','.join(k.permissions)}\t"
+                       f"{k.rate_limit or '-'}\t{state}\t{k.name}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
+    """Revoke a key; every replica refuses it from its next request on."""
+    from bastion.db.tables import ApiKey
+    from bastion.tenancy.keys import revoke_key
+
+    with _sessions(data_dir).begin() as session:
+        row = session.get(ApiKey, key_id)
+        if row is None:
+            raise typer.BadParameter(f"no API key {key_id!r}")
+        revoke_key(session, row.org_id, key_id)
+    typer.echo(f"revoked {key_id}")
 
 
 if __name__ == "__main__":

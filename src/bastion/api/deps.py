@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Callable
 
 from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from bastion.catalog.registry import Catalog
@@ -36,16 +37,14 @@ async def current_principal(request: Request) -> Principal:
         raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
     factory = request.app.state.sessions
 
-    def lookup() -> Principal | None:
+    if not token.isascii() or not token.isprintable():
+        raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
+
+    def lookup() -> Principal:
         with factory() as session:
             return verify(session, token)
 
-    principal = await run_in_threadpool(lookup)
-    if principal is None:
-        raise AuthenticationError("Incorrect API key provided. You can find your API keys in "
-                                  "the dashboard or create one with `bastion keys create`.",
-                                  code="invalid_api_key")
-    return principal
+    return await run_in_threadpool(lookup)
 
 
 CurrentKey = Annotated[Principal, Depends(current_principal)]
@@ -66,3 +65,11 @@ def require(permission: str) -> Callable[[Principal], Principal]:
 
 
 InferenceKey = Annotated[Principal, Depends(require("inference"))]
+AdminKey = Annotated[Principal, Depends(require("admin"))]
+
+
+def get_sessions(request: Request) -> sessionmaker[Session]:
+    return request.app.state.sessions
+
+
+SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]

@@ -11,11 +11,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bastion.db.tables import ApiKey, Organization, utcnow
+from bastion.errors import AuthenticationError, NotFoundError
 from bastion.ids import new_id
+from bastion.tenancy.plans import PLANS, Limits, effective_limits
 
 KEY_PREFIX = "sk-bst-"
 VISIBLE_CHARS = 12
 ALL_PERMISSIONS = ("inference", "training", "models", "admin")
+LAST_USED_RESOLUTION_S = 60
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,13 @@ class Principal:
     permissions: frozenset[str] = field(default_factory=frozenset)
     is_server_admin: bool = False
     rate_limit: int | None = None
+    limits: Limits = PLANS["dedicated"]
 
     def can(self, permission: str) -> bool:
         return self.is_server_admin or "admin" in self.permissions or permission in self.permissions
+
+    def sees_org(self, org_id: str) -> bool:
+        return self.is_server_admin or org_id == self.org_id
 
 
 def hash_key(raw: str) -> str:
@@ -45,13 +52,45 @@ def mask(raw: str) -> str:
     return raw[:VISIBLE_CHARS] + "…" if len(raw) > VISIBLE_CHARS else "…"
 
 
-def verify(session: Session, raw: str) -> Principal | None:
+def verify(session: Session, raw: str) -> Principal:
+    """The caller behind a raw key, or an AuthenticationError saying precisely why not."""
     digest = hash_key(raw)
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
-    if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, digest):
-        return None
+    found = session.execute(select(ApiKey, Organization).join(Organization)
+                            .where(ApiKey.key_hash == digest)).first()
+    if found is None or not hmac.compare_digest(found[0].key_hash, digest):
+        raise AuthenticationError("Incorrect API key provided. You can find your API keys in the "
+                                  "dashboard or create one with `bastion keys create`.",
+                                  code="invalid_api_key")
+    row, org = found
+    if row.revoked_at is not None:
+        raise AuthenticationError("This API key has been revoked.", code="api_key_revoked")
+    if org.deleted_at is not None:
+        raise AuthenticationError("This API key's organization has been deleted.",
+                                  code="organization_deleted")
+    now = utcnow()
+    last = row.last_used_at
+    if last is None or (now - (last if last.tzinfo else last.replace(tzinfo=now.tzinfo))
+                        ).total_seconds() > LAST_USED_RESOLUTION_S:
+        row.last_used_at = now  # written at most once a minute per key
+        session.commit()
     return Principal(key_id=row.id, org_id=row.org_id, permissions=frozenset(row.permissions),
-                     is_server_admin=row.is_server_admin, rate_limit=row.rate_limit)
+                     is_server_admin=row.is_server_admin, rate_limit=row.rate_limit,
+                     limits=effective_limits(org.plan, org.limits_override))
+
+
+def list_keys(session: Session, org_id: str) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.org_id == org_id)
+                                .order_by(ApiKey.created_at)))
+
+
+def revoke_key(session: Session, org_id: str, key_id: str) -> ApiKey:
+    """Revocation is a row update, so every replica refuses the key on its next request."""
+    row = session.get(ApiKey, key_id)
+    if row is None or row.org_id != org_id:
+        raise NotFoundError(f"No API key '{key_id}' in this organization.", param="key_id")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
 
 
 def default_org(session: Session) -> Organization:

@@ -1,0 +1,52 @@
+"""Organisations on the wire (the Achiral document's account API)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bastion.protocol.common import StrictModel
+
+PlanName = Literal["spark", "seed", "scale", "dedicated"]
+Limit = int | None  # None: unlimited
+
+
+class LimitsOverride(BaseModel):
+    """Overrides of a plan's limits; an explicit null means unlimited."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    concurrent_requests: Limit = Field(None, ge=1, le=100_000)
+    tokens_per_request: Limit = Field(None, ge=1, le=10_000_000)
+    tokens_per_hour: Limit = Field(None, ge=1, le=10**12)
+
+
+class OrganizationCreate(StrictModel):
+    name: str = Field(min_length=1, max_length=256)
+    plan: PlanName = "spark"
+
+
+class OrganizationUpdate(StrictModel):
+    name: str | None = Field(None, min_length=1, max_length=256)
+    plan: PlanName | None = None
+    limits: LimitsOverride | None = None
+
+
+class LimitsView(BaseModel):
+    concurrent_requests: Limit
+    tokens_per_request: Limit
+    tokens_per_hour: Limit
+
+
+class OrganizationView(BaseModel):
+    id: str
+    object: Literal["organization"] = "organization"
+    name: str
+    plan: PlanName
+    limits: LimitsView
+    created_at: int
+
+
+class OrganizationList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OrganizationView]

@@ -1,0 +1,33 @@
+"""Plans of the spec's table and per-organisation overrides; None means unlimited."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Limits:
+    concurrent_requests: int | None
+    tokens_per_request: int | None
+    tokens_per_hour: int | None
+
+
+PLANS: dict[str, Limits] = {
+    "spark": Limits(concurrent_requests=5, tokens_per_request=2048, tokens_per_hour=10_000),
+    "seed": Limits(concurrent_requests=20, tokens_per_request=4096, tokens_per_hour=100_000),
+    "scale": Limits(concurrent_requests=100, tokens_per_request=8192, tokens_per_hour=None),
+    "dedicated": Limits(concurrent_requests=None, tokens_per_request=16384, tokens_per_hour=None),
+}
+PLAN_ORDER = ["spark", "seed", "scale", "dedicated"]
+LIMIT_FIELDS = ("concurrent_requests", "tokens_per_request", "tokens_per_hour")
+
+
+def effective_limits(plan: str, overrides: dict[str, Any] | None) -> Limits:
+    """The plan's limits with the organisation's overrides applied on top."""
+    base = PLANS.get(plan, PLANS["spark"])
+    return replace(base, **{k: v for k, v in (overrides or {}).items() if k in LIMIT_FIELDS})
+
+
+def is_upgrade(old: str, new: str) -> bool:
+    return PLAN_ORDER.index(new) > PLAN_ORDER.index(old)

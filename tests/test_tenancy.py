@@ -1,0 +1,215 @@
+"""Organisations and API keys: the server admin, organisation admins, permissions, isolation."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import httpx
+import openai
+import pytest
+
+from conftest import ADMIN_KEY, MODEL, RunningServer
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def tenants(server: RunningServer) -> dict:
+    """Two organisations, each with an admin key, plus narrower keys in the second."""
+    api = server.api
+    admin = bearer(ADMIN_KEY)
+    out: dict = {}
+    for name in ("alpha", "beta"):
+        org = httpx.post(f"{api}/organizations", headers=admin,
+                         json={"name": name, "plan": "seed"}).json()
+        key = httpx.post(f"{api}/organizations/{org['id']}/api-keys", headers=admin,
+                         json={"name": f"{name} admin", "permissions": ["admin"]}).json()
+        out[name] = {"org": org, "admin": key["key"], "admin_id": key["id"]}
+    beta = out["beta"]["org"]["id"]
+    for perm in ("inference", "training"):
+        k = httpx.post(f"{api}/organizations/{beta}/api-keys", headers=bearer(out["beta"]["admin"]),
+                       json={"name": perm, "permissions": [perm], "rate_limit": 1000}).json()
+        out["beta"][perm] = k["key"]
+        out["beta"][perm + "_id"] = k["id"]
+    return out
+
+
+def test_created_key_is_shown_once(server: RunningServer, tenants: dict) -> None:
+    org = tenants["alpha"]["org"]
+    assert org["object"] == "organization" and org["plan"] == "seed"
+    assert org["limits"] == {"concurrent_requests": 20, "tokens_per_request": 4096,
+                             "tokens_per_hour": 100000}
+    r = httpx.post(f"{server.api}/organizations/{org['id']}/api-keys",
+                   headers=bearer(tenants["alpha"]["admin"]),
+                   json={"name": "Production Key", "permissions": ["inference", "training"],
+                         "rate_limit": 1000})
+    assert r.status_code == 200
+    created = r.json()
+    assert created["key"].startswith("sk-bst-") and created["key"].startswith(created["prefix"])
+    assert created["permissions"] == ["inference", "training"] and created["rate_limit"] == 1000
+    listed = httpx.get(f"{server.api}/organizations/{org['id']}/api-keys",
+                       headers=bearer(tenants["alpha"]["admin"])).json()["data"]
+    assert created["id"] in [k["id"] for k in listed]
+    assert all("key" not in k for k in listed)
+    assert created["key"] not in httpx.get(f"{server.api}/organizations/{org['id']}/api-keys",
+                                           headers=bearer(tenants["alpha"]["admin"])).text
+    works = openai.OpenAI(base_url=server.api, api_key=created["key"], max_retries=0)
+    assert works.chat.completions.create(model=MODEL, messages=HI, max_tokens=1).choices
+
+
+def test_organisations_are_isolated(server: RunningServer, tenants: dict) -> None:
+    a, b = tenants["alpha"], tenants["beta"]
+    as_beta = bearer(b["admin"])
+    listed = httpx.get(f"{server.api}/organizations", headers=as_beta).json()["data"]
+    assert [o["id"] for o in listed] == [b["org"]["id"]]
+    other = a["org"]["id"]
+    for method, path in [("GET", f"/organizations/{other}"),
+                         ("PATCH", f"/organizations/{other}"),
+                         ("GET", f"/organizations/{other}/api-keys"),
+                         ("POST", f"/organizations/{other}/api-keys"),
+                         ("DELETE", f"/organizations/{other}/api-keys/{a['admin_id']}")]:
+        body = {"name": "x", "permissions": ["inference"]} if method == "POST" else {}
+        r = httpx.request(method, server.api + path, headers=as_beta, json=body)
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    # a key id of another organisation does not exist either
+    r = httpx.delete(f"{server.api}/organizations/{b['org']['id']}/api-keys/{a['admin_id']}",
+                     headers=as_beta)
+    assert r.status_code == 404
+    assert httpx.get(f"{server.api}/organizations", headers=bearer(ADMIN_KEY)).json()["data"]
+
+
+def test_server_admin_powers(server: RunningServer, tenants: dict) -> None:
+    b = tenants["beta"]
+    org = b["org"]["id"]
+    r = httpx.post(f"{server.api}/organizations", headers=bearer(b["admin"]),
+                   json={"name": "mine", "plan": "dedicated"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "authorization_error"
+    r = httpx.patch(f"{server.api}/organizations/{org}", headers=bearer(b["admin"]),
+                    json={"plan": "scale"})
+    assert r.status_code == 403
+    assert r.json()["error"]["message"] == ("Only the server administrator can raise an "
+                                            "organization's plan (from 'seed' to 'scale').")
+    r = httpx.patch(f"{server.api}/organizations/{org}", headers=bearer(b["admin"]),
+                    json={"limits": {"tokens_per_hour": 10**9}})
+    assert r.status_code == 403
+    r = httpx.patch(f"{server.api}/organizations/{org}", headers=bearer(ADMIN_KEY),
+                    json={"plan": "scale", "limits": {"concurrent_requests": 7}})
+    assert r.status_code == 200
+    assert r.json()["plan"] == "scale"
+    assert r.json()["limits"] == {"concurrent_requests": 7, "tokens_per_request": 8192,
+                                  "tokens_per_hour": None}
+    r = httpx.patch(f"{server.api}/organizations/{org}", headers=bearer(b["admin"]),
+                    json={"plan": "seed", "name": "beta renamed"})
+    assert r.status_code == 200 and r.json()["plan"] == "seed" and r.json()["name"] == "beta renamed"
+
+
+def test_permissions_are_enforced(server: RunningServer, tenants: dict) -> None:
+    b = tenants["beta"]
+    training = openai.OpenAI(base_url=server.api, api_key=b["training"], max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        training.chat.completions.create(model=MODEL, messages=HI, max_tokens=1)
+    assert exc.value.body == {"message": "This API key lacks the 'inference' permission needed "
+                                         "for this endpoint.", "type": "authorization_error",
+                              "code": "insufficient_permissions", "param": None}
+    with pytest.raises(openai.PermissionDeniedError):
+        training.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    inference = openai.OpenAI(base_url=server.api, api_key=b["inference"], max_retries=0)
+    assert inference.completions.create(model=MODEL, prompt="x", max_tokens=1).choices
+    assert [m.id for m in inference.models.list().data] == [MODEL]
+    r = httpx.get(f"{server.api}/organizations/{b['org']['id']}/api-keys",
+                  headers=bearer(b["inference"]))
+    assert r.status_code == 403 and "'admin'" in r.json()["error"]["message"]
+
+
+def test_revocation_is_immediate(server: RunningServer, tenants: dict) -> None:
+    a = tenants["alpha"]
+    org = a["org"]["id"]
+    key = httpx.post(f"{server.api}/organizations/{org}/api-keys", headers=bearer(a["admin"]),
+                     json={"name": "short-lived", "permissions": ["inference"]}).json()
+    client = openai.OpenAI(base_url=server.api, api_key=key["key"], max_retries=0)
+    assert client.models.list().data
+    r = httpx.delete(f"{server.api}/organizations/{org}/api-keys/{key['id']}",
+                     headers=bearer(a["admin"]))
+    assert r.status_code == 200 and r.json()["revoked_at"] is not None
+    with pytest.raises(openai.AuthenticationError) as exc:
+        client.models.list()
+    assert exc.value.body["code"] == "api_key_revoked"
+
+
+def test_deleted_organisation_keys_stop_working(server: RunningServer) -> None:
+    admin = bearer(ADMIN_KEY)
+    org = httpx.post(f"{server.api}/organizations", headers=admin,
+                     json={"name": "doomed", "plan": "spark"}).json()
+    key = httpx.post(f"{server.api}/organizations/{org['id']}/api-keys", headers=admin,
+                     json={"name": "k", "permissions": ["inference"]}).json()["key"]
+    assert httpx.get(f"{server.api}/models", headers=bearer(key)).status_code == 200
+    assert httpx.delete(f"{server.api}/organizations/{org['id']}", headers=admin).status_code == 200
+    r = httpx.get(f"{server.api}/models", headers=bearer(key))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "organization_deleted"
+    assert httpx.get(f"{server.api}/organizations/{org['id']}", headers=admin).status_code == 404
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"name": "x", "permissions": ["root"]}, "permissions[0]"),
+    ({"name": "x", "permissions": []}, "permissions"),
+    ({"name": "x", "permissions": ["inference"], "rate_limit": -5}, "rate_limit"),
+    ({"name": "x", "permissions": ["inference"], "rate_limit": 10**12}, "rate_limit"),
+    ({"name": "", "permissions": ["inference"]}, "name"),
+    ({"permissions": ["inference"]}, "name"),
+])
+def test_bad_key_requests(server: RunningServer, tenants: dict, body: dict, param: str) -> None:
+    org = tenants["alpha"]["org"]["id"]
+    r = httpx.post(f"{server.api}/organizations/{org}/api-keys",
+                   headers=bearer(tenants["alpha"]["admin"]), json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_bad_plan_is_400(server: RunningServer) -> None:
+    r = httpx.post(f"{server.api}/organizations", headers=bearer(ADMIN_KEY),
+                   json={"name": "x", "plan": "platinum"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "plan"
+
+
+@pytest.mark.parametrize("key", ["' OR '1'='1", "sk-bst-" + "a" * 10_000, "sk-bst-\u00e9t\u00e9",
+                                 "sk-bst-x\x7f", ADMIN_KEY[:-1], ADMIN_KEY.upper()])
+def test_malformed_keys(server: RunningServer, key: str) -> None:
+    r = httpx.get(f"{server.api}/models", headers={"Authorization": f"Bearer {key}".encode()})
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_nul_byte_key(server: RunningServer) -> None:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-bst-\x00abc\r\n"
+                  b"Connection: close\r\n\r\n")
+        reply = s.recv(65536).decode(errors="replace")
+    status = int(reply.split()[1])
+    assert status in (400, 401), reply  # refused by the HTTP parser or by authentication
+
+
+def test_every_route_requires_a_key(server: RunningServer) -> None:
+    """Walk the whole route table: only /health answers without a key."""
+    from bastion.app import create_app
+
+    app = create_app()
+    allow = {"/health"}
+    seen = 0
+    for included in app.routes:
+        for route in getattr(included, "original_router", included).routes:
+            path = re.sub(r"\{[^}]+\}", "x", route.path)
+            for method in route.methods:
+                r = httpx.request(method, server.base_url + path, json={})
+                if route.path in allow:
+                    assert r.status_code == 200
+                    continue
+                seen += 1
+                assert r.status_code == 401, (method, route.path, r.status_code)
+                assert r.json()["error"]["code"] == "missing_api_key"
+    assert seen >= 12
