@@ -18,6 +18,7 @@ from bastion.db.session import make_engine, migrate, session_factory
 from bastion.engines.base import EngineError
 from bastion.errors import error_response, install_error_handlers
 from bastion.lifecycle import Gatekeeper, Lifecycle
+from bastion.ratelimit.limiter import Limiter
 from bastion.serving.common import as_api_error
 from bastion.tenancy.keys import bootstrap
 
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if generated:
             print(f"\n  Bastion created an admin API key. It is shown only this once:\n\n"
                   f"      {generated}\n", flush=True)
+        app.state.limiter = Limiter(token_window_s=settings.token_window_seconds)
         app.state.catalog = await run_in_threadpool(load_catalog, settings)
         log.info("serving %s", ", ".join(d.id for d in app.state.catalog.all()) or "no models")
         try:

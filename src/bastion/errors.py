@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -60,6 +61,24 @@ class AuthorizationError(APIError):
     status = 403
     type = "authorization_error"
     code = "insufficient_permissions"
+
+
+class RateLimitError(APIError):
+    """429 with the spec's retry_after in the body and a Retry-After header."""
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, code: str, retry_after: float,
+                 headers: dict[str, str] | None = None) -> None:
+        self.retry_after = max(1, math.ceil(retry_after))
+        super().__init__(message, code=code,
+                         headers={**(headers or {}), "Retry-After": str(self.retry_after)})
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["retry_after"] = self.retry_after
+        return body
 
 
 class ModelError(APIError):

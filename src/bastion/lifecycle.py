@@ -98,10 +98,24 @@ class Gatekeeper:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
+        state = scope.setdefault("state", {})
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start" and "principal" in state:
+                limiter = scope["app"].state.limiter
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k.lower().encode(), v.encode())
+                         for k, v in limiter.headers(state["principal"]).items()
+                         if k.lower().encode() not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
         self.lifecycle.enter()
         try:
-            await self.app(scope, replay, send)
+            await self.app(scope, replay, send_with_limits)
         finally:
+            for ticket in state.get("tickets", []):
+                ticket.settle()  # a no-op when the route already settled it
             self.lifecycle.leave()
 
     def _too_large(self, size: int) -> PayloadTooLargeError:

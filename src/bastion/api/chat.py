@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from bastion.api.deps import CatalogDep, InferenceKey, SettingsDep
+from bastion.api.deps import CatalogDep, InferenceKey, LimiterDep, SettingsDep, admit
 from bastion.protocol.chat import ChatCompletion, ChatCompletionRequest
 from bastion.serving.chat import complete_chat, prepare_chat, stream_chat
 from bastion.serving.common import sse, unless_disconnected
@@ -15,9 +15,10 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(body: ChatCompletionRequest, key: InferenceKey,
-                                 catalog: CatalogDep, settings: SettingsDep,
+                                 catalog: CatalogDep, settings: SettingsDep, limiter: LimiterDep,
                                  request: Request) -> ChatCompletion | StreamingResponse:
-    prep = await prepare_chat(body, catalog.resolve(body.model), settings)
+    prep = await prepare_chat(body, catalog.resolve(body.model), settings, key, limiter)
+    ticket = admit(request, key, prep.estimate)
     if body.stream:
-        return StreamingResponse(sse(stream_chat(prep)), media_type="text/event-stream")
-    return await unless_disconnected(request, complete_chat(prep))
+        return StreamingResponse(sse(stream_chat(prep, ticket)), media_type="text/event-stream")
+    return await unless_disconnected(request, complete_chat(prep, ticket))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from bastion.api.deps import CatalogDep, InferenceKey, SettingsDep
+from bastion.api.deps import CatalogDep, InferenceKey, LimiterDep, SettingsDep, admit
 from bastion.protocol.completions import Completion, CompletionRequest
 from bastion.serving.common import sse, unless_disconnected
 from bastion.serving.completions import complete, prepare_completion, stream_completion
@@ -15,8 +15,11 @@ router = APIRouter()
 
 @router.post("/v1/completions", response_model=Completion)
 async def create_completion(body: CompletionRequest, key: InferenceKey, catalog: CatalogDep,
-                            settings: SettingsDep, request: Request) -> Completion | StreamingResponse:
-    prep = await prepare_completion(body, catalog.resolve(body.model), settings)
+                            settings: SettingsDep, limiter: LimiterDep,
+                            request: Request) -> Completion | StreamingResponse:
+    prep = await prepare_completion(body, catalog.resolve(body.model), settings, key, limiter)
+    ticket = admit(request, key, prep.estimate)
     if body.stream:
-        return StreamingResponse(sse(stream_completion(prep)), media_type="text/event-stream")
-    return await unless_disconnected(request, complete(prep))
+        return StreamingResponse(sse(stream_completion(prep, ticket)),
+                                 media_type="text/event-stream")
+    return await unless_disconnected(request, complete(prep, ticket))

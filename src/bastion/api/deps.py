@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion.catalog.registry import Catalog
 from bastion.config import Settings
+from bastion.ratelimit.limiter import Limiter, Ticket
 from bastion.errors import AuthenticationError, AuthorizationError
 from bastion.tenancy.keys import Principal, verify
 
@@ -44,7 +45,9 @@ async def current_principal(request: Request) -> Principal:
         with factory() as session:
             return verify(session, token)
 
-    return await run_in_threadpool(lookup)
+    principal = await run_in_threadpool(lookup)
+    request.state.principal = principal  # the rate-limit headers of the response need it
+    return principal
 
 
 CurrentKey = Annotated[Principal, Depends(current_principal)]
@@ -73,3 +76,18 @@ def get_sessions(request: Request) -> sessionmaker[Session]:
 
 
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
+
+
+def get_limiter(request: Request) -> Limiter:
+    return request.app.state.limiter
+
+
+LimiterDep = Annotated[Limiter, Depends(get_limiter)]
+
+
+def admit(request: Request, principal: Principal, estimate: int) -> Ticket:
+    """Admit the request; its ticket is also handed to the Gatekeeper, which settles it if the
+    request ends before the route could (client gone before the stream started)."""
+    ticket = request.app.state.limiter.admit(principal, estimate)
+    request.state.tickets = [*getattr(request.state, "tickets", []), ticket]
+    return ticket

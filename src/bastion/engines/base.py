@@ -65,6 +65,7 @@ class Delta:
     index: int
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    n_tokens: int = 0  # tokens generated since the previous Delta of this choice
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,10 @@ from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
                                    ChatCompletionRequest, ChoiceLogprobs, ImagePart,
                                    TokenLogprobContent, TopLogprob)
 from bastion.protocol.common import Usage
-from bastion.serving.common import (check_n, completion_budget, merge, sampling_params)
+from bastion.ratelimit.limiter import Limiter, Ticket
+from bastion.serving.common import (check_n, completion_budget, merge, metered,
+                                    sampling_params)
+from bastion.tenancy.keys import Principal
 
 
 class PreparedChat:
@@ -30,10 +33,11 @@ class PreparedChat:
         self.request = request
         self.id = new_id("chatcmpl")
         self.created = int(time.time())
+        self.estimate = len(prompt_tokens) + request.n * request.params.max_tokens
 
 
-async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment,
-                       settings: Settings) -> PreparedChat:
+async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, settings: Settings,
+                       principal: Principal, limiter: Limiter) -> PreparedChat:
     engine = deployment.engine
     if not engine.capabilities.chat:
         raise InvalidRequestError(f"The model '{deployment.id}' does not support chat completions.",
@@ -54,6 +58,8 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment,
                                    context=engine.info.context_length,
                                    default=settings.default_max_tokens, param="messages",
                                    what="messages")
+    max_tokens = limiter.max_tokens_for(principal, len(prompt), body.n, body.completion_limit,
+                                        default=max_tokens, param="messages")
     params = sampling_params(body, max_tokens=max_tokens, vocab_size=engine.info.vocab_size,
                              logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
     gen = GenerationRequest(prompt_tokens=prompt, params=params, n=body.n)
@@ -67,19 +73,20 @@ def _logprobs(items: list[TokenLogprob]) -> list[TokenLogprobContent]:
             for lp in items]
 
 
-async def complete_chat(prep: PreparedChat) -> ChatCompletion:
+async def complete_chat(prep: PreparedChat, ticket: Ticket) -> ChatCompletion:
     n = prep.request.n
     texts = [""] * n
     lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
     reasons = ["stop"] * n
-    completion = 0
-    async for _, ev in merge([prep.deployment.engine.generate(prep.request)]):
-        if isinstance(ev, Delta):
-            texts[ev.index] += ev.text
-            lps[ev.index].extend(ev.logprobs)
-        elif isinstance(ev, Finished):
-            reasons[ev.index] = ev.finish_reason
-            completion += ev.completion_tokens
+    async with metered(ticket, len(prep.prompt_tokens)) as meter:
+        async for _, ev in merge([prep.deployment.engine.generate(prep.request)]):
+            meter.count(0, ev)
+            if isinstance(ev, Delta):
+                texts[ev.index] += ev.text
+                lps[ev.index].extend(ev.logprobs)
+            elif isinstance(ev, Finished):
+                reasons[ev.index] = ev.finish_reason
+    completion = ticket.completion_tokens
     want_lp = prep.body.logprobs
     choices = [ChatChoice(index=i, message=AssistantMessage(content=texts[i]),
                           logprobs=ChoiceLogprobs(content=_logprobs(lps[i])) if want_lp else None,
@@ -92,7 +99,7 @@ async def complete_chat(prep: PreparedChat) -> ChatCompletion:
                                       total_tokens=prompt + completion))
 
 
-async def stream_chat(prep: PreparedChat) -> AsyncIterator[dict[str, Any]]:
+async def stream_chat(prep: PreparedChat, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
     body = prep.body
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = {"id": prep.id, "object": "chat.completion.chunk", "created": prep.created,
@@ -107,17 +114,17 @@ async def stream_chat(prep: PreparedChat) -> AsyncIterator[dict[str, Any]]:
     for i in range(prep.request.n):
         yield chunk(i, {"role": "assistant", "content": ""},
                     logprobs={"content": [], "refusal": None} if body.logprobs else None)
-    completion = 0
-    async for _, ev in merge([prep.deployment.engine.generate(prep.request)]):
-        if isinstance(ev, Delta):
-            lp = ({"content": [c.model_dump() for c in _logprobs(ev.logprobs)], "refusal": None}
-                  if body.logprobs else None)
-            yield chunk(ev.index, {"content": ev.text}, logprobs=lp)
-        elif isinstance(ev, Finished):
-            completion += ev.completion_tokens
-            yield chunk(ev.index, {}, finish=ev.finish_reason)
+    async with metered(ticket, len(prep.prompt_tokens)) as meter:
+        async for _, ev in merge([prep.deployment.engine.generate(prep.request)]):
+            meter.count(0, ev)
+            if isinstance(ev, Delta):
+                lp = ({"content": [c.model_dump() for c in _logprobs(ev.logprobs)],
+                       "refusal": None} if body.logprobs else None)
+                yield chunk(ev.index, {"content": ev.text}, logprobs=lp)
+            elif isinstance(ev, Finished):
+                yield chunk(ev.index, {}, finish=ev.finish_reason)
     if include_usage:
-        prompt = len(prep.prompt_tokens)
+        prompt, completion = len(prep.prompt_tokens), ticket.completion_tokens
         yield {**base, "choices": [], "usage": {"prompt_tokens": prompt,
                                                 "completion_tokens": completion,
                                                 "total_tokens": prompt + completion}}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bastion.engines.base import EngineError, Event, SamplingParams
+from bastion.engines.base import Delta, EngineError, Event, Finished, SamplingParams
 from bastion.errors import APIError, InvalidRequestError, ModelError, ServiceUnavailableError
 from bastion.protocol.common import SamplingFields
+from bastion.ratelimit.limiter import Ticket
 
 log = logging.getLogger("bastion.serving")
 T = TypeVar("T")
@@ -154,3 +156,35 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Respo
     if task.cancelled() or not task.done():
         return Response(status_code=499)
     return task.result()
+
+
+class Meter:
+    """Counts a request's real usage into its ticket as events arrive, per choice, so that a
+    request cut off mid-stream is still billed exactly for what it generated."""
+
+    def __init__(self, ticket: Ticket, prompt_tokens: int) -> None:
+        self.ticket = ticket
+        self.ticket.prompt_tokens += prompt_tokens
+        self.counts: dict[tuple[int, int], int] = {}
+
+    def count(self, stream: int, ev: Event) -> None:
+        key = (stream, getattr(ev, "index", 0))
+        if isinstance(ev, Delta):
+            self.counts[key] = self.counts.get(key, 0) + ev.n_tokens
+        elif isinstance(ev, Finished):
+            self.counts[key] = ev.completion_tokens
+        self.ticket.completion_tokens = sum(self.counts.values())
+
+
+@asynccontextmanager
+async def metered(ticket: Ticket, prompt_tokens: int) -> AsyncIterator[Meter]:
+    """Settle the ticket however the block ends: done, failed, cancelled or disconnected."""
+    meter = Meter(ticket, prompt_tokens)
+    try:
+        yield meter
+    except BaseException as exc:
+        ticket.status = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) \
+            else "error"
+        raise
+    finally:
+        ticket.settle()

@@ -16,8 +16,10 @@ from bastion.ids import new_id
 from bastion.protocol.completions import (Completion, CompletionChoice, CompletionLogprobs,
                                           CompletionRequest)
 from bastion.protocol.common import Usage
-from bastion.serving.common import (check_n, check_token_ids, completion_budget, merge,
+from bastion.ratelimit.limiter import Limiter, Ticket
+from bastion.serving.common import (check_n, check_token_ids, completion_budget, merge, metered,
                                     sampling_params)
+from bastion.tenancy.keys import Principal
 
 
 @dataclass
@@ -30,6 +32,11 @@ class PreparedCompletion:
     prompt_pieces: list[list[str]]  # text of each prompt token, for echo with logprobs
     id: str = field(default_factory=lambda: new_id("cmpl"))
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def estimate(self) -> int:
+        """Tokens this request may use at most: what admission reserves."""
+        return sum(len(r.prompt_tokens) + r.n * r.params.max_tokens for r in self.requests)
 
 
 def _tokenize_all(engine: Any, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -53,7 +60,8 @@ def _tokenize_all(engine: Any, body: CompletionRequest) -> tuple[list[list[int]]
 
 
 async def prepare_completion(body: CompletionRequest, deployment: Deployment,
-                             settings: Settings) -> PreparedCompletion:
+                             settings: Settings, principal: Principal,
+                             limiter: Limiter) -> PreparedCompletion:
     engine = deployment.engine
     if not engine.capabilities.completion:
         raise InvalidRequestError(f"The model '{deployment.id}' does not support completions.",
@@ -72,11 +80,13 @@ async def prepare_completion(body: CompletionRequest, deployment: Deployment,
     want_lp = body.logprobs is not None
     requests = []
     for i, tokens in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         max_tokens = completion_budget(prompt_len=len(tokens), requested=body.max_tokens,
                                        context=engine.info.context_length,
-                                       default=settings.default_max_tokens,
-                                       param="prompt" if len(prompts) == 1 else f"prompt[{i}]",
+                                       default=settings.default_max_tokens, param=param,
                                        what="prompt")
+        max_tokens = limiter.max_tokens_for(principal, len(tokens), body.n, body.max_tokens,
+                                            default=max_tokens, param=param)
         params = sampling_params(body, max_tokens=max_tokens, vocab_size=engine.info.vocab_size,
                                  logprobs=want_lp, top_logprobs=body.logprobs or 0,
                                  prompt_logprobs=want_lp and body.echo)
@@ -121,33 +131,34 @@ def _usage(prep: PreparedCompletion, completion: int) -> Usage:
                  total_tokens=prompt + completion)
 
 
-async def complete(prep: PreparedCompletion) -> Completion:
+async def complete(prep: PreparedCompletion, ticket: Ticket) -> Completion:
     n = prep.body.n
     total = n * len(prep.requests)
     texts = [prep.echo_texts[k // n] if prep.body.echo else "" for k in range(total)]
     builders = [_LogprobBuilder() for _ in range(total)]
     reasons = ["stop"] * total
-    completion = 0
-    async for i, ev in _events(prep):
-        if isinstance(ev, PromptLogprobs):
-            for j in range(n):
-                builders[i * n + j].add(ev.tokens, prep.prompt_pieces[i])
-        elif isinstance(ev, Delta):
-            texts[i * n + ev.index] += ev.text
-            builders[i * n + ev.index].add(list(ev.logprobs))
-        elif isinstance(ev, Finished):
-            reasons[i * n + ev.index] = ev.finish_reason
-            completion += ev.completion_tokens
+    async with metered(ticket, sum(len(p) for p in prep.prompts)) as meter:
+        async for i, ev in _events(prep):
+            meter.count(i, ev)
+            if isinstance(ev, PromptLogprobs):
+                for j in range(n):
+                    builders[i * n + j].add(ev.tokens, prep.prompt_pieces[i])
+            elif isinstance(ev, Delta):
+                texts[i * n + ev.index] += ev.text
+                builders[i * n + ev.index].add(list(ev.logprobs))
+            elif isinstance(ev, Finished):
+                reasons[i * n + ev.index] = ev.finish_reason
     want_lp = prep.body.logprobs is not None
     choices = [CompletionChoice(index=k, text=texts[k],
                                 logprobs=builders[k].lp if want_lp else None,
                                 finish_reason=reasons[k])  # type: ignore[arg-type]
                for k in range(total)]
     return Completion(id=prep.id, created=prep.created, model=prep.deployment.id, choices=choices,
-                      usage=_usage(prep, completion))
+                      usage=_usage(prep, ticket.completion_tokens))
 
 
-async def stream_completion(prep: PreparedCompletion) -> AsyncIterator[dict[str, Any]]:
+async def stream_completion(prep: PreparedCompletion,
+                            ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
     body = prep.body
     n = body.n
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -165,17 +176,18 @@ async def stream_completion(prep: PreparedCompletion) -> AsyncIterator[dict[str,
         for k in range(n * len(prep.requests)):
             yield chunk(k, prep.echo_texts[k // n], None, None)
     builders = [_LogprobBuilder() for _ in range(n * len(prep.requests))]
-    completion = 0
-    async for i, ev in _events(prep):
-        if isinstance(ev, PromptLogprobs):
-            for j in range(n):
-                part = builders[i * n + j].add(ev.tokens, prep.prompt_pieces[i])
-                yield chunk(i * n + j, prep.echo_texts[i], part, None)
-        elif isinstance(ev, Delta):
-            k = i * n + ev.index
-            yield chunk(k, ev.text, builders[k].add(list(ev.logprobs)) if want_lp else None, None)
-        elif isinstance(ev, Finished):
-            completion += ev.completion_tokens
-            yield chunk(i * n + ev.index, "", None, ev.finish_reason)
+    async with metered(ticket, sum(len(p) for p in prep.prompts)) as meter:
+        async for i, ev in _events(prep):
+            meter.count(i, ev)
+            if isinstance(ev, PromptLogprobs):
+                for j in range(n):
+                    part = builders[i * n + j].add(ev.tokens, prep.prompt_pieces[i])
+                    yield chunk(i * n + j, prep.echo_texts[i], part, None)
+            elif isinstance(ev, Delta):
+                k = i * n + ev.index
+                lp = builders[k].add(list(ev.logprobs)) if want_lp else None
+                yield chunk(k, ev.text, lp, None)
+            elif isinstance(ev, Finished):
+                yield chunk(i * n + ev.index, "", None, ev.finish_reason)
     if include_usage:
-        yield {**base, "choices": [], "usage": _usage(prep, completion).model_dump()}
+        yield {**base, "choices": [], "usage": _usage(prep, ticket.completion_tokens).model_dump()}

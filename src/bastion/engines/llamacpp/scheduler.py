@@ -39,6 +39,7 @@ class _Seq:
     n_past: int = 0
     last_token: int = -1
     generated: int = 0
+    reported: int = 0
     decoding: bool = False
     finished: bool = False
     pending_lp: list[TokenLogprob] = field(default_factory=list)
@@ -271,8 +272,10 @@ class Scheduler:
 
     def _emit(self, seq: _Seq, text: str, events: list[Event]) -> None:
         if text or seq.pending_lp:
-            events.append(Delta(index=seq.index, text=text, logprobs=seq.pending_lp))
+            events.append(Delta(index=seq.index, text=text, logprobs=seq.pending_lp,
+                                n_tokens=seq.generated - seq.reported))
             seq.pending_lp = []
+            seq.reported = seq.generated
 
     def _end_seq(self, seq: _Seq, reason: str, events: list[Event], flush: bool = True) -> None:
         if flush:

@@ -1,0 +1,1 @@
+"""Admission: concurrency slots, tokens per request and per hour, requests per minute."""

@@ -1,0 +1,155 @@
+"""Plans and limits through the real server: concurrency, tokens per request and per hour,
+requests per minute, headers, and slots released on every exit path."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import ADMIN_KEY, MODEL, start_server, stop_server
+
+HI = [{"role": "user", "content": "Hi"}]
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def new_tenant(api: str, plan: str, limits: dict | None = None, rate_limit: int | None = None,
+               permissions: tuple[str, ...] = ("inference",)) -> str:
+    org = httpx.post(f"{api}/organizations", headers=ADMIN, json={"name": plan, "plan": plan}).json()
+    if limits:
+        r = httpx.patch(f"{api}/organizations/{org['id']}", headers=ADMIN, json={"limits": limits})
+        assert r.status_code == 200, r.text
+    body = {"name": "k", "permissions": list(permissions), "rate_limit": rate_limit}
+    return httpx.post(f"{api}/organizations/{org['id']}/api-keys", headers=ADMIN,
+                      json=body).json()["key"]
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    """A server whose tokens-per-hour window is 6 s, so that its restoration can be seen."""
+    srv = start_server(tmp_path_factory.mktemp("limits"), "--parallel", "8",
+                       env={"BASTION_TOKEN_WINDOW_SECONDS": "6"})
+    yield srv
+    stop_server(srv)
+
+
+def test_burst_of_200_admits_exactly_5(limited) -> None:
+    key = new_tenant(limited.api, "spark")
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 120, "stream": True}
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, dict | None, dict]:
+        async with client.stream("POST", "/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return r.status_code, r.json(), dict(r.headers)
+            async for _ in r.aiter_lines():
+                pass
+            return 200, None, dict(r.headers)
+
+    async def burst() -> list:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=limited.api, timeout=120, limits=limits,
+                                     headers={"Authorization": f"Bearer {key}"}) as c:
+            return await asyncio.gather(*(one(c) for _ in range(200)))
+
+    results = asyncio.run(burst())
+    ok = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    assert len(ok) == 5 and len(refused) == 195
+    status, err, headers = refused[0]
+    assert err["error"]["type"] == "rate_limit_error"
+    assert err["error"]["code"] == "concurrency_limit_exceeded"
+    assert err["error"]["message"] == ("Rate limit reached for concurrent requests: your "
+                                       "organization already has 5 of 5 requests running.")
+    assert err["error"]["retry_after"] == 1 and headers["retry-after"] == "1"
+    # every slot came back: the next five run again
+    client = openai.OpenAI(base_url=limited.api, api_key=key, max_retries=0)
+    for _ in range(5):
+        assert client.completions.create(model=MODEL, prompt="x", max_tokens=1).choices
+
+
+def test_tokens_per_request_is_checked_and_defaults(limited) -> None:
+    key = new_tenant(limited.api, "spark")
+    client = openai.OpenAI(base_url=limited.api, api_key=key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=3000)
+    err = exc.value.body
+    assert err["code"] == "tokens_per_request_exceeded" and err["param"] == "max_tokens"
+    assert err["message"] == ("This request needs 3010 tokens (10 in the prompt + 1 x 3000 "
+                              "max_tokens), more than the 2048 tokens per request your plan "
+                              "allows. Lower max_tokens to at most 2038.")
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1000, n=3)
+    assert "3 x 1000" in exc.value.body["message"]
+
+
+def test_tokens_per_hour_exhausted_then_restored(limited) -> None:
+    key = new_tenant(limited.api, "spark", limits={"tokens_per_hour": 120})
+    client = openai.OpenAI(base_url=limited.api, api_key=key, max_retries=0)
+    first = client.completions.with_raw_response.create(model=MODEL, prompt="Once upon a time",
+                                                        max_tokens=20, temperature=0)
+    used = first.parse().usage.total_tokens
+    # the reservation was settled to the real usage
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) == 120 - used
+    assert first.headers["x-ratelimit-limit-tokens"] == "120"
+    spent = used
+    with pytest.raises(openai.RateLimitError) as exc:
+        for _ in range(10):
+            r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20)
+            spent += r.usage.total_tokens
+    err = exc.value.body
+    assert err["code"] == "tokens_per_hour_exceeded"
+    assert f"{120 - spent} of your organization's 120 tokens per hour remain" in err["message"]
+    assert 1 <= err["retry_after"] <= 6
+    assert exc.value.response.headers["retry-after"] == str(err["retry_after"])
+    time.sleep(err["retry_after"] + 0.5)
+    assert client.completions.create(model=MODEL, prompt="Once", max_tokens=5).choices
+
+
+def test_requests_per_minute_and_headers(limited) -> None:
+    key = new_tenant(limited.api, "seed", rate_limit=3)
+    client = openai.OpenAI(base_url=limited.api, api_key=key, max_retries=0)
+    remaining = []
+    for _ in range(3):
+        r = client.models.with_raw_response.list()
+        c = client.completions.with_raw_response.create(model=MODEL, prompt="x", max_tokens=1)
+        remaining.append(int(c.headers["x-ratelimit-remaining-requests"]))
+        assert c.headers["x-ratelimit-limit-requests"] == "3"
+        assert r.headers["X-RateLimit-Limit"] and r.headers["X-RateLimit-Reset"].isdigit()
+    assert remaining == [2, 1, 0]
+    with pytest.raises(openai.RateLimitError) as exc:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert exc.value.body["code"] == "requests_per_minute_exceeded"
+    assert exc.value.body["message"] == ("Rate limit reached for requests per minute on this "
+                                         "API key: 3 per minute.")
+    assert 1 <= exc.value.body["retry_after"] <= 60
+    assert exc.value.response.headers["X-RateLimit-Remaining"] == "0"
+
+
+def test_disconnect_and_errors_release_slots(limited) -> None:
+    key = new_tenant(limited.api, "spark", limits={"concurrent_requests": 1})
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 500, "stream": True}
+    for _ in range(3):  # the stream's client goes away after two chunks, three times over
+        with httpx.stream("POST", limited.api + "/completions", json=body, headers=auth,
+                          timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            next(lines), next(lines)
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            r = httpx.post(limited.api + "/completions", headers=auth,
+                           json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+            if r.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 200
+    # a request refused after validation, and one whose model is unknown, hold nothing
+    for bad in ({"model": MODEL, "prompt": [1, -1]}, {"model": "nope", "prompt": "x"}):
+        assert httpx.post(limited.api + "/completions", headers=auth, json=bad).status_code in (400, 404)
+    r = httpx.post(limited.api + "/completions", headers=auth,
+                   json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert r.status_code == 200
