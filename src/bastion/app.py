@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
-from bastion.api import chat, completions, health, keys, models, organizations
+from bastion.api import chat, completions, health, keys, models, organizations, usage
 from bastion.catalog.registry import load_catalog
 from bastion.config import Settings
 from bastion.db.session import make_engine, migrate, session_factory
@@ -19,6 +19,7 @@ from bastion.engines.base import EngineError
 from bastion.errors import error_response, install_error_handlers
 from bastion.lifecycle import Gatekeeper, Lifecycle
 from bastion.ratelimit.limiter import Limiter
+from bastion.usage.ledger import Ledger
 from bastion.serving.common import as_api_error
 from bastion.tenancy.keys import bootstrap
 
@@ -39,12 +40,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             print(f"\n  Bastion created an admin API key. It is shown only this once:\n\n"
                   f"      {generated}\n", flush=True)
         app.state.limiter = Limiter(token_window_s=settings.token_window_seconds)
+        app.state.ledger = Ledger(db)
         app.state.catalog = await run_in_threadpool(load_catalog, settings)
         log.info("serving %s", ", ".join(d.id for d in app.state.catalog.all()) or "no models")
         try:
             yield
         finally:
             await run_in_threadpool(app.state.catalog.close)  # joins engine threads
+            await run_in_threadpool(app.state.ledger.close)  # writes what is still queued
             db.dispose()
 
     # No unauthenticated docs: every route but /health needs a key.
@@ -58,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    for module in (chat, completions, models, organizations, keys, health):
+    for module in (chat, completions, models, organizations, keys, usage, health):
         app.include_router(module.router)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes)
     return app

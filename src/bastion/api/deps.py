@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
 from typing import Annotated, Callable
 
 from fastapi import Depends, Request
@@ -11,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from bastion.catalog.registry import Catalog
 from bastion.config import Settings
 from bastion.ratelimit.limiter import Limiter, Ticket
+from bastion.usage.ledger import UsageRow
 from bastion.errors import AuthenticationError, AuthorizationError
 from bastion.tenancy.keys import Principal, verify
 
@@ -85,9 +88,24 @@ def get_limiter(request: Request) -> Limiter:
 LimiterDep = Annotated[Limiter, Depends(get_limiter)]
 
 
-def admit(request: Request, principal: Principal, estimate: int) -> Ticket:
-    """Admit the request; its ticket is also handed to the Gatekeeper, which settles it if the
-    request ends before the route could (client gone before the stream started)."""
+def admit(request: Request, principal: Principal, estimate: int, *, model: str,
+          response_id: str) -> Ticket:
+    """Admit the request and bill it to the ledger when it settles. The ticket also goes to
+    the Gatekeeper, which settles it if the request ends before the route could (client gone
+    before the stream started). A retry with the same Idempotency-Key is billed once."""
     ticket = request.app.state.limiter.admit(principal, estimate)
+    request_id = request.headers.get("idempotency-key", "")[:128] or response_id
+    ledger = request.app.state.ledger
+    endpoint = request.url.path
+
+    def bill(t: Ticket) -> None:
+        ledger.record(UsageRow(
+            request_id=request_id, org_id=principal.org_id, key_id=principal.key_id,
+            model=model, endpoint=endpoint, prompt_tokens=t.prompt_tokens,
+            completion_tokens=t.completion_tokens, status=t.status,
+            latency_ms=int((time.monotonic() - t.started) * 1000),
+            created_at=datetime.now(timezone.utc)))
+
+    ticket.on_settle.append(bill)
     request.state.tickets = [*getattr(request.state, "tickets", []), ticket]
     return ticket

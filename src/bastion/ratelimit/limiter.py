@@ -31,6 +31,7 @@ class Ticket:
     limiter: "Limiter"
     principal: Principal
     reserved: int
+    started: float = field(default_factory=time.monotonic)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     status: str = "ok"

@@ -1,0 +1,27 @@
+"""Usage per day, model and key for one organisation, from the ledger."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from bastion.db.tables import UsageRecord
+
+
+def usage_by_day(session: Session, org_id: str, start: datetime, end: datetime,
+                 key_id: str | None = None) -> list[dict]:
+    day = func.date(UsageRecord.created_at)
+    query = (select(day, UsageRecord.model, UsageRecord.key_id, func.count(),
+                    func.sum(UsageRecord.prompt_tokens), func.sum(UsageRecord.completion_tokens))
+             .where(UsageRecord.org_id == org_id, UsageRecord.created_at >= start,
+                    UsageRecord.created_at < end)
+             .group_by(day, UsageRecord.model, UsageRecord.key_id)
+             .order_by(day, UsageRecord.model, UsageRecord.key_id))
+    if key_id is not None:
+        query = query.where(UsageRecord.key_id == key_id)
+    return [{"date": str(d), "model": model, "key_id": key, "requests": n,
+             "prompt_tokens": int(p or 0), "completion_tokens": int(c or 0),
+             "total_tokens": int(p or 0) + int(c or 0)}
+            for d, model, key, n, p, c in session.execute(query)]
