@@ -213,3 +213,32 @@ def test_every_route_requires_a_key(server: RunningServer) -> None:
                 assert r.status_code == 401, (method, route.path, r.status_code)
                 assert r.json()["error"]["code"] == "missing_api_key"
     assert seen >= 12
+
+
+def test_key_material_never_logged_or_stored(server: RunningServer) -> None:
+    """Use a fresh key every way it can be used, then search the server's log and the whole
+    database for it: only its hash and its short prefix may be found."""
+    import hashlib
+    import sqlite3
+
+    admin = bearer(ADMIN_KEY)
+    org = httpx.post(f"{server.api}/organizations", headers=admin,
+                     json={"name": "secrets", "plan": "spark"}).json()["id"]
+    created = httpx.post(f"{server.api}/organizations/{org}/api-keys", headers=admin,
+                         json={"name": "s", "permissions": ["inference"]}).json()
+    raw = created["key"]
+    h = bearer(raw)
+    httpx.post(f"{server.api}/completions", headers=h, json={"model": MODEL, "prompt": "x",
+                                                              "max_tokens": 1})
+    httpx.post(f"{server.api}/completions", headers=h, json={"model": "nope", "prompt": "x"})
+    httpx.get(f"{server.api}/organizations/{org}/api-keys", headers=h)  # 403
+    httpx.delete(f"{server.api}/organizations/{org}/api-keys/{created['id']}", headers=admin)
+    httpx.get(f"{server.api}/models", headers=h)  # 401 revoked
+    secret = raw[len(created["prefix"]):]
+    assert secret not in server.log()
+    with sqlite3.connect(server.data_dir / "bastion.db") as db:
+        dump = "\n".join(db.iterdump())
+    wal = (server.data_dir / "bastion.db-wal")
+    blobs = dump + (wal.read_bytes().decode("latin-1") if wal.exists() else "")
+    assert secret not in blobs
+    assert hashlib.sha256(raw.encode()).hexdigest() in dump

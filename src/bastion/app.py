@@ -39,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if generated:
             print(f"\n  Bastion created an admin API key. It is shown only this once:\n\n"
                   f"      {generated}\n", flush=True)
-        app.state.limiter = Limiter(token_window_s=settings.token_window_seconds)
+        app.state.limiter = Limiter(token_window_s=settings.token_window_seconds,
+                                    enabled=settings.rate_limits)
         app.state.ledger = Ledger(db)
         app.state.catalog = await run_in_threadpool(load_catalog, settings)
         log.info("serving %s", ", ".join(d.id for d in app.state.catalog.all()) or "no models")

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = 2048
 
     drain_timeout: float = 30.0
+    rate_limits: bool = True
     token_window_seconds: int = Field(3600, ge=1, description="the tokens-per-hour window")
     log_level: str = "info"
 

@@ -48,9 +48,11 @@ class Ticket:
 
 
 class Limiter:
-    def __init__(self, storage: Storage | None = None, token_window_s: int = 3600) -> None:
+    def __init__(self, storage: Storage | None = None, token_window_s: int = 3600,
+                 enabled: bool = True) -> None:
         self.storage = storage or MemoryStorage()
         self.token_window_s = token_window_s
+        self.enabled = enabled  # off: admit everything, count nothing (BASTION_RATE_LIMITS=false)
         self.moving = MovingWindowRateLimiter(self.storage)
         self.fixed = FixedWindowRateLimiter(self.storage)
         self._slots: dict[str, int] = {}
@@ -61,8 +63,8 @@ class Limiter:
                        requested: int | None, default: int, param: str) -> int | None:
         """Check tokens per request; with no max_tokens, default to what the plan still allows."""
         cap = principal.limits.tokens_per_request
-        if cap is None:
-            return requested
+        if cap is None or not self.enabled:
+            return requested if requested is not None else default
         if requested is not None:
             total = prompt_tokens + n * requested
             if total > cap:
@@ -85,6 +87,8 @@ class Limiter:
     def admit(self, principal: Principal, estimate: int) -> Ticket:
         """Take a slot and reserve `estimate` tokens, or raise a 429 naming the limit. Every
         check passes before anything is counted, so a refused request costs nothing."""
+        if not self.enabled:
+            return Ticket(self, principal, reserved=0)
         limits = principal.limits
         now = time.time()
         rpm = self._rpm_item(principal)
@@ -119,6 +123,8 @@ class Limiter:
         return Ticket(self, principal, reserved=estimate)
 
     def _settle(self, ticket: Ticket) -> None:
+        if not self.enabled:
+            return
         p = ticket.principal
         tph = self._tph_item(p)
         refund = ticket.reserved - (ticket.prompt_tokens + ticket.completion_tokens)
@@ -136,6 +142,8 @@ class Limiter:
         return self._slots.get(org_id, 0)
 
     def headers(self, principal: Principal) -> dict[str, str]:
+        if not self.enabled:
+            return {}
         now = time.time()
         windows: dict[str, Window] = {}
         rpm = self._rpm_item(principal)

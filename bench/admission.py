@@ -1,0 +1,148 @@
+"""What admission, authentication and the ledger cost per request.
+
+Why: limits must be cheap enough to leave on. The same server build runs twice, side by side,
+and requests alternate between the two: once with limits on (a key with a requests-per-minute limit in an
+organisation whose plan limits concurrency and tokens per hour) and once with
+BASTION_RATE_LIMITS=false. Two endpoints are timed: GET /v1/models (authentication and the
+rate-limit headers) and POST /v1/completions with max_tokens=1 (authentication, admission,
+settlement and a ledger row, plus one decode step). In-process, Limiter.admit+settle+headers is
+timed on its own too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import ADMIN_KEY, MODEL, start_server, stop_server  # noqa: E402
+
+from bastion.ratelimit.limiter import Limiter  # noqa: E402
+from bastion.tenancy.keys import Principal  # noqa: E402
+from bastion.tenancy.plans import effective_limits  # noqa: E402
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def in_process(n: int) -> dict[str, float]:
+    limiter = Limiter()
+    p = Principal(key_id="k", org_id="o", permissions=frozenset({"inference"}), rate_limit=10**6,
+                  limits=effective_limits("spark", {"concurrent_requests": 10**4,
+                                                    "tokens_per_hour": 10**12}))
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        ticket = limiter.admit(p, 100)
+        ticket.completion_tokens = 50
+        ticket.settle()
+        limiter.headers(p)
+        times.append((time.perf_counter() - t) * 1e6)
+    return {"p50_us": pct(times, 50), "p99_us": pct(times, 99)}
+
+
+async def timed(client: httpx.AsyncClient, method: str, path: str, body: dict | None,
+                n: int, concurrency: int) -> dict[str, float]:
+    lat: list[float] = []
+    errors = 0
+
+    async def worker(count: int) -> None:
+        nonlocal errors
+        for _ in range(count):
+            t = time.perf_counter()
+            r = await client.request(method, path, json=body)
+            lat.append((time.perf_counter() - t) * 1000)
+            errors += r.status_code != 200
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return {"rps": len(lat) / wall, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+            "errors": errors}
+
+
+async def interleaved(servers: dict[str, tuple[str, str]], method: str, path: str,
+                      body: dict | None, n: int) -> dict[str, dict[str, float]]:
+    """Alternate single requests between the two servers, so that both see the same machine
+    (this 2-core machine's speed drifts more between runs than admission costs)."""
+    clients = {mode: httpx.AsyncClient(base_url=api, timeout=60,
+                                       headers={"Authorization": f"Bearer {key}"})
+               for mode, (api, key) in servers.items()}
+    lat: dict[str, list[float]] = {mode: [] for mode in servers}
+    errors = dict.fromkeys(servers, 0)
+    try:
+        for c in clients.values():
+            await c.request(method, path, json=body)
+        for _ in range(n):
+            for mode, c in clients.items():
+                t = time.perf_counter()
+                r = await c.request(method, path, json=body)
+                lat[mode].append((time.perf_counter() - t) * 1000)
+                errors[mode] += r.status_code != 200
+    finally:
+        for c in clients.values():
+            await c.aclose()
+    return {mode: {"rps": 1000 / statistics.mean(xs), "p50_ms": pct(xs, 50),
+                   "p99_ms": pct(xs, 99), "errors": errors[mode]} for mode, xs in lat.items()}
+
+
+def limited_key(api: str) -> str:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    org = httpx.post(f"{api}/organizations", headers=admin,
+                     json={"name": "bench", "plan": "spark"}).json()["id"]
+    httpx.patch(f"{api}/organizations/{org}", headers=admin,
+                json={"limits": {"concurrent_requests": 10**4, "tokens_per_hour": 10**12}})
+    return httpx.post(f"{api}/organizations/{org}/api-keys", headers=admin,
+                      json={"name": "bench", "permissions": ["inference"],
+                            "rate_limit": 10**6}).json()["key"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--requests", type=int, default=600)
+    args = ap.parse_args()
+    results: dict[str, dict] = {}
+    ip = in_process(20_000)
+    with tempfile.TemporaryDirectory() as tmp:
+        on = start_server(Path(tmp) / "on", "--parallel", "8")
+        off = start_server(Path(tmp) / "off", "--parallel", "8",
+                           env={"BASTION_RATE_LIMITS": "false"})
+        try:
+            servers = {"limits on": (on.api, limited_key(on.api)),
+                       "limits off": (off.api, limited_key(off.api))}
+            for name, method, path, body in (
+                    ("GET /v1/models", "GET", "/models", None),
+                    ("POST /v1/completions max_tokens=1", "POST", "/completions",
+                     {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "temperature": 0})):
+                for mode, row in asyncio.run(interleaved(servers, method, path, body,
+                                                         args.requests)).items():
+                    results[f"{name}, {mode}"] = row
+        finally:
+            stop_server(on)
+            stop_server(off)
+    print(f"{os.cpu_count()} CPUs, {args.requests} sequential requests per row, alternating "
+          f"between the two servers; memory storage\n")
+    print("| endpoint, mode | req/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['errors']} |")
+    print(f"\nin-process Limiter.admit + settle + headers: p50 {ip['p50_us']:.1f} µs, "
+          f"p99 {ip['p99_us']:.1f} µs")
+    for name in ("GET /v1/models", "POST /v1/completions max_tokens=1"):
+        a, b = results[f"{name}, limits on"], results[f"{name}, limits off"]
+        print(f"added by limits, {name}: p50 {a['p50_ms'] - b['p50_ms']:+.2f} ms, "
+              f"p99 {a['p99_ms'] - b['p99_ms']:+.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
