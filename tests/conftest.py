@@ -50,12 +50,15 @@ def models_cache() -> Path:
     return cache
 
 
-def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> RunningServer:
+def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
+                 data_dir: Path | None = None) -> RunningServer:
+    """A server on a free port; replicas of one deployment pass the same data_dir."""
     port = free_port()
-    data_dir = tmp / f"data-{port}"
-    (data_dir / "models").mkdir(parents=True)
+    data_dir = data_dir or tmp / f"data-{port}"
+    (data_dir / "models").mkdir(parents=True, exist_ok=True)
     cached = models_cache() / "gemma-3-270m-q4_k_m.gguf"
-    os.symlink(cached, data_dir / "models" / cached.name)
+    if not (data_dir / "models" / cached.name).exists():
+        os.symlink(cached, data_dir / "models" / cached.name)
     log_path = tmp / f"server-{port}.log"
     full_env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY, **(env or {})}
     cmd = [sys.executable, "-m", "bastion.cli", "serve", "--port", str(port),

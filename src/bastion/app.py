@@ -39,8 +39,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if generated:
             print(f"\n  Bastion created an admin API key. It is shown only this once:\n\n"
                   f"      {generated}\n", flush=True)
-        app.state.limiter = Limiter(token_window_s=settings.token_window_seconds,
-                                    enabled=settings.rate_limits)
+        app.state.limiter = Limiter(settings.redis_url,
+                                    token_window_s=settings.token_window_seconds,
+                                    enabled=settings.rate_limits,
+                                    slot_lease_s=settings.slot_lease_seconds)
         app.state.ledger = Ledger(db)
         app.state.catalog = await run_in_threadpool(load_catalog, settings)
         log.info("serving %s", ", ".join(d.id for d in app.state.catalog.all()) or "no models")
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await run_in_threadpool(app.state.catalog.close)  # joins engine threads
             await run_in_threadpool(app.state.ledger.close)  # writes what is still queued
+            app.state.limiter.close()
             db.dispose()
 
     # No unauthenticated docs: every route but /health needs a key.

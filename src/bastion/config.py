@@ -44,6 +44,8 @@ class Settings(BaseSettings):
 
     drain_timeout: float = 30.0
     rate_limits: bool = True
+    redis_url: str | None = None  # shared limits for several replicas, e.g. redis://host:6379/0
+    slot_lease_seconds: float = Field(30.0, gt=0, description="a dead replica's slots free after this")
     token_window_seconds: int = Field(3600, ge=1, description="the tokens-per-hour window")
     log_level: str = "info"
 

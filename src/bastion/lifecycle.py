@@ -7,6 +7,8 @@ import json
 import logging
 from typing import Any, Awaitable, Callable
 
+import anyio
+
 from bastion.errors import APIError, InvalidRequestError, PayloadTooLargeError, ServiceUnavailableError
 
 log = logging.getLogger("bastion.lifecycle")
@@ -103,9 +105,13 @@ class Gatekeeper:
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start" and "principal" in state:
                 limiter = scope["app"].state.limiter
+                try:
+                    headers = (await anyio.to_thread.run_sync(limiter.headers, state["principal"])
+                               if limiter.remote else limiter.headers(state["principal"]))
+                except Exception:  # headers are informative; their storage may be down
+                    headers = {}
                 present = {k.lower() for k, _ in message.get("headers", [])}
-                extra = [(k.lower().encode(), v.encode())
-                         for k, v in limiter.headers(state["principal"]).items()
+                extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()
                          if k.lower().encode() not in present]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)

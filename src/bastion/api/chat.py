@@ -18,7 +18,7 @@ async def create_chat_completion(body: ChatCompletionRequest, key: InferenceKey,
                                  catalog: CatalogDep, settings: SettingsDep, limiter: LimiterDep,
                                  request: Request) -> ChatCompletion | StreamingResponse:
     prep = await prepare_chat(body, catalog.resolve(body.model), settings, key, limiter)
-    ticket = admit(request, key, prep.estimate, model=prep.deployment.id, response_id=prep.id)
+    ticket = await admit(request, key, prep.estimate, model=prep.deployment.id, response_id=prep.id)
     if body.stream:
         return StreamingResponse(sse(stream_chat(prep, ticket)), media_type="text/event-stream")
     return await unless_disconnected(request, complete_chat(prep, ticket))

@@ -18,7 +18,7 @@ async def create_completion(body: CompletionRequest, key: InferenceKey, catalog:
                             settings: SettingsDep, limiter: LimiterDep,
                             request: Request) -> Completion | StreamingResponse:
     prep = await prepare_completion(body, catalog.resolve(body.model), settings, key, limiter)
-    ticket = admit(request, key, prep.estimate, model=prep.deployment.id, response_id=prep.id)
+    ticket = await admit(request, key, prep.estimate, model=prep.deployment.id, response_id=prep.id)
     if body.stream:
         return StreamingResponse(sse(stream_completion(prep, ticket)),
                                  media_type="text/event-stream")

@@ -88,12 +88,16 @@ def get_limiter(request: Request) -> Limiter:
 LimiterDep = Annotated[Limiter, Depends(get_limiter)]
 
 
-def admit(request: Request, principal: Principal, estimate: int, *, model: str,
-          response_id: str) -> Ticket:
+async def admit(request: Request, principal: Principal, estimate: int, *, model: str,
+                response_id: str) -> Ticket:
     """Admit the request and bill it to the ledger when it settles. The ticket also goes to
     the Gatekeeper, which settles it if the request ends before the route could (client gone
     before the stream started). A retry with the same Idempotency-Key is billed once."""
-    ticket = request.app.state.limiter.admit(principal, estimate)
+    limiter: Limiter = request.app.state.limiter
+    if limiter.remote:  # a network round trip must not hold up the event loop
+        ticket = await run_in_threadpool(limiter.admit, principal, estimate)
+    else:
+        ticket = limiter.admit(principal, estimate)
     request_id = request.headers.get("idempotency-key", "")[:128] or response_id
     ledger = request.app.state.ledger
     endpoint = request.url.path

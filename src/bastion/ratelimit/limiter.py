@@ -1,12 +1,15 @@
 """The limiter: admits a request against its organisation's plan and its key's rate, and
 settles the reservation to the real usage when the request ends, however it ends.
 
-Counters live in a `limits` storage (memory by default); concurrency slots are counted in
-process (shared slots across replicas come with the Redis storage).
+Counters live in a `limits` storage: memory by default, Redis (BASTION_REDIS_URL) when replicas
+must share them; concurrency slots live beside them (see slots.py). If Redis cannot be
+reached the limiter fails closed: requests get a 503 that says why, never unlimited service.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import threading
 import time
@@ -14,14 +17,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from limits import RateLimitItemPerMinute, RateLimitItemPerSecond
-from limits.storage import MemoryStorage, Storage
+from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
-from bastion.errors import InvalidRequestError, RateLimitError
+from bastion.errors import InvalidRequestError, RateLimitError, ServiceUnavailableError
 from bastion.ratelimit.headers import Window, rate_limit_headers
+from bastion.ratelimit.slots import MemorySlots, RedisSlots, Slots
 from bastion.tenancy.keys import Principal
 
+log = logging.getLogger("bastion.ratelimit")
 CONCURRENCY_RETRY_S = 1.0  # a slot frees when some running request ends: poll again soon
+_ids = itertools.count()
 
 
 @dataclass
@@ -31,6 +37,8 @@ class Ticket:
     limiter: "Limiter"
     principal: Principal
     reserved: int
+    member: str = ""
+    window_reset: float = 0.0  # the token window this reservation was counted in
     started: float = field(default_factory=time.monotonic)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -48,19 +56,33 @@ class Ticket:
 
 
 class Limiter:
-    def __init__(self, storage: Storage | None = None, token_window_s: int = 3600,
-                 enabled: bool = True) -> None:
-        self.storage = storage or MemoryStorage()
-        self.token_window_s = token_window_s
+    def __init__(self, storage_url: str | None = None, token_window_s: int = 3600,
+                 enabled: bool = True, slot_lease_s: float = 30.0) -> None:
         self.enabled = enabled  # off: admit everything, count nothing (BASTION_RATE_LIMITS=false)
+        self.token_window_s = token_window_s
+        self.storage: Storage = storage_from_string(storage_url) if storage_url else MemoryStorage()
+        self.remote = storage_url is not None
+        self.slots: Slots = (RedisSlots(self.storage.get_connection(), slot_lease_s)  # type: ignore[attr-defined]
+                             if self.remote else MemorySlots())
         self.moving = MovingWindowRateLimiter(self.storage)
         self.fixed = FixedWindowRateLimiter(self.storage)
-        self._slots: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._held: dict[str, str] = {}  # slot member -> org id, renewed while running
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        if self.remote:
+            self._renewer = threading.Thread(target=self._renew_loop, args=(slot_lease_s / 3,),
+                                             name="slot-leases", daemon=True)
+            self._renewer.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=5)
 
     # --- what the caller may ask for ----------------------------------------------------------
     def max_tokens_for(self, principal: Principal, prompt_tokens: int, n: int,
-                       requested: int | None, default: int, param: str) -> int | None:
+                       requested: int | None, default: int, param: str) -> int:
         """Check tokens per request; with no max_tokens, default to what the plan still allows."""
         cap = principal.limits.tokens_per_request
         if cap is None or not self.enabled:
@@ -89,38 +111,49 @@ class Limiter:
         check passes before anything is counted, so a refused request costs nothing."""
         if not self.enabled:
             return Ticket(self, principal, reserved=0)
+        try:
+            with self._lock:
+                return self._admit(principal, estimate)
+        except (RateLimitError, InvalidRequestError):
+            raise
+        except Exception as exc:
+            raise self._unavailable(exc) from exc
+
+    def _admit(self, principal: Principal, estimate: int) -> Ticket:
         limits = principal.limits
         now = time.time()
         rpm = self._rpm_item(principal)
         tph = self._tph_item(principal)
-        with self._lock:
-            if rpm is not None and not self.moving.test(rpm, principal.key_id):
-                stats = self.moving.get_window_stats(rpm, principal.key_id)
-                raise RateLimitError(
-                    f"Rate limit reached for requests per minute on this API key: "
-                    f"{principal.rate_limit} per minute.", code="requests_per_minute_exceeded",
-                    retry_after=stats.reset_time - now, headers=self.headers(principal))
-            if tph is not None and not self.fixed.test(tph, principal.org_id, cost=estimate):
-                stats = self.fixed.get_window_stats(tph, principal.org_id)
-                raise RateLimitError(
-                    f"Rate limit reached for tokens per hour: this request may use {estimate} "
-                    f"tokens and {max(0, stats.remaining)} of your organization's "
-                    f"{limits.tokens_per_hour} tokens per hour remain.",
-                    code="tokens_per_hour_exceeded", retry_after=stats.reset_time - now,
-                    headers=self.headers(principal))
-            used = self._slots.get(principal.org_id, 0)
-            cap = limits.concurrent_requests
-            if cap is not None and used >= cap:
-                raise RateLimitError(
-                    f"Rate limit reached for concurrent requests: your organization already "
-                    f"has {used} of {cap} requests running.", code="concurrency_limit_exceeded",
-                    retry_after=CONCURRENCY_RETRY_S, headers=self.headers(principal))
-            self._slots[principal.org_id] = used + 1
-            if rpm is not None:
-                self.moving.hit(rpm, principal.key_id)
-            if tph is not None:
-                self.fixed.hit(tph, principal.org_id, cost=estimate)
-        return Ticket(self, principal, reserved=estimate)
+        if rpm is not None and not self.moving.test(rpm, principal.key_id):
+            stats = self.moving.get_window_stats(rpm, principal.key_id)
+            raise RateLimitError(
+                f"Rate limit reached for requests per minute on this API key: "
+                f"{principal.rate_limit} per minute.", code="requests_per_minute_exceeded",
+                retry_after=stats.reset_time - now, headers=self.headers(principal))
+        if tph is not None and not self.fixed.test(tph, principal.org_id, cost=estimate):
+            stats = self.fixed.get_window_stats(tph, principal.org_id)
+            raise RateLimitError(
+                f"Rate limit reached for tokens per hour: this request may use {estimate} "
+                f"tokens and {max(0, stats.remaining)} of your organization's "
+                f"{limits.tokens_per_hour} tokens per hour remain.",
+                code="tokens_per_hour_exceeded", retry_after=stats.reset_time - now,
+                headers=self.headers(principal))
+        member = f"{id(self):x}-{next(_ids)}-{now:.6f}"
+        ok, used = self.slots.acquire(principal.org_id, member, limits.concurrent_requests)
+        if not ok:
+            raise RateLimitError(
+                f"Rate limit reached for concurrent requests: your organization already "
+                f"has {used} of {limits.concurrent_requests} requests running.",
+                code="concurrency_limit_exceeded", retry_after=CONCURRENCY_RETRY_S,
+                headers=self.headers(principal))
+        self._held[member] = principal.org_id
+        if rpm is not None:
+            self.moving.hit(rpm, principal.key_id)
+        reset = 0.0
+        if tph is not None:
+            self.fixed.hit(tph, principal.org_id, cost=estimate)
+            reset = self.fixed.get_window_stats(tph, principal.org_id).reset_time
+        return Ticket(self, principal, reserved=estimate, member=member, window_reset=reset)
 
     def _settle(self, ticket: Ticket) -> None:
         if not self.enabled:
@@ -128,19 +161,32 @@ class Limiter:
         p = ticket.principal
         tph = self._tph_item(p)
         refund = ticket.reserved - (ticket.prompt_tokens + ticket.completion_tokens)
-        with self._lock:
-            left = self._slots.get(p.org_id, 1) - 1
-            if left > 0:
-                self._slots[p.org_id] = left
-            else:
-                self._slots.pop(p.org_id, None)
-            if tph is not None and refund:
-                self.fixed.hit(tph, p.org_id, cost=-refund)  # a negative hit gives tokens back
+        try:
+            with self._lock:
+                self._held.pop(ticket.member, None)
+                self.slots.release(p.org_id, ticket.member)
+                # Give back what was reserved but not used, unless the window it was counted
+                # in has already closed (its counter is gone; a refund would go negative).
+                if tph is not None and refund and time.time() < ticket.window_reset:
+                    self.fixed.hit(tph, p.org_id, cost=-refund)
+        except Exception:  # the lease runs out by itself; never fail the finished request
+            log.exception("could not settle a request's limits")
+
+    def _renew_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                with self._lock:
+                    held = dict(self._held)
+                self.slots.renew(held)
+            except Exception:
+                log.warning("could not renew concurrency leases", exc_info=True)
+
+    def _unavailable(self, exc: Exception) -> ServiceUnavailableError:
+        return ServiceUnavailableError(
+            f"The rate limiter's storage cannot be reached ({type(exc).__name__}: {exc}); "
+            f"requests are refused until it is back.", code="rate_limiter_unavailable")
 
     # --- reporting -----------------------------------------------------------------------------
-    def running(self, org_id: str) -> int:
-        return self._slots.get(org_id, 0)
-
     def headers(self, principal: Principal) -> dict[str, str]:
         if not self.enabled:
             return {}
@@ -156,7 +202,7 @@ class Limiter:
             windows["tokens"] = Window(tph.amount, max(0, s.remaining), s.reset_time)
         cap = principal.limits.concurrent_requests
         if cap is not None:
-            windows["concurrency"] = Window(cap, max(0, cap - self.running(principal.org_id)),
+            windows["concurrency"] = Window(cap, max(0, cap - self.slots.count(principal.org_id)),
                                             math.ceil(now + CONCURRENCY_RETRY_S))
         return rate_limit_headers(windows, now)
 

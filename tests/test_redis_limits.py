@@ -1,0 +1,131 @@
+"""Limits shared by several replicas through Redis: concurrency leases, requests per minute,
+slots of a dead replica expiring, and failing closed when Redis is gone."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ADMIN_KEY, MODEL, free_port, start_server, stop_server
+
+REDIS = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(
+    REDIS is None, reason="redis-server is not installed (`make test` installs it with apt-get "
+                          "when it runs as root)")
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "stream": True}
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    """Redis plus two replicas sharing it and one database."""
+    redis, url = start_redis(tmp_path)
+    env = {"BASTION_REDIS_URL": url, "BASTION_SLOT_LEASE_SECONDS": "2"}
+    shared = tmp_path / "shared"
+    a = start_server(tmp_path, "--parallel", "4", env=env, data_dir=shared)
+    b = start_server(tmp_path, "--parallel", "4", env=env, data_dir=shared)
+    yield {"redis": redis, "a": a, "b": b}
+    for srv in (a, b):
+        if srv.proc.poll() is None:
+            stop_server(srv)
+    redis.terminate()
+    redis.wait(10)
+
+
+def tenant(api: str, limits: dict, rate_limit: int | None = None) -> dict[str, str]:
+    org = httpx.post(f"{api}/organizations", headers=ADMIN, json={"name": "r", "plan": "seed"}).json()
+    httpx.patch(f"{api}/organizations/{org['id']}", headers=ADMIN, json={"limits": limits})
+    key = httpx.post(f"{api}/organizations/{org['id']}/api-keys", headers=ADMIN,
+                     json={"name": "k", "permissions": ["inference"],
+                           "rate_limit": rate_limit}).json()["key"]
+    return {"Authorization": f"Bearer {key}"}
+
+
+def small(api: str, auth: dict[str, str]) -> httpx.Response:
+    return httpx.post(f"{api}/completions", headers=auth, timeout=60,
+                      json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+
+
+def test_replicas_share_slots_and_request_rates(deployment) -> None:
+    a, b = deployment["a"], deployment["b"]
+    auth = tenant(a.api, {"concurrent_requests": 2})
+    streams = [httpx.stream("POST", f"{a.api}/completions", json=LONG, headers=auth, timeout=60)
+               for _ in range(2)]
+    opened = [s.__enter__() for s in streams]
+    readers = [r.iter_lines() for r in opened]  # kept: a dropped reader closes its stream
+    try:
+        for r, lines in zip(opened, readers):
+            assert r.status_code == 200
+            next(lines)
+        refused = small(b.api, auth)  # the other replica sees both slots taken
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+        assert refused.headers["X-RateLimit-Remaining"] == "0"
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
+    deadline = time.time() + 5
+    while small(b.api, auth).status_code != 200:
+        assert time.time() < deadline, "slots were not released"
+        time.sleep(0.1)
+
+    rpm = tenant(a.api, {"concurrent_requests": 10}, rate_limit=3)
+    assert [small(srv.api, rpm).status_code for srv in (a, a, b)] == [200, 200, 200]
+    r = small(b.api, rpm)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "requests_per_minute_exceeded"
+    assert small(a.api, rpm).status_code == 429
+
+
+def test_dead_replica_loses_its_slots_after_the_lease(deployment) -> None:
+    a, b = deployment["a"], deployment["b"]
+    auth = tenant(a.api, {"concurrent_requests": 1})
+    with httpx.stream("POST", f"{b.api}/completions", json=LONG, headers=auth, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(lines)
+        assert small(a.api, auth).status_code == 429
+        b.proc.send_signal(signal.SIGKILL)  # dies holding the slot: nothing releases it
+        b.proc.wait(10)
+    start = time.time()
+    while small(a.api, auth).status_code != 200:
+        assert time.time() - start < 10, "a dead replica's slot was held forever"
+        time.sleep(0.2)
+    assert time.time() - start >= 0.5  # it was the lease that freed it, not a release
+
+
+def test_redis_down_fails_closed(deployment) -> None:
+    a = deployment["a"]
+    auth = tenant(a.api, {"concurrent_requests": 5})
+    assert small(a.api, auth).status_code == 200
+    deployment["redis"].terminate()
+    deployment["redis"].wait(10)
+    r = small(a.api, auth)
+    assert r.status_code == 503
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and err["code"] == "rate_limiter_unavailable"
+    assert "rate limiter's storage cannot be reached" in err["message"]
