@@ -120,3 +120,19 @@ def vocab():
 
     return llama_cpp.Llama(str(models_cache() / "gemma-3-270m-q4_k_m.gguf"), vocab_only=True,
                            verbose=False)
+
+
+def make_tenant(api: str, plan: str = "seed", *, limits: dict | None = None,
+                permissions: tuple[str, ...] = ("inference",), rate_limit: int | None = None,
+                name: str = "tenant") -> tuple[str, dict]:
+    """A new organisation (made by the server admin) and one key in it: (org id, key object)."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    org = httpx.post(f"{api}/organizations", headers=admin,
+                     json={"name": name, "plan": plan}).json()["id"]
+    if limits:
+        r = httpx.patch(f"{api}/organizations/{org}", headers=admin, json={"limits": limits})
+        assert r.status_code == 200, r.text
+    key = httpx.post(f"{api}/organizations/{org}/api-keys", headers=admin,
+                     json={"name": name, "permissions": list(permissions),
+                           "rate_limit": rate_limit}).json()
+    return org, key

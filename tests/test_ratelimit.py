@@ -10,21 +10,14 @@ import httpx
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, MODEL, start_server, stop_server
+from conftest import MODEL, make_tenant, start_server, stop_server
 
 HI = [{"role": "user", "content": "Hi"}]
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-def new_tenant(api: str, plan: str, limits: dict | None = None, rate_limit: int | None = None,
-               permissions: tuple[str, ...] = ("inference",)) -> str:
-    org = httpx.post(f"{api}/organizations", headers=ADMIN, json={"name": plan, "plan": plan}).json()
-    if limits:
-        r = httpx.patch(f"{api}/organizations/{org['id']}", headers=ADMIN, json={"limits": limits})
-        assert r.status_code == 200, r.text
-    body = {"name": "k", "permissions": list(permissions), "rate_limit": rate_limit}
-    return httpx.post(f"{api}/organizations/{org['id']}/api-keys", headers=ADMIN,
-                      json=body).json()["key"]
+def new_tenant(api: str, plan: str, limits: dict | None = None,
+               rate_limit: int | None = None) -> str:
+    return make_tenant(api, plan, limits=limits, rate_limit=rate_limit)[1]["key"]
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ADMIN_KEY, MODEL, free_port, start_server, stop_server
+from conftest import MODEL, free_port, make_tenant, start_server, stop_server
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
     REDIS is None, reason="redis-server is not installed (`make test` installs it with apt-get "
                           "when it runs as root)")
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "stream": True}
 
 
@@ -58,11 +57,7 @@ def deployment(tmp_path):
 
 
 def tenant(api: str, limits: dict, rate_limit: int | None = None) -> dict[str, str]:
-    org = httpx.post(f"{api}/organizations", headers=ADMIN, json={"name": "r", "plan": "seed"}).json()
-    httpx.patch(f"{api}/organizations/{org['id']}", headers=ADMIN, json={"limits": limits})
-    key = httpx.post(f"{api}/organizations/{org['id']}/api-keys", headers=ADMIN,
-                     json={"name": "k", "permissions": ["inference"],
-                           "rate_limit": rate_limit}).json()["key"]
+    key = make_tenant(api, limits=limits, rate_limit=rate_limit)[1]["key"]
     return {"Authorization": f"Bearer {key}"}
 
 

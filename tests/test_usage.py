@@ -8,19 +8,16 @@ import time
 import httpx
 import openai
 
-from conftest import ADMIN_KEY, MODEL, RunningServer
+from conftest import ADMIN_KEY, MODEL, RunningServer, make_tenant
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def test_usage_is_exact_and_scoped(server: RunningServer) -> None:
     api = server.api
-    org = httpx.post(f"{api}/organizations", headers=ADMIN,
-                     json={"name": "billing", "plan": "seed"}).json()["id"]
+    org, user = make_tenant(api, name="billing")
     admin_key = httpx.post(f"{api}/organizations/{org}/api-keys", headers=ADMIN,
                            json={"name": "a", "permissions": ["admin"]}).json()["key"]
-    user = httpx.post(f"{api}/organizations/{org}/api-keys", headers=ADMIN,
-                      json={"name": "u", "permissions": ["inference"]}).json()
     client = openai.OpenAI(base_url=api, api_key=user["key"], max_retries=0)
     spent = {"prompt": 0, "completion": 0}
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
@@ -71,10 +68,8 @@ def test_usage_is_exact_and_scoped(server: RunningServer) -> None:
 
 def test_idempotency_key_bills_once(server: RunningServer) -> None:
     api = server.api
-    org = httpx.post(f"{api}/organizations", headers=ADMIN,
-                     json={"name": "retry", "plan": "seed"}).json()["id"]
-    key = httpx.post(f"{api}/organizations/{org}/api-keys", headers=ADMIN,
-                     json={"name": "k", "permissions": ["admin"]}).json()["key"]
+    org, created = make_tenant(api, permissions=("admin",), name="retry")
+    key = created["key"]
     auth = {"Authorization": f"Bearer {key}", "Idempotency-Key": "retry-123"}
     for _ in range(3):
         r = httpx.post(f"{api}/completions", headers=auth,
