@@ -77,6 +77,11 @@ def test_tokens_per_request_is_checked_and_defaults(limited) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1000, n=3)
     assert "3 x 1000" in exc.value.body["message"]
+    # several prompts in one request count together against the cap
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model=MODEL, prompt=["a " * 600, "b " * 600], max_tokens=500)
+    assert exc.value.body["code"] == "tokens_per_request_exceeded"
+    assert "2 x 500" in exc.value.body["message"]
 
 
 def test_tokens_per_hour_exhausted_then_restored(limited) -> None:

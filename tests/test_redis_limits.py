@@ -124,3 +124,15 @@ def test_redis_down_fails_closed(deployment) -> None:
     err = r.json()["error"]
     assert err["type"] == "server_error" and err["code"] == "rate_limiter_unavailable"
     assert "rate limiter's storage cannot be reached" in err["message"]
+
+
+def test_long_request_keeps_its_slot(deployment) -> None:
+    """A lease is renewed for as long as its request runs, well past the set's own expiry."""
+    a, b = deployment["a"], deployment["b"]
+    auth = tenant(a.api, {"concurrent_requests": 1})
+    body = {**LONG, "max_tokens": 3000}
+    with httpx.stream("POST", f"{a.api}/completions", json=body, headers=auth, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        time.sleep(10)  # > 4 leases of 2 s + 1: the slot set's expiry without renewal
+        assert small(b.api, auth).status_code == 429

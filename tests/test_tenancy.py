@@ -242,3 +242,21 @@ def test_key_material_never_logged_or_stored(server: RunningServer) -> None:
     blobs = dump + (wal.read_bytes().decode("latin-1") if wal.exists() else "")
     assert secret not in blobs
     assert hashlib.sha256(raw.encode()).hexdigest() in dump
+
+
+def test_org_admin_cannot_touch_the_server_admin_key(server: RunningServer) -> None:
+    """A key with 'admin' in the server administrator's own organisation still cannot see or
+    revoke the server administrator's key."""
+    admin = bearer(ADMIN_KEY)
+    home = httpx.get(f"{server.api}/organizations", headers=admin).json()["data"][0]["id"]
+    deputy = httpx.post(f"{server.api}/organizations/{home}/api-keys", headers=admin,
+                        json={"name": "deputy", "permissions": ["admin"]}).json()
+    all_keys = httpx.get(f"{server.api}/organizations/{home}/api-keys", headers=admin).json()
+    server_key = next(k for k in all_keys["data"] if k["prefix"] == ADMIN_KEY[:12])
+    seen = httpx.get(f"{server.api}/organizations/{home}/api-keys",
+                     headers=bearer(deputy["key"])).json()["data"]
+    assert server_key["id"] not in [k["id"] for k in seen]
+    r = httpx.delete(f"{server.api}/organizations/{home}/api-keys/{server_key['id']}",
+                     headers=bearer(deputy["key"]))
+    assert r.status_code == 404
+    assert httpx.get(f"{server.api}/models", headers=admin).status_code == 200

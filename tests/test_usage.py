@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 import httpx
@@ -54,11 +53,17 @@ def test_usage_is_exact_and_scoped(server: RunningServer) -> None:
     abandoned = row["completion_tokens"] - spent["completion"]
     assert 3 <= abandoned < 500
     # an inference key sees only its own usage; other organisations do not exist for it
-    assert report(user["key"])["total"] == body["total"]
-    other = httpx.get(f"{api}/usage", headers={"Authorization": f"Bearer {user['key']}"},
-                      params={"org_id": "org-nope"})
+    mine = report(user["key"])["total"]
+    r = httpx.post(f"{api}/completions", headers={"Authorization": f"Bearer {admin_key}"},
+                   json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200
+    assert report(user["key"])["total"] == mine
+    assert report(admin_key)["total"]["requests"] == 4
+    other_org, _ = make_tenant(api, name="neighbour")
+    other = httpx.get(f"{api}/usage", headers={"Authorization": f"Bearer {admin_key}"},
+                      params={"org_id": other_org})
     assert other.status_code == 404
-    assert report(ADMIN_KEY, org_id=org)["total"] == body["total"]
+    assert report(ADMIN_KEY, org_id=org)["total"]["requests"] == 4
     empty = report(admin_key, start_time=1, end_time=2)
     assert empty["data"] == [] and empty["total"]["requests"] == 0
     bad = httpx.get(f"{api}/usage", headers={"Authorization": f"Bearer {admin_key}"},
@@ -71,13 +76,15 @@ def test_idempotency_key_bills_once(server: RunningServer) -> None:
     org, created = make_tenant(api, permissions=("admin",), name="retry")
     key = created["key"]
     auth = {"Authorization": f"Bearer {key}", "Idempotency-Key": "retry-123"}
-    for _ in range(3):
+    for _ in range(3):  # the same request, retried: billed once
         r = httpx.post(f"{api}/completions", headers=auth,
                        json={"model": MODEL, "prompt": "Hello", "max_tokens": 3})
         assert r.status_code == 200
     usage = httpx.get(f"{api}/usage", headers={"Authorization": f"Bearer {key}"}).json()
     assert usage["total"]["requests"] == 1
-    with sqlite3.connect(server.data_dir / "bastion.db") as db:
-        rows = db.execute("SELECT request_id, status FROM usage_records WHERE org_id = ?",
-                          (org,)).fetchall()
-    assert rows == [("retry-123", "ok")]
+    # another request that reuses the key is not free
+    r = httpx.post(f"{api}/completions", headers=auth,
+                   json={"model": MODEL, "prompt": "Something else", "max_tokens": 3})
+    assert r.status_code == 200
+    usage = httpx.get(f"{api}/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    assert usage["total"]["requests"] == 2

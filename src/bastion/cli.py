@@ -155,13 +155,14 @@ def keys_list(org: Annotated[Optional[str], typer.Option()] = None, data_dir: Da
 def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
     """Revoke a key; every replica refuses it from its next request on."""
     from bastion.db.tables import ApiKey
-    from bastion.tenancy.keys import revoke_key
+    from bastion.tenancy.keys import Principal, revoke_key
 
     with _sessions(data_dir).begin() as session:
         row = session.get(ApiKey, key_id)
         if row is None:
             raise typer.BadParameter(f"no API key {key_id!r}")
-        revoke_key(session, row.org_id, key_id)
+        revoke_key(session, Principal(key_id="cli", org_id=row.org_id, is_server_admin=True),
+                   row.org_id, key_id)
     typer.echo(f"revoked {key_id}")
 
 

@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     port: int = 8000
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".bastion")
     database_url: str | None = None
-    admin_key: str | None = None
+    admin_key: str | None = Field(None, min_length=24, description="its first 12 characters "
+                                  "are stored as a visible prefix, so it must be long")
 
     serve_bundled_model: bool = True
     models: list[ModelSpec] = Field(default_factory=list)

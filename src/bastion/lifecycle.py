@@ -9,7 +9,9 @@ from typing import Any, Awaitable, Callable
 
 import anyio
 
-from bastion.errors import APIError, InvalidRequestError, PayloadTooLargeError, ServiceUnavailableError
+from bastion.errors import (APIError, InvalidRequestError, PayloadTooLargeError,
+                            ServiceUnavailableError)
+from bastion.serving.common import settle
 
 log = logging.getLogger("bastion.lifecycle")
 Scope = dict[str, Any]
@@ -121,7 +123,9 @@ class Gatekeeper:
             await self.app(scope, replay, send_with_limits)
         finally:
             for ticket in state.get("tickets", []):
-                ticket.settle()  # a no-op when the route already settled it
+                if not ticket.done:  # the request ended before its route could settle it
+                    ticket.status = "cancelled"
+                    await settle(ticket)
             self.lifecycle.leave()
 
     def _too_large(self, size: int) -> PayloadTooLargeError:

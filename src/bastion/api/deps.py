@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from datetime import datetime, timezone
 from typing import Annotated, Callable
@@ -98,7 +99,12 @@ async def admit(request: Request, principal: Principal, estimate: int, *, model:
         ticket = await run_in_threadpool(limiter.admit, principal, estimate)
     else:
         ticket = limiter.admit(principal, estimate)
-    request_id = request.headers.get("idempotency-key", "")[:128] or response_id
+    request_id = response_id
+    if idem := request.headers.get("idempotency-key"):
+        # a retry of the same request is billed once; another request reusing the key is not
+        # free: the body is part of the id
+        body = hashlib.sha256(await request.body()).hexdigest()[:32]
+        request_id = f"idem:{hashlib.sha256(idem.encode()).hexdigest()[:32]}:{body}"
     ledger = request.app.state.ledger
     endpoint = request.url.path
 

@@ -38,11 +38,11 @@ def list_api_keys(org_id: str, key: CurrentKey, sessions: SessionsDep) -> ApiKey
     with sessions.begin() as s:
         orgs.require_org_admin(key, org_id)
         orgs.get(s, key, org_id)
-        return ApiKeyList(data=[view(r) for r in list_keys(s, org_id)])
+        return ApiKeyList(data=[view(r) for r in list_keys(s, key, org_id)])
 
 
 @router.delete("/v1/organizations/{org_id}/api-keys/{key_id}", response_model=ApiKeyView)
 def revoke_api_key(org_id: str, key_id: str, key: CurrentKey, sessions: SessionsDep) -> ApiKeyView:
     with sessions.begin() as s:
         orgs.require_org_admin(key, org_id)
-        return view(revoke_key(s, org_id, key_id))
+        return view(revoke_key(s, key, org_id, key_id))

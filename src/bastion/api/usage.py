@@ -14,12 +14,15 @@ from bastion.tenancy import orgs
 from bastion.usage.report import usage_by_day
 
 router = APIRouter()
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime can hold
 
 
 @router.get("/v1/usage")
 def get_usage(request: Request, key: CurrentKey, sessions: SessionsDep,
-              start_time: int | None = Query(None, ge=0, description="epoch seconds, inclusive"),
-              end_time: int | None = Query(None, ge=0, description="epoch seconds, exclusive"),
+              start_time: int | None = Query(None, ge=0, le=MAX_EPOCH,
+                                             description="epoch seconds, inclusive"),
+              end_time: int | None = Query(None, ge=0, le=MAX_EPOCH,
+                                           description="epoch seconds, exclusive"),
               org_id: str | None = None) -> dict:
     now = int(time.time())
     end = end_time if end_time is not None else now + 1

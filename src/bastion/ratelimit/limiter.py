@@ -27,6 +27,9 @@ from bastion.tenancy.keys import Principal
 
 log = logging.getLogger("bastion.ratelimit")
 CONCURRENCY_RETRY_S = 1.0  # a slot frees when some running request ends: poll again soon
+# The token counter's own ceiling: the plan's cap is compared by hand, so that the counter's
+# key does not change with the plan (a plan change must not hand out a fresh hour).
+TOKEN_COUNTER_CEILING = 10**15
 _ids = itertools.count()
 
 
@@ -60,7 +63,10 @@ class Limiter:
                  enabled: bool = True, slot_lease_s: float = 30.0) -> None:
         self.enabled = enabled  # off: admit everything, count nothing (BASTION_RATE_LIMITS=false)
         self.token_window_s = token_window_s
-        self.storage: Storage = storage_from_string(storage_url) if storage_url else MemoryStorage()
+        # Timeouts: an unreachable Redis must fail requests closed, not hang them.
+        self.storage: Storage = (storage_from_string(storage_url, socket_timeout=2,
+                                                     socket_connect_timeout=2)
+                                 if storage_url else MemoryStorage())
         self.remote = storage_url is not None
         self.slots: Slots = (RedisSlots(self.storage.get_connection(), slot_lease_s)  # type: ignore[attr-defined]
                              if self.remote else MemorySlots())
@@ -130,14 +136,14 @@ class Limiter:
                 f"Rate limit reached for requests per minute on this API key: "
                 f"{principal.rate_limit} per minute.", code="requests_per_minute_exceeded",
                 retry_after=stats.reset_time - now, headers=self.headers(principal))
-        if tph is not None and not self.fixed.test(tph, principal.org_id, cost=estimate):
-            stats = self.fixed.get_window_stats(tph, principal.org_id)
-            raise RateLimitError(
-                f"Rate limit reached for tokens per hour: this request may use {estimate} "
-                f"tokens and {max(0, stats.remaining)} of your organization's "
-                f"{limits.tokens_per_hour} tokens per hour remain.",
-                code="tokens_per_hour_exceeded", retry_after=stats.reset_time - now,
-                headers=self.headers(principal))
+        if tph is not None:
+            left, reset = self._tokens_left(principal)
+            if estimate > left:
+                raise RateLimitError(
+                    f"Rate limit reached for tokens per hour: this request may use {estimate} "
+                    f"tokens and {left} of your organization's {limits.tokens_per_hour} tokens "
+                    f"per hour remain.", code="tokens_per_hour_exceeded",
+                    retry_after=reset - now, headers=self.headers(principal))
         member = f"{id(self):x}-{next(_ids)}-{now:.6f}"
         ok, used = self.slots.acquire(principal.org_id, member, limits.concurrent_requests)
         if not ok:
@@ -147,13 +153,25 @@ class Limiter:
                 code="concurrency_limit_exceeded", retry_after=CONCURRENCY_RETRY_S,
                 headers=self.headers(principal))
         self._held[member] = principal.org_id
-        if rpm is not None:
-            self.moving.hit(rpm, principal.key_id)
-        reset = 0.0
-        if tph is not None:
-            self.fixed.hit(tph, principal.org_id, cost=estimate)
-            reset = self.fixed.get_window_stats(tph, principal.org_id).reset_time
+        try:
+            if rpm is not None:
+                self.moving.hit(rpm, principal.key_id)
+            reset = 0.0
+            if tph is not None:
+                self.fixed.hit(tph, principal.org_id, cost=estimate)
+                reset = self.fixed.get_window_stats(tph, principal.org_id).reset_time
+        except Exception:  # never keep (and keep renewing) a slot of a refused request
+            self._held.pop(member, None)
+            self.slots.release(principal.org_id, member)
+            raise
         return Ticket(self, principal, reserved=estimate, member=member, window_reset=reset)
+
+    def _tokens_left(self, principal: Principal) -> tuple[int, float]:
+        tph = self._tph_item(principal)
+        assert tph is not None and principal.limits.tokens_per_hour is not None
+        stats = self.fixed.get_window_stats(tph, principal.org_id)
+        used = max(0, TOKEN_COUNTER_CEILING - stats.remaining)
+        return max(0, principal.limits.tokens_per_hour - used), stats.reset_time
 
     def _settle(self, ticket: Ticket) -> None:
         if not self.enabled:
@@ -196,10 +214,10 @@ class Limiter:
         if rpm is not None:
             s = self.moving.get_window_stats(rpm, principal.key_id)
             windows["requests"] = Window(rpm.amount, s.remaining, s.reset_time)
-        tph = self._tph_item(principal)
-        if tph is not None:
-            s = self.fixed.get_window_stats(tph, principal.org_id)
-            windows["tokens"] = Window(tph.amount, max(0, s.remaining), s.reset_time)
+        cap_tokens = principal.limits.tokens_per_hour
+        if cap_tokens:
+            left, reset = self._tokens_left(principal)
+            windows["tokens"] = Window(cap_tokens, left, reset)
         cap = principal.limits.concurrent_requests
         if cap is not None:
             windows["concurrency"] = Window(cap, max(0, cap - self.slots.count(principal.org_id)),
@@ -210,6 +228,7 @@ class Limiter:
         return RateLimitItemPerMinute(principal.rate_limit) if principal.rate_limit else None
 
     def _tph_item(self, principal: Principal) -> RateLimitItemPerSecond | None:
-        """Tokens per hour (the window is shorter only where a test configures it)."""
-        cap = principal.limits.tokens_per_hour
-        return RateLimitItemPerSecond(cap, self.token_window_s) if cap else None
+        """The organisation's token counter for the hour (shorter only where a test sets it)."""
+        if not principal.limits.tokens_per_hour:
+            return None
+        return RateLimitItemPerSecond(TOKEN_COUNTER_CEILING, self.token_window_s)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 _ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
 local n = redis.call('ZCARD', KEYS[1])
 local cap = tonumber(ARGV[3])
 if cap >= 0 and n >= cap then return -n - 1 end
@@ -85,4 +86,5 @@ class RedisSlots:
         pipe = self.client.pipeline(transaction=False)
         for member, org_id in held.items():
             pipe.zadd(self.prefix + org_id, {member: expiry}, xx=True)
+            pipe.expire(self.prefix + org_id, int(self.lease_s * 4) + 1)
         pipe.execute()

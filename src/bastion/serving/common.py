@@ -8,6 +8,7 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -154,6 +155,8 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Respo
         if not task.done():
             task.cancel()
     if task.cancelled() or not task.done():
+        # let the cancelled work unwind first, so its usage is settled as "cancelled"
+        await asyncio.gather(task, return_exceptions=True)
         return Response(status_code=499)
     return task.result()
 
@@ -187,4 +190,16 @@ async def metered(ticket: Ticket, prompt_tokens: int) -> AsyncIterator[Meter]:
             else "error"
         raise
     finally:
+        await settle(ticket)
+
+
+async def settle(ticket: Ticket) -> None:
+    """Settle a ticket; with a remote (Redis) limiter the round trips run off the event loop,
+    shielded so that the cancellation that ended the request cannot skip them."""
+    if ticket.done:
+        return
+    if not ticket.limiter.remote:
         ticket.settle()
+        return
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(ticket.settle)

@@ -78,15 +78,19 @@ async def prepare_completion(body: CompletionRequest, deployment: Deployment,
     check_n(body.n, max_n=settings.max_n, slots=getattr(engine, "max_parallel", body.n))
     prompts, texts = await run_in_threadpool(_tokenize_all, engine, body)
     want_lp = body.logprobs is not None
+    budgets = [completion_budget(prompt_len=len(tokens), requested=body.max_tokens,
+                                 context=engine.info.context_length,
+                                 default=settings.default_max_tokens,
+                                 param="prompt" if len(prompts) == 1 else f"prompt[{i}]",
+                                 what="prompt")
+               for i, tokens in enumerate(prompts)]
+    # The plan's tokens per request count the whole request: every prompt, every choice.
+    plan_cap = limiter.max_tokens_for(principal, sum(len(t) for t in prompts),
+                                      body.n * len(prompts), body.max_tokens,
+                                      default=max(budgets), param="prompt")
     requests = []
-    for i, tokens in enumerate(prompts):
-        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        max_tokens = completion_budget(prompt_len=len(tokens), requested=body.max_tokens,
-                                       context=engine.info.context_length,
-                                       default=settings.default_max_tokens, param=param,
-                                       what="prompt")
-        max_tokens = limiter.max_tokens_for(principal, len(tokens), body.n, body.max_tokens,
-                                            default=max_tokens, param=param)
+    for tokens, budget in zip(prompts, budgets):
+        max_tokens = min(budget, plan_cap)
         params = sampling_params(body, max_tokens=max_tokens, vocab_size=engine.info.vocab_size,
                                  logprobs=want_lp, top_logprobs=body.logprobs or 0,
                                  prompt_logprobs=want_lp and body.echo)

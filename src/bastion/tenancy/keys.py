@@ -30,7 +30,7 @@ class Principal:
     permissions: frozenset[str] = field(default_factory=frozenset)
     is_server_admin: bool = False
     rate_limit: int | None = None
-    limits: Limits = PLANS["dedicated"]
+    limits: Limits = PLANS["spark"]  # the smallest plan unless verify() says otherwise
 
     def can(self, permission: str) -> bool:
         return self.is_server_admin or "admin" in self.permissions or permission in self.permissions
@@ -45,11 +45,6 @@ def hash_key(raw: str) -> str:
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def mask(raw: str) -> str:
-    """What may appear in logs or messages: the visible prefix only."""
-    return raw[:VISIBLE_CHARS] + "…" if len(raw) > VISIBLE_CHARS else "…"
 
 
 def verify(session: Session, raw: str) -> Principal:
@@ -78,15 +73,20 @@ def verify(session: Session, raw: str) -> Principal:
                      limits=effective_limits(org.plan, org.limits_override))
 
 
-def list_keys(session: Session, org_id: str) -> list[ApiKey]:
-    return list(session.scalars(select(ApiKey).where(ApiKey.org_id == org_id)
-                                .order_by(ApiKey.created_at)))
+def list_keys(session: Session, principal: Principal, org_id: str) -> list[ApiKey]:
+    """The organisation's keys; the server administrator's own keys only to the server admin."""
+    query = select(ApiKey).where(ApiKey.org_id == org_id)
+    if not principal.is_server_admin:
+        query = query.where(ApiKey.is_server_admin.is_(False))
+    return list(session.scalars(query.order_by(ApiKey.created_at)))
 
 
-def revoke_key(session: Session, org_id: str, key_id: str) -> ApiKey:
-    """Revocation is a row update, so every replica refuses the key on its next request."""
+def revoke_key(session: Session, principal: Principal, org_id: str, key_id: str) -> ApiKey:
+    """Revocation is a row update, so every replica refuses the key on its next request. An
+    organisation admin cannot see, let alone revoke, the server administrator's key."""
     row = session.get(ApiKey, key_id)
-    if row is None or row.org_id != org_id:
+    if (row is None or row.org_id != org_id
+            or (row.is_server_admin and not principal.is_server_admin)):
         raise NotFoundError(f"No API key '{key_id}' in this organization.", param="key_id")
     if row.revoked_at is None:
         row.revoked_at = utcnow()

@@ -70,8 +70,8 @@ def update(session: Session, principal: Principal, org_id: str, *, name: str | N
 
 
 def delete(session: Session, principal: Principal, org_id: str) -> Organization:
+    org = get(session, principal, org_id)  # another organisation does not exist: 404 first
     require_server_admin(principal, "delete organizations")
-    org = get(session, principal, org_id)
     if org_id == principal.org_id:
         raise AuthorizationError("The server administrator's own organization cannot be deleted.")
     org.deleted_at = utcnow()

@@ -1,11 +1,13 @@
-"""Batched ledger writes: requests only enqueue; a writer thread inserts once a second, so a
-crash loses at most the last second of rows, and a duplicate request id is never counted twice."""
+"""Batched ledger writes: requests only enqueue; one writer thread inserts whatever has queued
+up (a row waits at most about a second, so a crash loses at most that), retries a busy
+database, and never counts a duplicate request id twice."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -18,6 +20,7 @@ from bastion.db.tables import UsageRecord
 log = logging.getLogger("bastion.usage")
 FLUSH_INTERVAL_S = 1.0
 MAX_BATCH = 1000
+WRITE_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -39,19 +42,22 @@ class Ledger:
         self.engine = engine
         self._rows: queue.SimpleQueue[UsageRow | None] = queue.SimpleQueue()
         self._flushed = threading.Condition()
-        self._pending = 0
+        self._recorded = 0  # rows handed to the ledger so far
+        self._written = 0  # rows that reached the database (or were given up on)
         self._thread = threading.Thread(target=self._run, name="usage-ledger", daemon=True)
         self._thread.start()
 
     def record(self, row: UsageRow) -> None:
         with self._flushed:
-            self._pending += 1
-        self._rows.put(row)
+            self._recorded += 1
+            self._rows.put(row)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything recorded so far is in the database."""
+        """Wait until every row recorded before this call is in the database (rows recorded
+        later, by other requests, are not waited for)."""
         with self._flushed:
-            return self._flushed.wait_for(lambda: self._pending == 0, timeout)
+            target = self._recorded
+            return self._flushed.wait_for(lambda: self._written >= target, timeout)
 
     def close(self) -> None:
         self._rows.put(None)
@@ -90,12 +96,16 @@ class Ledger:
             stmt = pg_insert(UsageRecord).on_conflict_do_nothing()
         else:
             stmt = insert(UsageRecord)
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(stmt, values)
-        except Exception:  # the ledger must never take a request down; keep serving
-            log.exception("could not write %d usage rows", len(batch))
-        finally:
-            with self._flushed:
-                self._pending -= len(batch)
-                self._flushed.notify_all()
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(stmt, values)
+                break
+            except Exception:  # e.g. "database is locked": wait and try again
+                if attempt == WRITE_ATTEMPTS - 1:
+                    log.exception("gave up writing %d usage rows", len(batch))
+                else:
+                    time.sleep(0.2 * (attempt + 1))
+        with self._flushed:
+            self._written += len(batch)
+            self._flushed.notify_all()
