@@ -108,21 +108,22 @@ def test_tokens_per_hour_exhausted_then_restored(limited) -> None:
 
 
 def test_requests_per_minute_and_headers(limited) -> None:
-    key = new_tenant(limited.api, "seed", rate_limit=3)
+    key = new_tenant(limited.api, "seed", rate_limit=4)
     client = openai.OpenAI(base_url=limited.api, api_key=key, max_retries=0)
+    listed = client.models.with_raw_response.list()  # every request counts, not only inference
+    assert listed.headers["x-ratelimit-remaining-requests"] == "3"
+    assert listed.headers["X-RateLimit-Limit"] and listed.headers["X-RateLimit-Reset"].isdigit()
     remaining = []
     for _ in range(3):
-        r = client.models.with_raw_response.list()
         c = client.completions.with_raw_response.create(model=MODEL, prompt="x", max_tokens=1)
         remaining.append(int(c.headers["x-ratelimit-remaining-requests"]))
-        assert c.headers["x-ratelimit-limit-requests"] == "3"
-        assert r.headers["X-RateLimit-Limit"] and r.headers["X-RateLimit-Reset"].isdigit()
+        assert c.headers["x-ratelimit-limit-requests"] == "4"
     assert remaining == [2, 1, 0]
     with pytest.raises(openai.RateLimitError) as exc:
-        client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+        client.models.list()
     assert exc.value.body["code"] == "requests_per_minute_exceeded"
     assert exc.value.body["message"] == ("Rate limit reached for requests per minute on this "
-                                         "API key: 3 per minute.")
+                                         "API key: 4 per minute.")
     assert 1 <= exc.value.body["retry_after"] <= 60
     assert exc.value.response.headers["X-RateLimit-Remaining"] == "0"
 

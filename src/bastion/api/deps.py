@@ -51,6 +51,11 @@ async def current_principal(request: Request) -> Principal:
 
     principal = await run_in_threadpool(lookup)
     request.state.principal = principal  # the rate-limit headers of the response need it
+    limiter: Limiter = request.app.state.limiter
+    if limiter.remote:
+        await run_in_threadpool(limiter.count_request, principal)
+    else:
+        limiter.count_request(principal)
     return principal
 
 

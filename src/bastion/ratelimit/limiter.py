@@ -112,6 +112,22 @@ class Limiter:
         return min(room, default)
 
     # --- admission ------------------------------------------------------------------------------
+    def count_request(self, principal: Principal) -> None:
+        """Every authenticated request counts against its key's requests per minute."""
+        rpm = self._rpm_item(principal)
+        if not self.enabled or rpm is None:
+            return
+        try:
+            if self.moving.hit(rpm, principal.key_id):
+                return
+            stats = self.moving.get_window_stats(rpm, principal.key_id)
+        except Exception as exc:
+            raise self._unavailable(exc) from exc
+        raise RateLimitError(
+            f"Rate limit reached for requests per minute on this API key: "
+            f"{principal.rate_limit} per minute.", code="requests_per_minute_exceeded",
+            retry_after=stats.reset_time - time.time(), headers=self.headers(principal))
+
     def admit(self, principal: Principal, estimate: int) -> Ticket:
         """Take a slot and reserve `estimate` tokens, or raise a 429 naming the limit. Every
         check passes before anything is counted, so a refused request costs nothing."""
@@ -128,14 +144,7 @@ class Limiter:
     def _admit(self, principal: Principal, estimate: int) -> Ticket:
         limits = principal.limits
         now = time.time()
-        rpm = self._rpm_item(principal)
         tph = self._tph_item(principal)
-        if rpm is not None and not self.moving.test(rpm, principal.key_id):
-            stats = self.moving.get_window_stats(rpm, principal.key_id)
-            raise RateLimitError(
-                f"Rate limit reached for requests per minute on this API key: "
-                f"{principal.rate_limit} per minute.", code="requests_per_minute_exceeded",
-                retry_after=stats.reset_time - now, headers=self.headers(principal))
         if tph is not None:
             left, reset = self._tokens_left(principal)
             if estimate > left:
@@ -154,8 +163,6 @@ class Limiter:
                 headers=self.headers(principal))
         self._held[member] = principal.org_id
         try:
-            if rpm is not None:
-                self.moving.hit(rpm, principal.key_id)
             reset = 0.0
             if tph is not None:
                 self.fixed.hit(tph, principal.org_id, cost=estimate)
