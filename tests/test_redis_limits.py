@@ -130,7 +130,8 @@ def test_long_request_keeps_its_slot(deployment) -> None:
     """A lease is renewed for as long as its request runs, well past the set's own expiry."""
     a, b = deployment["a"], deployment["b"]
     auth = tenant(a.api, {"concurrent_requests": 1})
-    body = {**LONG, "max_tokens": 3000}
+    # no end-of-text tokens: the request must still be running after the wait
+    body = {**LONG, "max_tokens": 3000, "logit_bias": {"1": -100, "106": -100, "212": -100}}
     with httpx.stream("POST", f"{a.api}/completions", json=body, headers=auth, timeout=60) as r:
         lines = r.iter_lines()
         next(lines)
