@@ -15,18 +15,23 @@ install: $(BIN)/python
 install-test: $(BIN)/python system-test-deps
 	$(BIN)/pip install -e ".[test]"
 
-# The replica tests start their own redis-server; install it where we may (root with apt-get).
+# The tests start their own redis-server and PostgreSQL; install them where we may (root with
+# apt-get). Without them the Redis tests are skipped and the PostgreSQL pass does not run.
 system-test-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else echo "redis-server is not installed: the Redis tests will be skipped"; fi; }
+	@if command -v redis-server >/dev/null 2>&1 && [ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql >/dev/null; \
+	else echo "redis-server/PostgreSQL are not installed: their tests will be skipped"; fi
 
 serve: install
 	$(BIN)/bastion serve
 
+# The whole suite runs twice: on SQLite, then on PostgreSQL where it is installed.
 test: install-test
 	$(BIN)/python -m pytest
+	@if [ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ]; then \
+	  echo "--- the same suite on PostgreSQL ---"; BASTION_TEST_DB=postgres $(BIN)/python -m pytest; \
+	else echo "PostgreSQL is not installed: the PostgreSQL pass is skipped"; fi
 
 bench: $(BIN)/python
 	$(BIN)/pip install -e ".[bench]"

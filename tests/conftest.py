@@ -18,6 +18,10 @@ import pytest
 
 ADMIN_KEY = "sk-bst-test-admin-key-0123456789"
 MODEL = "gemma-3-270m"
+# BASTION_TEST_DB=postgres runs every server of the suite on PostgreSQL (`make test` does so in
+# a second pass where PostgreSQL is installed); the default is SQLite in each data directory.
+DB_BACKEND = os.environ.get("BASTION_TEST_DB", "sqlite")
+_postgres: dict[str, object] = {}
 
 
 @dataclass
@@ -26,6 +30,7 @@ class RunningServer:
     base_url: str
     data_dir: Path
     log_path: Path
+    database_url: str = ""
 
     @property
     def api(self) -> str:
@@ -60,12 +65,15 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
     if not (data_dir / "models" / cached.name).exists():
         os.symlink(cached, data_dir / "models" / cached.name)
     log_path = tmp / f"server-{port}.log"
-    full_env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY, **(env or {})}
+    database_url = (postgres_database(data_dir) if DB_BACKEND == "postgres"
+                    else f"sqlite:///{data_dir / 'bastion.db'}")
+    full_env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY,
+                "BASTION_DATABASE_URL": database_url, **(env or {})}
     cmd = [sys.executable, "-m", "bastion.cli", "serve", "--port", str(port),
            "--data-dir", str(data_dir), *args]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    server = RunningServer(proc, f"http://127.0.0.1:{port}", data_dir, log_path)
+    server = RunningServer(proc, f"http://127.0.0.1:{port}", data_dir, log_path, database_url)
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -136,3 +144,51 @@ def make_tenant(api: str, plan: str = "seed", *, limits: dict | None = None,
                      json={"name": name, "permissions": list(permissions),
                            "rate_limit": rate_limit}).json()
     return org, key
+
+
+def postgres_database(data_dir: Path) -> str:
+    """A database of its own for each data directory (replicas share one), on one PostgreSQL
+    server that this test run starts and stops itself."""
+    import atexit
+    import glob
+    import hashlib
+    import shutil
+    import tempfile
+
+    import psycopg
+
+    if "url" not in _postgres:
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        pg_bin = bins[-1] if bins else str(Path(shutil.which("initdb") or "initdb").parent)
+        root = Path(tempfile.mkdtemp(prefix="bastion-pg-"))
+        port = free_port()
+        as_postgres = ["su", "postgres", "-s", "/bin/sh", "-c"] if os.geteuid() == 0 else ["sh", "-c"]
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres")
+        subprocess.run([*as_postgres, f"{pg_bin}/initdb -D {root}/data -A trust -U postgres"],
+                       check=True, capture_output=True)
+        subprocess.run([*as_postgres, f"{pg_bin}/pg_ctl -D {root}/data -l {root}/log -w start "
+                        f"-o '-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off'"],
+                       check=True, capture_output=True)
+        atexit.register(subprocess.run, [*as_postgres, f"{pg_bin}/pg_ctl -D {root}/data -m fast "
+                                         f"stop"], capture_output=True)
+        _postgres["url"] = f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    name = "bastion_" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    url = str(_postgres["url"])
+    with psycopg.connect(url.replace("+psycopg", "") + "/postgres", autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{url}/{name}"
+
+
+def database_rows(server: RunningServer, table: str) -> list[dict]:
+    """Every row of one table of the server's database, whichever database it is."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(server.database_url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(text(f"SELECT * FROM {table}"))]
+    finally:
+        engine.dispose()

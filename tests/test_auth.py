@@ -36,16 +36,13 @@ def test_wrong_scheme_is_401(server: RunningServer) -> None:
 
 def test_admin_key_is_stored_hashed(server: RunningServer) -> None:
     import hashlib
-    import sqlite3
 
-    from conftest import ADMIN_KEY
+    from conftest import ADMIN_KEY, database_rows
 
-    with sqlite3.connect(server.data_dir / "bastion.db") as db:
-        rows = db.execute("SELECT prefix, key_hash, permissions, is_server_admin FROM api_keys").fetchall()
-        dump = "\n".join(db.iterdump())
-    assert ADMIN_KEY not in dump
-    prefix, key_hash, permissions, is_admin = rows[0]
-    assert len(rows) == 1 and is_admin == 1
-    assert key_hash == hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
-    assert prefix == ADMIN_KEY[:12]
-    assert "admin" in permissions
+    rows = [r for r in database_rows(server, "api_keys") if r["is_server_admin"]]
+    assert len(rows) == 1
+    row = rows[0]
+    assert ADMIN_KEY not in repr(row)
+    assert row["key_hash"] == hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
+    assert row["prefix"] == ADMIN_KEY[:12]
+    assert "admin" in row["permissions"]
