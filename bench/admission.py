@@ -110,11 +110,20 @@ def limited_key(api: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument("--redis", action="store_true",
+                    help="limits in a redis-server started for the run (default: in memory)")
     args = ap.parse_args()
     results: dict[str, dict] = {}
     ip = in_process(20_000)
     with tempfile.TemporaryDirectory() as tmp:
-        on = start_server(Path(tmp) / "on", "--parallel", "8")
+        redis = None
+        on_env: dict[str, str] = {}
+        if args.redis:
+            from test_redis_limits import start_redis
+
+            redis, url = start_redis(Path(tmp))
+            on_env = {"BASTION_REDIS_URL": url}
+        on = start_server(Path(tmp) / "on", "--parallel", "8", env=on_env)
         off = start_server(Path(tmp) / "off", "--parallel", "8",
                            env={"BASTION_RATE_LIMITS": "false"})
         try:
@@ -130,13 +139,17 @@ def main() -> None:
         finally:
             stop_server(on)
             stop_server(off)
+            if redis is not None:
+                redis.terminate()
+                redis.wait(10)
+    storage = "Redis storage (redis-server on loopback)" if args.redis else "memory storage"
     print(f"{os.cpu_count()} CPUs, {args.requests} sequential requests per row, alternating "
-          f"between the two servers; memory storage\n")
+          f"between the two servers; {storage}\n")
     print("| endpoint, mode | req/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
               f"{r['errors']} |")
-    print(f"\nin-process Limiter.admit + settle + headers: p50 {ip['p50_us']:.1f} µs, "
+    print(f"\nin-process Limiter.admit + settle + headers (memory): p50 {ip['p50_us']:.1f} µs, "
           f"p99 {ip['p99_us']:.1f} µs")
     for name in ("GET /v1/models", "POST /v1/completions max_tokens=1"):
         a, b = results[f"{name}, limits on"], results[f"{name}, limits off"]
