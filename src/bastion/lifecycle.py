@@ -7,7 +7,6 @@ import json
 import logging
 from typing import Any, Awaitable, Callable
 
-import anyio
 
 from bastion.errors import (APIError, InvalidRequestError, PayloadTooLargeError,
                             ServiceUnavailableError)
@@ -108,8 +107,7 @@ class Gatekeeper:
             if message["type"] == "http.response.start" and "principal" in state:
                 limiter = scope["app"].state.limiter
                 try:
-                    headers = (await anyio.to_thread.run_sync(limiter.headers, state["principal"])
-                               if limiter.remote else limiter.headers(state["principal"]))
+                    headers = await limiter.run(limiter.headers, state["principal"])
                 except Exception:  # headers are informative; their storage may be down
                     headers = {}
                 present = {k.lower() for k, _ in message.get("headers", [])}

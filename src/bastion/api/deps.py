@@ -52,10 +52,7 @@ async def current_principal(request: Request) -> Principal:
     principal = await run_in_threadpool(lookup)
     request.state.principal = principal  # the rate-limit headers of the response need it
     limiter: Limiter = request.app.state.limiter
-    if limiter.remote:
-        await run_in_threadpool(limiter.count_request, principal)
-    else:
-        limiter.count_request(principal)
+    await limiter.run(limiter.count_request, principal)
     return principal
 
 
@@ -100,10 +97,7 @@ async def admit(request: Request, principal: Principal, estimate: int, *, model:
     the Gatekeeper, which settles it if the request ends before the route could (client gone
     before the stream started). A retry with the same Idempotency-Key is billed once."""
     limiter: Limiter = request.app.state.limiter
-    if limiter.remote:  # a network round trip must not hold up the event loop
-        ticket = await run_in_threadpool(limiter.admit, principal, estimate)
-    else:
-        ticket = limiter.admit(principal, estimate)
+    ticket = await limiter.run(limiter.admit, principal, estimate)
     request_id = response_id
     if idem := request.headers.get("idempotency-key"):
         # a retry of the same request is billed once; another request reusing the key is not

@@ -8,13 +8,16 @@ reached the limiter fails closed: requests get a 503 that says why, never unlimi
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
+
+import anyio
 
 from limits import RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.storage import MemoryStorage, Storage, storage_from_string
@@ -26,6 +29,7 @@ from bastion.ratelimit.slots import MemorySlots, RedisSlots, Slots
 from bastion.tenancy.keys import Principal
 
 log = logging.getLogger("bastion.ratelimit")
+T = TypeVar("T")
 CONCURRENCY_RETRY_S = 1.0  # a slot frees when some running request ends: poll again soon
 # The token counter's own ceiling: the plan's cap is compared by hand, so that the counter's
 # key does not change with the plan (a plan change must not hand out a fresh hour).
@@ -80,6 +84,13 @@ class Limiter:
             self._renewer = threading.Thread(target=self._renew_loop, args=(slot_lease_s / 3,),
                                              name="slot-leases", daemon=True)
             self._renewer.start()
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Call one of the limiter's methods from the event loop: in a worker thread when its
+        storage is remote (a network round trip must not hold up the loop), inline otherwise."""
+        if self.remote:
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+        return fn(*args)
 
     def close(self) -> None:
         self._stop.set()
@@ -145,6 +156,7 @@ class Limiter:
         limits = principal.limits
         now = time.time()
         tph = self._tph_item(principal)
+        reset = 0.0  # end of the token window this reservation is counted in
         if tph is not None:
             left, reset = self._tokens_left(principal)
             if estimate > left:
@@ -163,10 +175,8 @@ class Limiter:
                 headers=self.headers(principal))
         self._held[member] = principal.org_id
         try:
-            reset = 0.0
             if tph is not None:
                 self.fixed.hit(tph, principal.org_id, cost=estimate)
-                reset = self.fixed.get_window_stats(tph, principal.org_id).reset_time
         except Exception:  # never keep (and keep renewing) a slot of a refused request
             self._held.pop(member, None)
             self.slots.release(principal.org_id, member)

@@ -198,8 +198,5 @@ async def settle(ticket: Ticket) -> None:
     shielded so that the cancellation that ended the request cannot skip them."""
     if ticket.done:
         return
-    if not ticket.limiter.remote:
-        ticket.settle()
-        return
     with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(ticket.settle)
+        await ticket.limiter.run(ticket.settle)
