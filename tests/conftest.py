@@ -56,8 +56,9 @@ def models_cache() -> Path:
 
 
 def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
-                 data_dir: Path | None = None) -> RunningServer:
-    """A server on a free port; replicas of one deployment pass the same data_dir."""
+                 data_dir: Path | None = None, embeddings: bool = False) -> RunningServer:
+    """A server on a free port; replicas of one deployment pass the same data_dir. Only the
+    servers that test embeddings load the embedding model (PyTorch adds seconds to a start)."""
     port = free_port()
     data_dir = data_dir or tmp / f"data-{port}"
     (data_dir / "models").mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,8 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
     full_env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY,
                 "BASTION_DATABASE_URL": database_url, **(env or {})}
     cmd = [sys.executable, "-m", "bastion.cli", "serve", "--port", str(port),
-           "--data-dir", str(data_dir), *args]
+           "--data-dir", str(data_dir), *args,
+           *([] if embeddings else ["--no-bundled-embeddings"])]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(proc, f"http://127.0.0.1:{port}", data_dir, log_path, database_url)
@@ -104,7 +106,7 @@ def stop_server(server: RunningServer) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    srv = start_server(tmp_path_factory.mktemp("server"), "--parallel", "16")
+    srv = start_server(tmp_path_factory.mktemp("server"), "--parallel", "16", embeddings=True)
     yield srv
     stop_server(srv)
 

@@ -18,6 +18,16 @@ class ModelSpec(BaseModel):
     owned_by: str = "bastion"
 
 
+class EmbeddingModelSpec(BaseModel):
+    """A sentence-transformers model directory to serve for /v1/embeddings."""
+
+    path: Path
+    id: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    owned_by: str = "bastion"
+    truncatable_dimensions: bool = False  # trained Matryoshka-style: `dimensions` may shorten
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BASTION_", env_nested_delimiter="__")
 
@@ -30,7 +40,13 @@ class Settings(BaseSettings):
 
     serve_bundled_model: bool = True
     models: list[ModelSpec] = Field(default_factory=list)
-    aliases: dict[str, str] = Field(default_factory=lambda: {"gemma": "gemma-3-270m"})
+    aliases: dict[str, str] = Field(default_factory=lambda: {"gemma": "gemma-3-270m",
+                                                              "all-minilm": "all-minilm-l6-v2"})
+    serve_bundled_embeddings: bool = True
+    embedding_models: list[EmbeddingModelSpec] = Field(default_factory=list)
+    embedding_window_ms: float = Field(2.0, ge=0, le=1000, description="how long an idle "
+                                       "embedding worker waits for more requests to batch")
+    embedding_max_batch: int = Field(64, ge=1, le=4096, description="inputs per forward pass")
 
     # llama.cpp engine
     parallel: int = Field(16, ge=1, le=256, description="sequences decoded together per model")

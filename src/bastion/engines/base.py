@@ -102,6 +102,7 @@ class ModelInfo:
     parameters: str | None
     vocab_size: int
     created: int
+    dimensions: int | None = None  # embedding models: the length of their vectors
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
 from bastion.protocol.common import Usage
 from bastion.ratelimit.limiter import Limiter, Ticket
 from bastion.serving.common import (check_n, completion_budget, merge, metered,
-                                    sampling_params)
+                                    sampling_params, unsupported)
 from bastion.tenancy.keys import Principal
 
 
@@ -40,8 +40,7 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
                        principal: Principal, limiter: Limiter) -> PreparedChat:
     engine = deployment.engine
     if not engine.capabilities.chat:
-        raise InvalidRequestError(f"The model '{deployment.id}' does not support chat completions.",
-                                  param="model", code="model_not_supported")
+        raise unsupported(deployment, "chat completions")
     messages: list[dict[str, Any]] = []
     for i, m in enumerate(body.messages):
         if isinstance(m.content, list):
