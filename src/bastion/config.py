@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_n: int = 8
     default_max_tokens: int = 2048
 
+    ws_auth_timeout: float = Field(10.0, gt=0, description="an unauthenticated socket is closed after this")
+    ws_max_requests: int = Field(16, ge=1, description="generations one socket may run at once")
+
     drain_timeout: float = 30.0
     rate_limits: bool = True
     redis_url: str | None = None  # shared limits for several replicas, e.g. redis://host:6379/0
