@@ -194,3 +194,26 @@ def database_rows(server: RunningServer, table: str) -> list[dict]:
             return [dict(r._mapping) for r in conn.execute(text(f"SELECT * FROM {table}"))]
     finally:
         engine.dispose()
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (16, 16),
+                color: tuple[int, int, int] = (200, 30, 30), frames: int = 1) -> bytes:
+    """A real image made with Pillow (animated when frames > 1, for GIF and WebP)."""
+    import io
+
+    from PIL import Image
+
+    images = [Image.new("RGB", size, tuple((c + 60 * k) % 256 for c in color))
+              for k in range(frames)]
+    out = io.BytesIO()
+    extra = {"save_all": True, "append_images": images[1:]} if frames > 1 else {}
+    images[0].save(out, format=fmt, **extra)
+    return out.getvalue()
+
+
+def png_data_uri(size: tuple[int, int] = (16, 16), color: tuple[int, int, int] = (200, 30, 30),
+                 fmt: str = "PNG", mime: str = "image/png", frames: int = 1) -> str:
+    import base64
+
+    data = image_bytes(fmt, size, color, frames)
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     ws_auth_timeout: float = Field(10.0, gt=0, description="an unauthenticated socket is closed after this")
     ws_max_requests: int = Field(16, ge=1, description="generations one socket may run at once")
 
+    # image parts of chat messages
+    max_images_per_request: int = Field(8, ge=0)
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(16_777_216, ge=1, description="larger images are refused "
+                                  "from their header, before decompression")
+    fetch_remote_images: bool = False  # https:// image URLs (public addresses only)
+    remote_image_timeout: float = Field(10.0, gt=0)
+
     drain_timeout: float = 30.0
     rate_limits: bool = True
     redis_url: str | None = None  # shared limits for several replicas, e.g. redis://host:6379/0
