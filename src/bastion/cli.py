@@ -26,6 +26,11 @@ def _template_name(templates: list[str], i: int) -> str | None:
     return None if name == "auto" else name
 
 
+def _mmproj_path(paths: list[str], i: int) -> Path | None:
+    name = paths[i] if i < len(paths) else "none"
+    return None if name in ("", "none") else Path(name)
+
+
 @app.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
@@ -34,6 +39,7 @@ def serve(
     model: Annotated[Optional[list[Path]], typer.Option(help="Extra GGUF file to serve (repeatable).")] = None,
     alias: Annotated[Optional[list[str]], typer.Option(help="Model id for the --model at the same position.")] = None,
     chat_template: Annotated[Optional[list[str]], typer.Option(help="Chat template for the --model at the same position: auto (the GGUF's own), gemma, chatml or llama3.")] = None,
+    mmproj: Annotated[Optional[list[str]], typer.Option(help="Multimodal projector GGUF for the --model at the same position (its image input), or none.")] = None,
     no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Do not serve the bundled Gemma model.")] = False,
     embedding_model: Annotated[Optional[list[Path]], typer.Option(help="Extra sentence-transformers directory to serve for /v1/embeddings (repeatable; its id is the directory name).")] = None,
     no_bundled_embeddings: Annotated[bool, typer.Option("--no-bundled-embeddings", help="Do not serve the bundled all-MiniLM-L6-v2 embedding model.")] = False,
@@ -55,9 +61,14 @@ def serve(
         settings.embedding_models.append(EmbeddingModelSpec(path=path))
     aliases = list(alias or [])
     templates = list(chat_template or [])
+    projectors = list(mmproj or [])
+    if len(projectors) > len(model or []):
+        raise typer.BadParameter("each --mmproj belongs to the --model at the same position; "
+                                 f"got {len(projectors)} --mmproj for {len(model or [])} --model")
     for i, path in enumerate(model or []):
         settings.models.append(ModelSpec(path=path, id=aliases[i] if i < len(aliases) else None,
-                                         chat_template=_template_name(templates, i)))
+                                         chat_template=_template_name(templates, i),
+                                         mmproj=_mmproj_path(projectors, i)))
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"Bastion on http://{settings.host}:{settings.port}/v1", flush=True)

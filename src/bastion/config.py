@@ -15,6 +15,7 @@ class ModelSpec(BaseModel):
     id: str | None = None
     aliases: list[str] = Field(default_factory=list)
     chat_template: str | None = None  # name of a built-in template; default: the GGUF's own
+    mmproj: Path | None = None  # multimodal projector GGUF: the model then takes images
     owned_by: str = "bastion"
 
 

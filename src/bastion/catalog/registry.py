@@ -73,7 +73,7 @@ def load_catalog(settings: Settings) -> Catalog:
             model_id = spec.id or spec.path.stem
             log.info("loading model %s from %s", model_id, spec.path)
             engine = engine_cls(path=spec.path, name=model_id, chat_template=spec.chat_template,
-                                **common)
+                                mmproj=spec.mmproj, **common)
             catalog.add(Deployment(model_id, engine, owned_by=spec.owned_by,
                                    aliases=list(spec.aliases)))
         load_embedding_models(settings, catalog)

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion.catalog.registry import Deployment
 from bastion.config import Settings
-from bastion.engines.base import Delta, Finished, GenerationRequest, TokenLogprob
+from bastion.engines.base import Delta, Finished, GenerationRequest, PromptMedia, TokenLogprob
 from bastion.errors import InvalidRequestError
 from bastion.ids import new_id
 from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
@@ -60,7 +60,12 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
         else:
             messages.append({"role": role, "content": m.text()})
     check_n(body.n, max_n=settings.max_n, slots=getattr(engine, "max_parallel", body.n))
-    prompt = await run_in_threadpool(engine.render_chat, messages)
+    media: tuple[PromptMedia, ...] = ()
+    if any(isinstance(m["content"], list) for m in messages):  # images, checked for vision above
+        rendered = await run_in_threadpool(engine.render_chat_media, messages)
+        prompt, media = rendered.tokens, rendered.media
+    else:
+        prompt = await run_in_threadpool(engine.render_chat, messages)
     max_tokens = completion_budget(prompt_len=len(prompt), requested=body.completion_limit,
                                    context=engine.info.context_length,
                                    default=settings.default_max_tokens, param="messages",
@@ -69,7 +74,7 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
                                         default=max_tokens, param="messages")
     params = sampling_params(body, max_tokens=max_tokens, vocab_size=engine.info.vocab_size,
                              logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-    gen = GenerationRequest(prompt_tokens=prompt, params=params, n=body.n)
+    gen = GenerationRequest(prompt_tokens=prompt, params=params, n=body.n, media=media)
     return PreparedChat(body, deployment, prompt, gen)
 
 

@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from bastion.engines.base import (Capabilities, EngineError, Event, GenerationRequest, ModelInfo,
+from bastion.engines.base import (MEDIA_TOKEN, Capabilities, DecodedImage, EngineError, Event,
+                                  GenerationRequest, ModelInfo, Prompt, PromptMedia,
                                   format_parameters)
 from bastion.engines.llamacpp.model import LlamaModel
 from bastion.engines.llamacpp.scheduler import DONE, Scheduler
 from bastion.engines.llamacpp.templates import ChatTemplate, pick_template
+from bastion.engines.llamacpp.vision import ImageChunk, Projector
 
 
 # Private-use code points: they never occur in chat templates, and mark where message text goes.
@@ -21,20 +23,29 @@ _MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 class LlamaCppEngine:
     def __init__(self, *, path: Path, name: str, n_seq: int, ctx_per_seq: int, n_batch: int,
-                 threads: int | None = None, chat_template: str | None = None) -> None:
+                 threads: int | None = None, chat_template: str | None = None,
+                 mmproj: Path | None = None) -> None:
         self.model = LlamaModel(path, n_seq=n_seq, ctx_per_seq=ctx_per_seq, n_batch=n_batch,
                                 threads=threads)
         m = self.model
+        self.projector: Projector | None = None
+        if mmproj is not None:
+            try:
+                self.projector = Projector(mmproj, m, threads=m.n_threads)
+            except BaseException:
+                m.close()
+                raise
         self.template: ChatTemplate = pick_template(
             gguf_template=m.chat_template(), name=chat_template,
             bos_token=m.token_text(m.bos), eos_token=m.token_text(m.eos))
         self._fim = m.fim_tokens()
-        self.capabilities = Capabilities(chat=True, completion=True, infill=self._fim is not None)
+        self.capabilities = Capabilities(chat=True, completion=True, infill=self._fim is not None,
+                                         vision=self.projector is not None)
         self.info = ModelInfo(context_length=m.ctx_per_seq,
                               parameters=m.meta("general.size_label") or format_parameters(m.n_params),
                               vocab_size=m.n_vocab, created=int(path.stat().st_mtime))
         self.max_parallel = n_seq
-        self.scheduler = Scheduler(m, name)
+        self.scheduler = Scheduler(m, name, self.projector)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self.model.tokenize(text, add_special=add_special and self.model.add_bos,
@@ -44,18 +55,66 @@ class LlamaCppEngine:
         """Prompt tokens of a conversation. The template is rendered with a marker in place of
         each message's text; the template's own text is tokenised with its special tokens, the
         messages' text without, so a user who types "<end_of_turn>" cannot fake a turn."""
+        return self._render(messages, None)
+
+    def render_chat_media(self, messages: list[dict[str, Any]]) -> Prompt:
+        """A conversation whose contents may be lists of text and image parts. Text is
+        tokenised as in render_chat (adjacent text parts joined first, so a request costs
+        exactly its image tokens more than the same text without images); each image becomes
+        the projector's wrapper tokens and a run of MEDIA_TOKEN placeholders it fills."""
+        if self.projector is None:
+            raise EngineError("This model has no vision projector.",
+                              error_type="invalid_request_error", code="model_not_supported")
+        media: list[PromptMedia] = []
+        tokens = self._render(messages, media)
+        if media and media[-1].offset + media[-1].n_tokens == len(tokens):
+            # never happens with a chat template (the generation prompt follows), but the
+            # scheduler needs text after the last image to sample the first token from
+            raise EngineError("A prompt must not end with an image.")
+        return Prompt(tokens=tokens, media=tuple(media))
+
+    def _render(self, messages: list[dict[str, Any]], media: list[PromptMedia] | None) -> list[int]:
         shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
         text = self.template.render(shadow)
         tokens: list[int] = []
         for k, part in enumerate(_MARKS.split(text)):
             if k % 2:
-                tokens += self.model.tokenize(messages[int(part)]["content"], add_special=False,
-                                              parse_special=False)
+                content = messages[int(part)]["content"]
+                if isinstance(content, str):
+                    tokens += self.model.tokenize(content, add_special=False,
+                                                  parse_special=False)
+                elif media is None:
+                    raise TypeError("messages with content parts go to render_chat_media")
+                else:
+                    self._render_parts(content, tokens, media)
             elif part:
                 tokens += self.model.tokenize(part, add_special=False, parse_special=True)
         if self.model.add_bos and (not tokens or tokens[0] != self.model.bos):
             tokens.insert(0, self.model.bos)
+            for i, item in enumerate(media or []):
+                media[i] = PromptMedia(item.offset + 1, item.n_tokens, item.payload)  # type: ignore[index]
         return tokens
+
+    def _render_parts(self, parts: list[dict[str, Any]], tokens: list[int],
+                      media: list[PromptMedia]) -> None:
+        assert self.projector is not None
+        text: list[str] = []
+        for part in parts:
+            if part["type"] == "text":
+                text.append(part["text"])
+                continue
+            image = part["image"]
+            if not isinstance(image, DecodedImage):
+                raise TypeError(f"an image part must hold a DecodedImage, not {type(image)}")
+            tokens += self.model.tokenize("".join(text), add_special=False, parse_special=False)
+            text = []
+            for segment in self.projector.tokenize_image(image):
+                if isinstance(segment, ImageChunk):
+                    media.append(PromptMedia(len(tokens), segment.n_tokens, segment))
+                    tokens += [MEDIA_TOKEN] * segment.n_tokens
+                else:
+                    tokens += segment
+        tokens += self.model.tokenize("".join(text), add_special=False, parse_special=False)
 
     def infill_tokens(self, prefix: str, suffix: str) -> list[int]:
         if self._fim is None:
@@ -104,5 +163,7 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         if self.scheduler.stop():  # never free the model under a thread still decoding
+            if self.projector is not None:
+                self.projector.close()
             self.model.close()
 
