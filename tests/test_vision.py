@@ -137,3 +137,26 @@ def test_bundled_model_still_refuses_images(vlm_server: RunningServer) -> None:
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "model_not_supported"
     assert r.json()["error"]["param"] == "messages[1].content[1]"
+
+
+def test_projector_of_another_model_stops_the_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A projector whose output width is not the model's must fail loudly at start, not
+    serve a model that turns images into garbage or crashes on the first one."""
+    wrong = write_mmproj(tmp_path / "wrong-mmproj.gguf", text_embd=64)
+    with pytest.raises(RuntimeError) as exc:
+        start_server(tmp_path, "--no-bundled", "--model",
+                     str(models_cache() / "gemma-3-270m-q4_k_m.gguf"),
+                     "--mmproj", str(wrong), "--alias", "broken")
+    assert "could not load the multimodal projector" in str(exc.value)
+
+
+def test_mmproj_without_its_model_is_a_usage_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "bastion.cli", "serve", "--data-dir", str(tmp_path),
+                        "--mmproj", str(tmp_path / "p.gguf")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    said = " ".join(r.stderr.replace("│", " ").split())  # typer may draw a box and wrap
+    assert "each --mmproj belongs to the --model at the same position" in said
