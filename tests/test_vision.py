@@ -160,3 +160,24 @@ def test_mmproj_without_its_model_is_a_usage_error(tmp_path) -> None:  # type: i
     assert r.returncode == 2
     said = " ".join(r.stderr.replace("│", " ").split())  # typer may draw a box and wrap
     assert "each --mmproj belongs to the --model at the same position" in said
+
+
+def test_images_over_the_websocket(sdk: openai.OpenAI, vlm_server: RunningServer) -> None:
+    """/v1/ws shares the chat path: the same image gives the same text and usage there."""
+    import json
+
+    from websockets.sync.client import connect
+
+    msgs = messages("What is it?", noise_png(5))
+    want = chat(sdk, msgs, max_tokens=5)
+    with connect(vlm_server.base_url.replace("http://", "ws://") + "/v1/ws") as ws:
+        ws.send(json.dumps({"type": "auth", "api_key": ADMIN_KEY}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "authenticated"
+        ws.send(json.dumps({"type": "inference", "model": VLM, "messages": msgs,
+                            "max_tokens": 5, "temperature": 0}))
+        text = ""
+        while (m := json.loads(ws.recv(timeout=60)))["type"] == "token":
+            text += m["content"]
+    assert m["type"] == "done", m
+    assert text == want.choices[0].message.content
+    assert m["usage"]["prompt_tokens"] == want.usage.prompt_tokens
