@@ -49,18 +49,17 @@ class Projector:
     threads and encoding on the scheduler thread; one lock keeps libmtmd to one caller."""
 
     def __init__(self, path: Path, model: LlamaModel, *, threads: int) -> None:
+        self._lock = threading.Lock()
         mt.mtmd_log_set(_mtmd_log, ctypes.c_void_p(0))
         mt.mtmd_helper_log_set(_mtmd_log, ctypes.c_void_p(0))
         params = mt.mtmd_context_params_default()
-        params.use_gpu = False
         params.print_timings = False
         params.n_threads = threads
-        params.warmup = False
+        params.warmup = False  # use_gpu stays the default: a GPU build encodes on the GPU
         self.ctx = mt.mtmd_init_from_file(str(path).encode(), model.model, params)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not load the multimodal projector at {path} "
                                f"(is it the mmproj file made for this model?)")
-        self._lock = threading.Lock()
         self._model = model
         try:
             if not mt.mtmd_support_vision(self.ctx):
@@ -112,7 +111,10 @@ class Projector:
                         if mt.mtmd_input_chunk_get_n_pos(chunk) != n_tokens:
                             raise EngineError("This projector gives images fewer positions "
                                               "than tokens, which is not supported yet.")
-                        segments.append(ImageChunk(mt.mtmd_input_chunk_copy(chunk), n_tokens))
+                        owned = mt.mtmd_input_chunk_copy(chunk)
+                        if not owned:
+                            raise EngineError("llama.cpp could not keep the image.")
+                        segments.append(ImageChunk(owned, n_tokens))
                     else:
                         raise EngineError("The projector made a non-image chunk from an image.")
             finally:
@@ -126,6 +128,9 @@ class Projector:
         the llama_context, between two of its batches."""
         new_past = lc.llama_pos(0)
         with self._lock:
+            if not self.ctx or not image.ptr:
+                raise EngineError("The model is shutting down.", error_type="server_error",
+                                  code="service_unavailable")
             rc = mt.mtmd_helper_eval_chunk_single(self.ctx, self._model.ctx, image.ptr, position,
                                                   seq_id, self._model.n_batch, False,
                                                   ctypes.byref(new_past))
@@ -134,7 +139,7 @@ class Projector:
         return new_past.value
 
     def close(self) -> None:
-        with getattr(self, "_lock", threading.Lock()):
+        with self._lock:
             if self.ctx:
                 mt.mtmd_free(self.ctx)
                 self.ctx = None
