@@ -18,7 +18,7 @@ from bastion.engines.base import (MEDIA_TOKEN, DecodedImage, Delta, EngineError,
                                   GenerationRequest, Prompt, SamplingParams)
 from bastion.engines.llamacpp.engine import LlamaCppEngine
 from conftest import models_cache
-from tiny_vlm import IMAGE_TOKENS, write_mmproj
+from tiny_vlm import GEMMA3_IMAGE_TOKENS, IMAGE_TOKENS, write_mmproj
 
 THREADS = 2
 
@@ -36,6 +36,21 @@ def mmproj(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(mmproj: Path) -> Iterator[LlamaCppEngine]:
     eng = LlamaCppEngine(path=gemma(), name="tiny-vlm", n_seq=4, ctx_per_seq=1024, n_batch=256,
                          threads=THREADS, mmproj=mmproj)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def gemma3_mmproj(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mmproj(tmp_path_factory.mktemp("vlm") / "tiny-gemma3-mmproj.gguf",
+                        projector="gemma3")
+
+
+@pytest.fixture(scope="module")
+def gemma3_engine(gemma3_mmproj: Path) -> Iterator[LlamaCppEngine]:
+    """Gemma 3's own projector type: wrapper tokens and non-causal image attention."""
+    eng = LlamaCppEngine(path=gemma(), name="tiny-gemma3-vlm", n_seq=4, ctx_per_seq=1024,
+                         n_batch=256, threads=THREADS, mmproj=gemma3_mmproj)
     yield eng
     eng.close()
 
@@ -156,10 +171,7 @@ def reference_first_logprobs(model_path: Path, mmproj: Path, prompt: Prompt) -> 
         lc.llama_model_free(model)
 
 
-def test_scheduler_matches_sequential_reference(engine: LlamaCppEngine, mmproj: Path) -> None:
-    """The image lands in the sequence's KV cache at the right positions: the first token's
-    distribution equals that of a plain one-sequence evaluation, and a different image or no
-    image gives a clearly different one."""
+def check_against_reference(engine: LlamaCppEngine, mmproj: Path) -> None:
     p1 = engine.render_chat_media(ask(text("Describe:"), image(noise(1))))
     p2 = engine.render_chat_media(ask(text("Describe:"), image(noise(2))))
     _, tops1 = run(engine, p1, max_tokens=1)
@@ -170,6 +182,31 @@ def test_scheduler_matches_sequential_reference(engine: LlamaCppEngine, mmproj: 
     assert np.allclose(got, ref_top, atol=0.02), (got, ref_top)
     other = np.array([v for _, v in tops2[0]])
     assert np.abs(other - got).max() > 0.1, (other, got)
+
+
+def test_scheduler_matches_sequential_reference(engine: LlamaCppEngine, mmproj: Path) -> None:
+    """The image lands in the sequence's KV cache at the right positions: the first token's
+    distribution equals that of a plain one-sequence evaluation, and a different image gives
+    a clearly different one."""
+    check_against_reference(engine, mmproj)
+
+
+def test_gemma3_projector_wraps_images_and_matches_reference(
+        gemma3_engine: LlamaCppEngine, gemma3_mmproj: Path) -> None:
+    """Gemma 3's projector: mtmd's <start_of_image>/<end_of_image> come back as text tokens
+    around the image (and count in the prompt), the image attends to itself non-causally."""
+    eng = gemma3_engine
+    plain = eng.render_chat([{"role": "system", "content": "Answer briefly."},
+                             {"role": "user", "content": "What is it?"}])
+    p = eng.render_chat_media(ask(text("What is it?"), image(noise(1))))
+    (m,) = p.media
+    assert m.n_tokens == GEMMA3_IMAGE_TOKENS
+    assert len(p.tokens) == len(plain) + GEMMA3_IMAGE_TOKENS + 2
+    start, end = (eng.model.tokenize(t, add_special=False, parse_special=True)
+                  for t in ("<start_of_image>", "<end_of_image>"))
+    assert [p.tokens[m.offset - 1]] == start and [p.tokens[m.offset + m.n_tokens]] == end
+    assert p.tokens[:m.offset - 1] + p.tokens[m.offset + m.n_tokens + 1:] == plain
+    check_against_reference(eng, gemma3_mmproj)
 
 
 def test_same_image_same_output_different_image_different_logprobs(engine: LlamaCppEngine) -> None:
