@@ -138,6 +138,8 @@ class LlamaCppEngine:
             except RuntimeError:  # the loop is gone; nobody is listening any more
                 pass
 
+        if request.media:
+            await self._encode(request)
         job = self.scheduler.submit(request, sink)
         done = False
         try:
@@ -154,6 +156,15 @@ class LlamaCppEngine:
         finally:
             if not done:  # the consumer went away: free the sequences at once
                 self.scheduler.cancel(job)
+
+    async def _encode(self, request: GenerationRequest) -> None:
+        """Run the vision encoder over the request's images on a worker thread: only now,
+        after admission, and beside the scheduler, which keeps decoding other sequences."""
+        if self.projector is None:
+            raise EngineError("This model has no vision projector.")
+        for media in request.media:
+            if isinstance(media.payload, ImageChunk) and media.payload.embd is None:
+                await asyncio.to_thread(self.projector.encode, media.payload)
 
     def stats(self) -> dict[str, int]:
         return self.scheduler.stats()

@@ -5,11 +5,12 @@ Each step the thread (1) takes new requests, cancellations and aborts from its c
 next token of every decoding sequence plus prompt chunks of newly admitted ones, and (4) samples
 each sequence with its own sampler chain and hands the events to the request's sink.
 
-A prompt with images is prefilled up to each image in batches as usual; the image is then
-encoded and decoded into the sequence's KV cache by libmtmd at the start of the next step, on
-this thread and outside the shared batch. Other sequences wait for that (a few milliseconds for
-a small projector, longer for a large one): acceptable for a first version, where overlapping
-the vision encoder with other sequences' decoding is the next improvement.
+A prompt with images arrives with its images already encoded (engine.generate runs the vision
+encoder on a worker thread first, while this thread keeps decoding). It is prefilled up to each
+image in batches as usual; the image's embeddings are then decoded into the sequence's KV cache
+by libmtmd at the start of the next step, on this thread and outside the shared batch (a batch
+holds tokens or embeddings, not both). The other sequences wait for that one decode, which
+costs about what prefilling as many text tokens does.
 """
 
 from __future__ import annotations
@@ -260,8 +261,8 @@ class Scheduler:
         while job.prefilled in job.media:
             media = job.media[job.prefilled]
             try:
-                end = self.projector.evaluate(media.payload, position=job.prefilled,
-                                              seq_id=leader)
+                end = self.projector.decode(media.payload, position=job.prefilled,
+                                            seq_id=leader)
                 if end != job.prefilled + media.n_tokens:
                     raise EngineError(f"The image took {end - job.prefilled} positions "
                                       f"instead of {media.n_tokens}.")

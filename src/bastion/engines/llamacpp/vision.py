@@ -1,6 +1,7 @@
 """Images for llama.cpp multimodal models: the mmproj projector through llama-cpp-python's
-mtmd bindings (libmtmd), which preprocess an image into the model's patches, encode them with
-the vision tower and decode the embeddings into one sequence's KV cache."""
+mtmd bindings (libmtmd). An image is preprocessed into the model's patches when the prompt is
+rendered, encoded by the vision tower on a worker thread once its request is admitted, and its
+embeddings decoded into one sequence's KV cache by the scheduler thread."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 from pathlib import Path
 
 import llama_cpp as lc
+import numpy as np
 from llama_cpp import mtmd_cpp as mt
 
 from bastion.engines.base import DecodedImage, EngineError
@@ -34,6 +36,7 @@ class ImageChunk:
     def __init__(self, ptr: int, n_tokens: int) -> None:
         self.ptr: int | None = ptr
         self.n_tokens = n_tokens
+        self.embd: np.ndarray | None = None  # n_tokens x n_embd floats, once encoded
 
     def close(self) -> None:
         if self.ptr:
@@ -61,6 +64,7 @@ class Projector:
             raise RuntimeError(f"llama.cpp could not load the multimodal projector at {path} "
                                f"(is it the mmproj file made for this model?)")
         self._model = model
+        self.n_embd = lc.llama_model_n_embd_inp(model.model)
         try:
             if not mt.mtmd_support_vision(self.ctx):
                 raise RuntimeError(f"the projector at {path} has no vision encoder")
@@ -122,20 +126,35 @@ class Projector:
                 mt.mtmd_bitmap_free(bitmap)
         return segments
 
-    def evaluate(self, image: ImageChunk, *, position: int, seq_id: int) -> int:
-        """Encode the image and decode its embeddings into sequence seq_id's KV cache from
-        `position` on; returns the next free position. Runs on the scheduler thread, which owns
-        the llama_context, between two of its batches."""
-        new_past = lc.llama_pos(0)
+    def encode(self, image: ImageChunk) -> None:
+        """Run the vision tower and projector over the image and keep the embeddings on it.
+        Called on a worker thread once the request is admitted, so the other sequences keep
+        decoding meanwhile; the lock keeps libmtmd's one output buffer to one encoder."""
         with self._lock:
             if not self.ctx or not image.ptr:
                 raise EngineError("The model is shutting down.", error_type="server_error",
                                   code="service_unavailable")
-            rc = mt.mtmd_helper_eval_chunk_single(self.ctx, self._model.ctx, image.ptr, position,
-                                                  seq_id, self._model.n_batch, False,
-                                                  ctypes.byref(new_past))
+            rc = mt.mtmd_encode_chunk(self.ctx, image.ptr)
+            if rc != 0:
+                raise EngineError(f"llama.cpp could not encode the image (status {rc}).")
+            out = mt.mtmd_get_output_embd(self.ctx)
+            image.embd = np.ctypeslib.as_array(out, shape=(image.n_tokens * self.n_embd,)).copy()
+
+    def decode(self, image: ImageChunk, *, position: int, seq_id: int) -> int:
+        """Decode an encoded image's embeddings into sequence seq_id's KV cache from
+        `position` on (non-causally where the model wants it); returns the next free position.
+        Runs on the scheduler thread, which owns the llama_context, between two of its
+        batches. No lock: this reads only the projector's fixed settings, never its buffers."""
+        if image.embd is None or not image.ptr or not self.ctx:
+            raise EngineError("The image was not encoded.")
+        new_past = lc.llama_pos(0)
+        embd = image.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        rc = mt.mtmd_helper_decode_image_chunk(self.ctx, self._model.ctx, image.ptr, embd,
+                                               position, seq_id, self._model.n_batch,
+                                               ctypes.byref(new_past),
+                                               mt.mtmd_helper_post_decode_callback(), None)
         if rc != 0:
-            raise EngineError(f"llama.cpp could not encode the image (status {rc}).")
+            raise EngineError(f"llama.cpp could not decode the image (status {rc}).")
         return new_past.value
 
     def close(self) -> None:
