@@ -241,6 +241,48 @@ def test_concurrent_images_and_text_each_keep_their_own_sequence(engine: LlamaCp
         assert tok_tog == tok_alone and abs(v_tog - v_alone) < 0.5
 
 
+def test_other_sequences_keep_decoding_while_an_image_is_encoded(engine: LlamaCppEngine) -> None:
+    """The vision encoder runs on a worker thread: a text sequence keeps producing tokens
+    while an image encodes. The real encoder is wrapped to take 1.5 s longer, as a large
+    projector on a CPU would."""
+    import threading
+    import time
+
+    real_encode = engine.projector.encode
+    window: dict[str, float | str] = {}
+
+    def slow_encode(image) -> None:  # type: ignore[no-untyped-def]
+        window["start"], window["thread"] = time.monotonic(), threading.current_thread().name
+        real_encode(image)
+        time.sleep(1.5)
+        window["end"] = time.monotonic()
+
+    text_times: list[float] = []
+
+    async def text_request() -> None:
+        tokens = engine.render_chat([{"role": "user", "content": "Tell me a long story."}])
+        req = GenerationRequest(prompt_tokens=tokens, params=SamplingParams(max_tokens=200))
+        async for ev in engine.generate(req):
+            if isinstance(ev, Delta):
+                text_times.append(time.monotonic())
+
+    async def both() -> None:
+        story = asyncio.create_task(text_request())
+        while not text_times:
+            await asyncio.sleep(0.01)
+        await collect(engine, engine.render_chat_media(ask(text("What?"), image(noise(9)))))
+        await story
+
+    engine.projector.encode = slow_encode  # type: ignore[method-assign]
+    try:
+        asyncio.run(both())
+    finally:
+        engine.projector.encode = real_encode  # type: ignore[method-assign]
+    assert window["thread"] != engine.scheduler._thread.name
+    during = [t for t in text_times if window["start"] < t < window["end"]]
+    assert len(during) >= 3, (len(during), len(text_times))
+
+
 def test_bad_image_data_is_refused(engine: LlamaCppEngine) -> None:
     with pytest.raises(EngineError, match="does not match its size"):
         engine.render_chat_media(ask(image(DecodedImage(4, 4, b"\0" * 47))))
