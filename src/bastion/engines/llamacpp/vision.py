@@ -48,8 +48,9 @@ class ImageChunk:
 
 
 class Projector:
-    """An mmproj file bound to its text model. Tokenising (preprocessing) runs on request
-    threads and encoding on the scheduler thread; one lock keeps libmtmd to one caller."""
+    """An mmproj file bound to its text model. Preprocessing and encoding run on request
+    worker threads, one at a time under a lock (libmtmd keeps one output buffer); decoding the
+    embeddings runs on the scheduler thread without it."""
 
     def __init__(self, path: Path, model: LlamaModel, *, threads: int) -> None:
         self._lock = threading.Lock()
