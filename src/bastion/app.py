@@ -22,6 +22,7 @@ from bastion.ratelimit.limiter import Limiter
 from bastion.usage.ledger import Ledger
 from bastion.serving.common import as_api_error
 from bastion.tenancy.keys import bootstrap
+from bastion.web.router import install as install_dashboard
 
 log = logging.getLogger("bastion")
 
@@ -67,5 +68,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (chat, completions, models, organizations, keys, usage, health):
         app.include_router(module.router)
+    install_dashboard(app)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes)
     return app
