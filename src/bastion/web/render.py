@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Coroutine
+from urllib.parse import urlencode
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from bastion.errors import APIError, validation_error
+from bastion.web.session import SessionCodec
 
 HERE = Path(__file__).parent
 # No inline script or style anywhere: the policy allows only the dashboard's own files.
@@ -86,9 +88,11 @@ def sign_in_redirect(exc: SignInRequired) -> Response:
     if exc.reason:
         params.append(("reason", exc.reason))
     if params:
-        from urllib.parse import urlencode
         url += "?" + urlencode(params)
-    return RedirectResponse(url, status_code=303)
+    response = RedirectResponse(url, status_code=303)
+    if exc.reason:  # the session named a key that no longer works: forget it
+        SessionCodec.clear(response)
+    return response
 
 
 class PageRoute(APIRoute):

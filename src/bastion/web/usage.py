@@ -121,7 +121,7 @@ def usage_page(request: Request, viewer: CurrentViewer) -> Response:
                for label, n in (("Today", 1), ("7 days", 7), ("30 days", 30), ("90 days", 90))]
     return render(request, "usage.html", page="usage", first=first, last=last, rows=rows,
                   summary=summary, names=names, charts={"tokens": tokens, "requests": requests,
-                                                        "models": by_model, "keys": by_key},
+                                                        "by_model": by_model, "by_key": by_key},
                   presets=presets, own_only=not viewer.can("admin"))
 
 
