@@ -25,6 +25,12 @@
     return node;
   }
 
+  function fit(textarea) {
+    // grow with the text (to a limit) instead of scrolling a three-line box
+    textarea.style.height = "auto";
+    textarea.style.height = `${Math.min(textarea.scrollHeight + 2, 480)}px`;
+  }
+
   function relabel() {
     list.querySelectorAll(".msg").forEach((node, i) => {
       node.querySelector(".role").setAttribute("aria-label", `Message ${i + 1} role`);
@@ -123,6 +129,7 @@
               if (text) {
                 if (!firstAt) firstAt = performance.now();
                 output.value += text;
+                fit(output);
                 chunks += 1;
                 status.dataset.chunks = String(chunks);
                 setStatus("streaming", `Streaming… ${chunks} chunks`);
@@ -222,7 +229,10 @@
   form.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); send(); }
   });
-  form.addEventListener("input", renderCode);
+  form.addEventListener("input", (e) => {
+    if (e.target.classList.contains("content")) fit(e.target);
+    renderCode();
+  });
   form.addEventListener("change", renderCode);
   stopButton.addEventListener("click", () => { if (controller) controller.abort(); });
   $("add-message").addEventListener("click", () => {
