@@ -10,11 +10,14 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
-from bastion.errors import AuthenticationError, AuthorizationError
+from bastion.errors import AuthenticationError, AuthorizationError, PayloadTooLargeError
 from bastion.tenancy import orgs
 from bastion.tenancy.keys import Principal, own_key, verify_id
 from bastion.web.render import SignInRequired
 from bastion.web.session import SessionCodec, WebSession, load_secret
+
+
+MAX_FORM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,11 @@ def refuse_csrf() -> CsrfError:
 
 async def checked_form(request: Request, codec: Codec) -> FormData:
     """The posted form, only if it carries this session's CSRF token."""
-    form = await request.form()
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > MAX_FORM_BYTES:  # forms here are small
+        raise PayloadTooLargeError(f"A dashboard form must state its Content-Length and be at "
+                                   f"most {MAX_FORM_BYTES} bytes.")
+    form = await request.form(max_files=0, max_fields=64)
     session = codec.read(request)
     token = form.get("csrf_token")
     if session is None or not session.csrf_ok(token if isinstance(token, str) else None):
