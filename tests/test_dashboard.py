@@ -419,10 +419,21 @@ def test_dashboard_routes_need_a_session(server: RunningServer) -> None:
 
 def test_sign_out(browser: object, server: RunningServer, tenant: dict) -> None:
     page = sign_in(browser, server, tenant["inference"])
+    copied = session_cookie(page)
+    page.goto("/dashboard/")
+    csrf = csrf_of(page)
+    assert httpx.get(server.base_url + "/dashboard/", cookies=copied).status_code == 200
     page.get_by_role("button", name="Sign out").click()
     page.wait_for_url("**/dashboard/login")
     page.goto("/dashboard/usage")
     assert "/dashboard/login" in page.url
+    # a copy of the cookie taken before signing out is dead too
+    r = httpx.get(server.base_url + "/dashboard/", cookies=copied)
+    assert r.status_code == 303 and "signed+out" in r.headers["location"]
+    r = httpx.post(server.base_url + "/dashboard/api/chat/completions", cookies=copied,
+                   headers={"X-CSRF-Token": csrf},
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 401
     page.context.close()
 
 

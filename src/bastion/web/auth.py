@@ -9,7 +9,7 @@ from starlette.responses import RedirectResponse, Response
 
 from bastion.errors import AuthenticationError
 from bastion.tenancy.keys import verify
-from bastion.web.deps import CheckedForm, Codec
+from bastion.web.deps import CheckedForm, Codec, sign_out
 from bastion.web.render import PageRoute, render
 from bastion.web.session import SessionCodec, WebSession
 
@@ -63,7 +63,11 @@ async def login(request: Request, codec: Codec, form: CheckedForm) -> Response:
 
 
 @router.post("/dashboard/logout", include_in_schema=False)
-async def logout(form: CheckedForm) -> Response:
+async def logout(request: Request, codec: Codec, form: CheckedForm) -> Response:
+    """Ends the session everywhere, not just in this browser: a copied cookie dies too."""
+    session = codec.read(request)
+    if session is not None:
+        await sign_out(request, codec, session)
     response = RedirectResponse("/dashboard/login", status_code=303)
     SessionCodec.clear(response)
     return response

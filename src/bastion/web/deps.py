@@ -14,7 +14,7 @@ from bastion.errors import AuthenticationError, AuthorizationError, PayloadTooLa
 from bastion.tenancy import orgs
 from bastion.tenancy.keys import Principal, own_key, verify_id
 from bastion.web.render import SignInRequired
-from bastion.web.session import SessionCodec, WebSession, load_secret
+from bastion.web.session import SessionCodec, SignOuts, WebSession, load_secret
 
 
 MAX_FORM_BYTES = 64 * 1024
@@ -61,10 +61,22 @@ def get_codec(request: Request) -> SessionCodec:
 Codec = Annotated[SessionCodec, Depends(get_codec)]
 
 
+async def signed_out(request: Request, codec: SessionCodec, session: WebSession) -> bool:
+    limiter = request.app.state.limiter
+    return await limiter.run(SignOuts(limiter.storage, codec.max_age_s).ended, session)
+
+
+async def sign_out(request: Request, codec: SessionCodec, session: WebSession) -> None:
+    limiter = request.app.state.limiter
+    await limiter.run(SignOuts(limiter.storage, codec.max_age_s).add, session)
+
+
 async def load_viewer(request: Request, codec: Codec) -> Viewer:
     session = codec.read(request)
     if session is None or session.key_id is None:
         raise SignInRequired(request.url.path)
+    if await signed_out(request, codec, session):
+        raise SignInRequired(request.url.path, "you signed out.")
     factory = request.app.state.sessions
     key_id = session.key_id
 

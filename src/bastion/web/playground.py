@@ -22,7 +22,7 @@ from bastion.api.models import card
 from bastion.errors import AuthenticationError, AuthorizationError
 from bastion.protocol.chat import ChatCompletion, ChatCompletionRequest
 from bastion.tenancy.keys import Principal, verify_id
-from bastion.web.deps import Codec, InferenceViewer, refuse_csrf
+from bastion.web.deps import Codec, InferenceViewer, refuse_csrf, signed_out
 from bastion.web.render import PageRoute, render
 
 router = APIRouter(route_class=PageRoute)
@@ -50,6 +50,9 @@ async def session_key(request: Request, codec: Codec) -> Principal:
                                   code="session_expired")
     if not session.csrf_ok(request.headers.get("x-csrf-token")):
         raise refuse_csrf()
+    if await signed_out(request, codec, session):
+        raise AuthenticationError("You signed out of this session. Sign in again.",
+                                  code="session_expired")
     factory = request.app.state.sessions
     key_id = session.key_id
 

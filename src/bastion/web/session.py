@@ -3,6 +3,7 @@ a CSRF token, never the key itself (a signature is not encryption: the cookie is
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import secrets
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from limits.storage import Storage
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,6 +29,11 @@ class WebSession:
     def new(key_id: str | None = None) -> "WebSession":
         """A fresh CSRF token with every sign-in, so a token seen before it is worthless after."""
         return WebSession(csrf=secrets.token_urlsafe(32), key_id=key_id)
+
+    @property
+    def sid(self) -> str:
+        """A name for this session that reveals nothing of its CSRF token."""
+        return hashlib.sha256(self.csrf.encode()).hexdigest()[:32]
 
     def csrf_ok(self, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(self.csrf.encode(), str(token).encode())
@@ -85,3 +92,19 @@ def load_secret(data_dir: Path) -> str:
         finally:
             tmp.unlink(missing_ok=True)
     return target.read_text().strip()
+
+
+class SignOuts:
+    """Sessions ended by signing out, so that a copy of the cookie dies with them. Kept in the
+    rate limiter's storage until the session would have expired anyway: in memory by default,
+    in Redis (shared by replicas) when BASTION_REDIS_URL is set."""
+
+    def __init__(self, storage: Storage, max_age_s: int) -> None:
+        self.storage = storage
+        self.max_age_s = max_age_s
+
+    def add(self, session: WebSession) -> None:
+        self.storage.incr(f"bastion:dashboard:signed-out:{session.sid}", self.max_age_s)
+
+    def ended(self, session: WebSession) -> bool:
+        return self.storage.get(f"bastion:dashboard:signed-out:{session.sid}") > 0
