@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
-from bastion.api import chat, completions, health, keys, models, organizations, usage
+from bastion.api import (chat, completions, embeddings, health, keys, models, organizations,
+                         usage, ws)
 from bastion.catalog.registry import load_catalog
 from bastion.config import Settings
 from bastion.db.session import make_engine, migrate, session_factory
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    for module in (chat, completions, models, organizations, keys, usage, health):
+    for module in (chat, completions, embeddings, models, organizations, keys, usage, health, ws):
         app.include_router(module.router)
     install_dashboard(app)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes)

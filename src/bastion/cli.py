@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bastion.config import ModelSpec, Settings
+from bastion.config import EmbeddingModelSpec, ModelSpec, Settings
 
 app = typer.Typer(help="Bastion: your own OpenAI-compatible AI platform.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
@@ -35,6 +35,8 @@ def serve(
     alias: Annotated[Optional[list[str]], typer.Option(help="Model id for the --model at the same position.")] = None,
     chat_template: Annotated[Optional[list[str]], typer.Option(help="Chat template for the --model at the same position: auto (the GGUF's own), gemma, chatml or llama3.")] = None,
     no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Do not serve the bundled Gemma model.")] = False,
+    embedding_model: Annotated[Optional[list[Path]], typer.Option(help="Extra sentence-transformers directory to serve for /v1/embeddings (repeatable; its id is the directory name).")] = None,
+    no_bundled_embeddings: Annotated[bool, typer.Option("--no-bundled-embeddings", help="Do not serve the bundled all-MiniLM-L6-v2 embedding model.")] = False,
     parallel: Annotated[Optional[int], typer.Option(help="Sequences decoded together per model.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Context window of each sequence.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for llama.cpp.")] = None,
@@ -47,6 +49,10 @@ def serve(
                          context_per_sequence=context, threads=threads)
     if no_bundled:
         settings.serve_bundled_model = False
+    if no_bundled_embeddings:
+        settings.serve_bundled_embeddings = False
+    for path in embedding_model or []:
+        settings.embedding_models.append(EmbeddingModelSpec(path=path))
     aliases = list(alias or [])
     templates = list(chat_template or [])
     for i, path in enumerate(model or []):

@@ -14,7 +14,8 @@ router = APIRouter()
 def card(dep: Deployment) -> ModelCard:
     info = dep.engine.info
     return ModelCard(id=dep.id, created=info.created, owned_by=dep.owned_by,
-                     context_length=info.context_length, parameters=info.parameters)
+                     context_length=info.context_length, parameters=info.parameters,
+                     dimensions=info.dimensions)
 
 
 @router.get("/v1/models", response_model=ModelList)

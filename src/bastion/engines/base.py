@@ -41,6 +41,15 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class DecodedImage:
+    """An image part after validation: RGB pixels, row-major, width*height*3 bytes."""
+
+    width: int
+    height: int
+    rgb: bytes
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Tokens in, n independent continuations out."""
 
@@ -102,6 +111,7 @@ class ModelInfo:
     parameters: str | None
     vocab_size: int
     created: int
+    dimensions: int | None = None  # embedding models: the length of their vectors
 
 
 @runtime_checkable

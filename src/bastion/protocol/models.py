@@ -14,6 +14,7 @@ class ModelCard(BaseModel):
     owned_by: str
     context_length: int | None = None
     parameters: str | None = None
+    dimensions: int | None = None  # embedding models only
 
 
 class ModelList(BaseModel):
