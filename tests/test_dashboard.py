@@ -23,6 +23,7 @@ CHROMIUM = Path(os.environ.get("BASTION_TEST_CHROMIUM", "/usr/bin/chromium"))
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+EMBEDDINGS = "all-minilm-l6-v2"
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}: "
                                 "`make system-test-deps` installs Debian's chromium")
@@ -352,7 +353,14 @@ def test_admin_usage_per_key_and_models(admin_page: Page, server: RunningServer)
     expect(row).to_contain_text(f"{card['context_length']:,}")
     expect(row).to_contain_text(card["owned_by"])
     expect(row).to_contain_text("gemma")  # its alias
+    expect(row).to_contain_text("chat")
+    embedder = page.locator("tr", has_text=EMBEDDINGS)
+    expect(embedder).to_contain_text("embeddings")
+    expect(embedder).to_contain_text("384 dimensions")
+    expect(embedder.get_by_role("link", name="Try it")).to_have_count(0)
     shot(page, "models")
+    page.goto("/dashboard/playground")  # only models that can chat are offered there
+    assert page.locator("#model option").all_inner_texts() == [MODEL]
 
 
 # --- CSRF, sessions -----------------------------------------------------------------------------

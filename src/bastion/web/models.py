@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from bastion.api.models import card
+from bastion.catalog.registry import Deployment
 from bastion.web.deps import CurrentViewer
 from bastion.web.render import PageRoute, render
 
@@ -15,5 +16,13 @@ router = APIRouter(route_class=PageRoute)
 @router.get("/dashboard/models", include_in_schema=False)
 def models_page(request: Request, viewer: CurrentViewer) -> Response:
     catalog = request.app.state.catalog
-    models = [(card(d), catalog.aliases_of(d.id)) for d in catalog.all()]
+    models = [(card(d), catalog.aliases_of(d.id), uses(d)) for d in catalog.all()]
     return render(request, "models.html", page="models", models=models)
+
+
+def uses(dep: Deployment) -> list[str]:
+    """What a model can be called for, from its engine's capability flags."""
+    caps = dep.engine.capabilities
+    return [name for name, on in (("chat", caps.chat), ("completions", caps.completion),
+                                  ("embeddings", caps.embeddings), ("vision", caps.vision))
+            if on]
