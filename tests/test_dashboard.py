@@ -121,6 +121,10 @@ def test_wrong_key_cannot_sign_in(browser: object, server: RunningServer) -> Non
     assert posted.value.status == 401
     expect(page.locator("#login-error")).to_contain_text("Incorrect API key provided")
     shot(page, "login-error")
+    # the sign-in form's token lives in a cookie of its own, scoped to the sign-in page, so
+    # that a visit arriving without the session cookie cannot overwrite a good session
+    assert [(c["name"], c["path"]) for c in context.cookies()] == [("bastion_login",
+                                                                    "/dashboard/login")]
     page.goto("/dashboard/keys")
     assert "/dashboard/login" in page.url
     context.close()
@@ -140,6 +144,7 @@ def test_sign_in_shows_overview(admin_page: Page, server: RunningServer, tenant:
     assert int(shown) == today["total_tokens"]
     expect(admin_page.locator("#busiest + table")).to_contain_text(MODEL)
     shot(admin_page, "overview")
+    assert [c["name"] for c in admin_page.context.cookies()] == ["bastion_session"]
     cookie = next(c for c in admin_page.context.cookies() if c["name"] == "bastion_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["expires"] > time.time()
     assert tenant["admin"] not in cookie["value"]
@@ -161,6 +166,10 @@ def test_create_key_shown_once_works_then_revoked(browser: object, admin_page: P
     raw = created.input_value()
     assert raw.startswith("sk-bst-") and len(raw) > 40
     shot(page, "keys-created")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.get_by_role("button", name="Copy").click()
+    expect(page.get_by_role("button", name="Copied")).to_be_visible()
+    assert page.evaluate("navigator.clipboard.readText()") == raw
 
     # it works against the API
     works = openai.OpenAI(base_url=server.api, api_key=raw, max_retries=0)

@@ -9,9 +9,9 @@ from starlette.responses import RedirectResponse, Response
 
 from bastion.errors import AuthenticationError
 from bastion.tenancy.keys import verify
-from bastion.web.deps import CheckedForm, Codec, sign_out
+from bastion.web.deps import CheckedForm, CheckedLoginForm, Codec, sign_out
 from bastion.web.render import PageRoute, render
-from bastion.web.session import SessionCodec, WebSession
+from bastion.web.session import LOGIN_COOKIE, SessionCodec, WebSession
 
 router = APIRouter(route_class=PageRoute)
 
@@ -24,12 +24,13 @@ def safe_next(path: object) -> str:
     return "/dashboard/"
 
 
-def login_page(request: Request, codec: SessionCodec, session: WebSession, *, status: int = 200,
-               error: str = "", next_path: str = "") -> Response:
-    response = render(request, "login.html", status=status, csrf=session.csrf, error=error,
+def login_page(request: Request, codec: SessionCodec, *, status: int = 200, error: str = "",
+               next_path: str = "") -> Response:
+    form = codec.read(request, LOGIN_COOKIE) or WebSession.new()
+    response = render(request, "login.html", status=status, csrf=form.csrf, error=error,
                       next=safe_next(next_path or request.query_params.get("next")),
                       reason=request.query_params.get("reason", ""))
-    codec.write(response, request, session)
+    codec.write(response, request, form, LOGIN_COOKIE)
     return response
 
 
@@ -38,11 +39,11 @@ async def login_form(request: Request, codec: Codec) -> Response:
     session = codec.read(request)
     if session is not None and session.key_id is not None:
         return RedirectResponse("/dashboard/", status_code=303)
-    return login_page(request, codec, session or WebSession.new())
+    return login_page(request, codec)
 
 
 @router.post("/dashboard/login", include_in_schema=False)
-async def login(request: Request, codec: Codec, form: CheckedForm) -> Response:
+async def login(request: Request, codec: Codec, form: CheckedLoginForm) -> Response:
     raw = str(form.get("api_key") or "").strip()
     factory = request.app.state.sessions
 
@@ -55,10 +56,11 @@ async def login(request: Request, codec: Codec, form: CheckedForm) -> Response:
     try:
         key_id = await run_in_threadpool(check)
     except AuthenticationError as exc:
-        return login_page(request, codec, codec.read(request) or WebSession.new(), status=401,
-                          error=exc.message, next_path=str(form.get("next") or ""))
+        return login_page(request, codec, status=401, error=exc.message,
+                          next_path=str(form.get("next") or ""))
     response = RedirectResponse(safe_next(form.get("next")), status_code=303)
     codec.write(response, request, WebSession.new(key_id))  # a new CSRF token with the sign-in
+    SessionCodec.clear(response, LOGIN_COOKIE)
     return response
 
 

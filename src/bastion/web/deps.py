@@ -14,7 +14,8 @@ from bastion.errors import AuthenticationError, AuthorizationError, PayloadTooLa
 from bastion.tenancy import orgs
 from bastion.tenancy.keys import Principal, own_key, verify_id
 from bastion.web.render import SignInRequired
-from bastion.web.session import SessionCodec, SignOuts, WebSession, load_secret
+from bastion.web.session import (COOKIE, LOGIN_COOKIE, SessionCodec, SignOuts, WebSession,
+                                 load_secret)
 
 
 MAX_FORM_BYTES = 64 * 1024
@@ -126,18 +127,28 @@ def refuse_csrf() -> CsrfError:
                      "Reload the page and try again.")
 
 
-async def checked_form(request: Request, codec: Codec) -> FormData:
-    """The posted form, only if it carries this session's CSRF token."""
+async def _checked(request: Request, codec: SessionCodec, cookie: str) -> FormData:
     length = request.headers.get("content-length", "")
     if not length.isdigit() or int(length) > MAX_FORM_BYTES:  # forms here are small
         raise PayloadTooLargeError(f"A dashboard form must state its Content-Length and be at "
                                    f"most {MAX_FORM_BYTES} bytes.")
     form = await request.form(max_files=0, max_fields=64)
-    session = codec.read(request)
+    session = codec.read(request, cookie)
     token = form.get("csrf_token")
     if session is None or not session.csrf_ok(token if isinstance(token, str) else None):
         raise refuse_csrf()
     return form
 
 
+async def checked_form(request: Request, codec: Codec) -> FormData:
+    """The posted form, only if it carries this session's CSRF token."""
+    return await _checked(request, codec, COOKIE)
+
+
+async def checked_login_form(request: Request, codec: Codec) -> FormData:
+    """The sign-in form, only if it carries the token its page was served with."""
+    return await _checked(request, codec, LOGIN_COOKIE)
+
+
+CheckedLoginForm = Annotated[FormData, Depends(checked_login_form)]
 CheckedForm = Annotated[FormData, Depends(checked_form)]

@@ -17,6 +17,11 @@ from starlette.responses import Response
 
 COOKIE = "bastion_session"
 PATH = "/dashboard"
+# The sign-in form's CSRF token has a cookie of its own: a visit that arrives without the
+# session cookie (SameSite=Strict withholds it on a link from another site) must not
+# overwrite a session that is still good.
+LOGIN_COOKIE = "bastion_login"
+LOGIN_PATH = "/dashboard/login"
 SECRET_FILE = "dashboard-secret"
 
 
@@ -62,17 +67,19 @@ class SessionCodec:
         key = data.get("k")
         return WebSession(csrf=data["c"], key_id=key if isinstance(key, str) else None)
 
-    def read(self, request: Request) -> WebSession | None:
-        return self.loads(request.cookies.get(COOKIE))
+    def read(self, request: Request, cookie: str = COOKIE) -> WebSession | None:
+        return self.loads(request.cookies.get(cookie))
 
-    def write(self, response: Response, request: Request, session: WebSession) -> None:
-        response.set_cookie(COOKIE, self.dumps(session), max_age=self.max_age_s, path=PATH,
-                            httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https")
+    def write(self, response: Response, request: Request, session: WebSession,
+              cookie: str = COOKIE) -> None:
+        response.set_cookie(cookie, self.dumps(session), max_age=self.max_age_s,
+                            path=LOGIN_PATH if cookie == LOGIN_COOKIE else PATH, httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https")
 
     @staticmethod
-    def clear(response: Response) -> None:
-        response.delete_cookie(COOKIE, path=PATH, httponly=True, samesite="strict")
+    def clear(response: Response, cookie: str = COOKIE) -> None:
+        response.delete_cookie(cookie, path=LOGIN_PATH if cookie == LOGIN_COOKIE else PATH,
+                               httponly=True, samesite="strict")
 
 
 def load_secret(data_dir: Path) -> str:
