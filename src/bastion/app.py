@@ -23,6 +23,7 @@ from bastion.ratelimit.limiter import Limiter
 from bastion.usage.ledger import Ledger
 from bastion.serving.common import as_api_error
 from bastion.tenancy.keys import bootstrap
+from bastion.web.router import install as install_dashboard
 
 log = logging.getLogger("bastion")
 
@@ -68,5 +69,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (chat, completions, embeddings, models, organizations, keys, usage, health, ws):
         app.include_router(module.router)
+    install_dashboard(app)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes)
     return app

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     token_window_seconds: int = Field(3600, ge=1, description="the tokens-per-hour window")
     log_level: str = "info"
 
+    # dashboard sessions: signed with this secret (default: one generated into the data dir)
+    session_secret: str | None = Field(None, min_length=32)
+    session_hours: float = Field(8.0, gt=0, description="a dashboard sign-in lasts this long")
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'bastion.db'}"

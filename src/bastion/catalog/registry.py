@@ -49,6 +49,10 @@ class Catalog:
                 param="model")
         return dep
 
+    def aliases_of(self, model_id: str) -> list[str]:
+        """Every other name that resolves to this model (for people choosing one)."""
+        return [a for a, target in self._aliases.items() if target == model_id]
+
     def all(self) -> list[Deployment]:
         return list(self._deployments.values())
 

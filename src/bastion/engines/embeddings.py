@@ -54,7 +54,7 @@ class SentenceTransformerEngine:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.models import Normalize
+        from sentence_transformers.sentence_transformer.modules import Normalize
 
         if threads:
             torch.set_num_threads(threads)
@@ -62,16 +62,15 @@ class SentenceTransformerEngine:
         self.name = name
         try:
             self.model = SentenceTransformer(str(path), device="cpu", trust_remote_code=False,
-                                             local_files_only=True)
+                                             local_files_only=True,
+                                             model_kwargs={"use_safetensors": True})
         except Exception as exc:
             raise EngineError(f"could not load the embedding model at {path}: {exc}") from exc
         self.model.eval()
         # Vectors are normalised exactly when the model's own pipeline says so.
         self.normalizes = any(isinstance(m, Normalize) for m in self.model)
         self.tokenizer = self.model.tokenizer
-        self.dimensions = int(self.model.get_embedding_dimension()
-                              if hasattr(self.model, "get_embedding_dimension")
-                              else self.model.get_sentence_embedding_dimension())
+        self.dimensions = int(self.model.get_embedding_dimension())
         self.max_seq_length = int(self.model.max_seq_length)
         self._prefix, self._suffix = _special_frame(self.tokenizer)
         self._specials = len(self._prefix) + len(self._suffix)
