@@ -1,4 +1,4 @@
-"""bastion serve | migrate | keys | models (typer)."""
+"""bastion serve | worker | migrate | keys | orgs (typer)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def serve(
     alias: Annotated[Optional[list[str]], typer.Option(help="Model id for the --model at the same position.")] = None,
     chat_template: Annotated[Optional[list[str]], typer.Option(help="Chat template for the --model at the same position: auto (the GGUF's own), gemma, chatml or llama3.")] = None,
     no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Do not serve the bundled Gemma model.")] = False,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="Do not start a fine-tuning worker beside the server (run `bastion worker` elsewhere).")] = False,
     parallel: Annotated[Optional[int], typer.Option(help="Sequences decoded together per model.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Context window of each sequence.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for llama.cpp.")] = None,
@@ -45,6 +46,8 @@ def serve(
 
     settings = _settings(host=host, port=port, data_dir=data_dir, parallel=parallel,
                          context_per_sequence=context, threads=threads)
+    if no_worker:
+        settings.worker = False
     if no_bundled:
         settings.serve_bundled_model = False
     aliases = list(alias or [])
@@ -57,6 +60,23 @@ def serve(
     print(f"Bastion on http://{settings.host}:{settings.port}/v1", flush=True)
     run(create_app(settings), settings.host, settings.port, settings.drain_timeout,
         settings.log_level)
+
+
+@app.command()
+def worker(data_dir: Annotated[Optional[Path], typer.Option(help="Where the database, files and models live.")] = None,
+           threads: Annotated[Optional[int], typer.Option(help="CPU threads for training.")] = None) -> None:
+    """Run a fine-tuning worker: claims queued jobs from the database and trains them."""
+    import signal
+
+    from bastion.finetune.worker import Worker
+
+    settings = _settings(data_dir=data_dir, training_threads=threads)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    w = Worker(settings, _sessions(data_dir))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: w.stop.set())
+    w.run_forever()
 
 
 @app.command()

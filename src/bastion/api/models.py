@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from bastion.api.deps import CatalogDep, CurrentKey
+from bastion.api.deps import CatalogDep, CurrentKey, resolve_model
 from bastion.catalog.registry import Deployment
 from bastion.protocol.models import ModelCard, ModelList
 
@@ -19,9 +19,9 @@ def card(dep: Deployment) -> ModelCard:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(key: CurrentKey, catalog: CatalogDep) -> ModelList:
-    return ModelList(data=[card(d) for d in catalog.all()])
+    return ModelList(data=[card(d) for d in catalog.visible(key.org_id)])
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
-async def retrieve_model(model_id: str, key: CurrentKey, catalog: CatalogDep) -> ModelCard:
-    return card(catalog.resolve(model_id))
+async def retrieve_model(model_id: str, key: CurrentKey, request: Request) -> ModelCard:
+    return card(await resolve_model(request, model_id, key))

@@ -19,11 +19,34 @@ _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 _MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
+def render_chat_tokens(model: LlamaModel, template: ChatTemplate, messages: list[dict[str, Any]],
+                       *, add_generation_prompt: bool = True) -> list[int]:
+    """Prompt tokens of a conversation. The template is rendered with a marker in place of each
+    message's text; the template's own text is tokenised with its special tokens, the messages'
+    text without, so a user who types "<end_of_turn>" cannot fake a turn. Fine-tuning encodes
+    its examples with this same function, so training and serving see the same tokens."""
+    shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
+    text = template.render(shadow, add_generation_prompt=add_generation_prompt)
+    tokens: list[int] = []
+    for k, part in enumerate(_MARKS.split(text)):
+        if k % 2:
+            tokens += model.tokenize(messages[int(part)]["content"], add_special=False,
+                                     parse_special=False)
+        elif part:
+            tokens += model.tokenize(part, add_special=False, parse_special=True)
+    if model.add_bos and (not tokens or tokens[0] != model.bos):
+        tokens.insert(0, model.bos)
+    return tokens
+
+
 class LlamaCppEngine:
     def __init__(self, *, path: Path, name: str, n_seq: int, ctx_per_seq: int, n_batch: int,
-                 threads: int | None = None, chat_template: str | None = None) -> None:
+                 threads: int | None = None, chat_template: str | None = None,
+                 lora: Path | None = None) -> None:
         self.model = LlamaModel(path, n_seq=n_seq, ctx_per_seq=ctx_per_seq, n_batch=n_batch,
-                                threads=threads)
+                                threads=threads, lora=lora)
+        self.path = path
+        self.architecture = self.model.meta("general.architecture")
         m = self.model
         self.template: ChatTemplate = pick_template(
             gguf_template=m.chat_template(), name=chat_template,
@@ -32,7 +55,8 @@ class LlamaCppEngine:
         self.capabilities = Capabilities(chat=True, completion=True, infill=self._fim is not None)
         self.info = ModelInfo(context_length=m.ctx_per_seq,
                               parameters=m.meta("general.size_label") or format_parameters(m.n_params),
-                              vocab_size=m.n_vocab, created=int(path.stat().st_mtime))
+                              vocab_size=m.n_vocab,
+                              created=int((lora or path).stat().st_mtime))
         self.max_parallel = n_seq
         self.scheduler = Scheduler(m, name)
 
@@ -40,22 +64,10 @@ class LlamaCppEngine:
         return self.model.tokenize(text, add_special=add_special and self.model.add_bos,
                                    parse_special=False)
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Prompt tokens of a conversation. The template is rendered with a marker in place of
-        each message's text; the template's own text is tokenised with its special tokens, the
-        messages' text without, so a user who types "<end_of_turn>" cannot fake a turn."""
-        shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
-        text = self.template.render(shadow)
-        tokens: list[int] = []
-        for k, part in enumerate(_MARKS.split(text)):
-            if k % 2:
-                tokens += self.model.tokenize(messages[int(part)]["content"], add_special=False,
-                                              parse_special=False)
-            elif part:
-                tokens += self.model.tokenize(part, add_special=False, parse_special=True)
-        if self.model.add_bos and (not tokens or tokens[0] != self.model.bos):
-            tokens.insert(0, self.model.bos)
-        return tokens
+    def render_chat(self, messages: list[dict[str, Any]], *,
+                    add_generation_prompt: bool = True) -> list[int]:
+        return render_chat_tokens(self.model, self.template, messages,
+                                  add_generation_prompt=add_generation_prompt)
 
     def infill_tokens(self, prefix: str, suffix: str) -> list[int]:
         if self._fim is None:
