@@ -59,7 +59,8 @@ class Settings(BaseSettings):
                                         "sent a heartbeat for this long is given to another")
     worker_poll_seconds: float = Field(2.0, gt=0, description="how often an idle worker looks "
                                        "for queued jobs")
-    training_threads: int | None = None
+    training_threads: int | None = Field(None, ge=1, description="torch threads for training "
+                                         "(default: half the cores)")
 
     @property
     def resolved_database_url(self) -> str:

@@ -18,7 +18,8 @@ def card(dep: Deployment) -> ModelCard:
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(key: CurrentKey, catalog: CatalogDep) -> ModelList:
+async def list_models(key: CurrentKey, catalog: CatalogDep, request: Request) -> ModelList:
+    await request.app.state.finetuned.sync()  # a model another worker has just finished
     return ModelList(data=[card(d) for d in catalog.visible(key.org_id)])
 
 

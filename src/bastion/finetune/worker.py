@@ -29,13 +29,31 @@ class JobReporter:
     that also tells whether the job is still ours (a cancel shows up here)."""
 
     def __init__(self, sessions: sessionmaker[Session], claim: queue.Claim,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, lease_s: float) -> None:
         self.sessions = sessions
         self.claim = claim
         self.stop = stop
         self.started = time.monotonic()
         self.first_step: int | None = None
         self.lost = False
+        self._done = threading.Event()
+        self._beat = threading.Thread(target=self._beating, args=(max(0.5, lease_s / 4),),
+                                      name=f"heartbeat-{claim.job_id}", daemon=True)
+        self._beat.start()
+
+    def _beating(self, every: float) -> None:
+        """Heartbeats while the model loads or a long step runs, not only between steps."""
+        while not self._done.wait(every):
+            try:
+                if not queue.heartbeat(self.sessions, self.claim):
+                    self.lost = True
+                    return
+            except Exception as exc:  # the database is briefly away: the lease has slack
+                log.warning("heartbeat failed: %s", exc)
+
+    def close(self) -> None:
+        self._done.set()
+        self._beat.join()
 
     def keep_going(self, step: int, total: int, tokens: int) -> bool:
         if self.first_step is None:
@@ -43,8 +61,8 @@ class JobReporter:
         done = step - self.first_step
         per_step = (time.monotonic() - self.started) / max(done, 1)
         finish = utcnow() + timedelta(seconds=per_step * (total - step))
-        if not queue.heartbeat(self.sessions, self.claim, trained_tokens=tokens,
-                               estimated_finish=finish):
+        if self.lost or not queue.heartbeat(self.sessions, self.claim, trained_tokens=tokens,
+                                            estimated_finish=finish):
             self.lost = True
             return False
         return not self.stop.is_set()
@@ -105,7 +123,7 @@ class Worker:
                          hyperparameters=job.hyperparameters, seed=job.seed,
                          workdir=self.settings.jobs_dir / job.id,
                          threads=self.settings.training_threads)
-        reporter = JobReporter(self.sessions, claim, self.stop)
+        reporter = JobReporter(self.sessions, claim, self.stop, self.settings.worker_lease_seconds)
         log.info("training %s (%s on %s)", job.id, job.method, job.model)
         try:
             result = train(spec, reporter)
@@ -122,8 +140,9 @@ class Worker:
                                                "message": f"Training failed: {exc}",
                                                "param": None})
             return
+        finally:
+            reporter.close()
         name = model_name(job, job.org_id)
-        queue.heartbeat(self.sessions, claim)
         if queue.finish(self.sessions, claim, "succeeded", f"New fine-tuned model created: {name}",
                         "The job has successfully completed", fine_tuned_model=name,
                         artifact=str(result.adapter), trained_tokens=result.trained_tokens):
