@@ -4,6 +4,8 @@ not. Slow: about two minutes on two cores."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -103,6 +105,43 @@ def test_fine_tuned_model_learns_and_serves(srv: RunningServer, tmp_path: Path) 
         sdk.fine_tuning.jobs.create(model=ft, training_file=train.id)
     assert exc.value.body["code"] == "model_not_fine_tunable"
 
+    follow = subprocess.run([sys.executable, "-m", "bastion.cli", "jobs", "follow", job.id,
+                             "--base-url", srv.api, "--api-key", key["key"]],
+                            capture_output=True, text=True, timeout=120)
+    assert follow.returncode == 0, follow.stderr
+    assert f"{job.id}: succeeded -> {ft}" in follow.stdout, follow.stdout
+    assert "Fine-tuning job started" in follow.stdout
+
     curve = ", ".join(f"{m['train_loss']:.3f}" for m in metrics if "train_loss" in m)
     print(f"\nfine-tuning wall time {wall:.0f}s; training loss {curve}; validation loss "
           f"{' -> '.join(f'{v:.3f}' for v in valid_losses)}\nbefore: {before}\nafter: {after}")
+
+
+@pytest.mark.timeout(900)
+def test_full_fine_tuning_is_exported_as_a_whole_gguf(srv: RunningServer, tmp_path: Path) -> None:
+    org, key = make_tenant(srv.api, plan="dedicated", permissions=("training", "inference"))
+    sdk = openai.OpenAI(base_url=srv.api, api_key=key["key"], max_retries=0, timeout=300)
+    train = sdk.files.create(file=open(write_jsonl(tmp_path / "t.jsonl", duck_examples(12)), "rb"),
+                             purpose="fine-tune")
+    valid = sdk.files.create(file=open(write_jsonl(tmp_path / "v.jsonl",
+                                                   duck_examples(96)[90:94]), "rb"),
+                             purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(
+        model=MODEL, training_file=train.id, validation_file=valid.id, suffix="full", seed=1,
+        method={"type": "full", "full": {"hyperparameters": {
+            "n_epochs": 2, "batch_size": 4, "learning_rate": 1e-4}}})
+    assert job.method.type == "full"
+    job, _ = wait_for(sdk, job.id)
+    events = sdk.fine_tuning.jobs.list_events(job.id, limit=200).data[::-1]
+    assert job.status == "succeeded", [e.message for e in events]
+    assert any("100,325,376 parameters (full)" in e.message for e in events)
+    valid_losses = [e.data["valid_loss"] for e in events if e.type == "metrics"
+                    and "valid_loss" in e.data]
+    assert len(valid_losses) == 3 and valid_losses[-1] < valid_losses[0] / 2, valid_losses
+    workdir = srv.data_dir / "fine_tuning" / job.id
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["step-000006"]
+    assert (workdir / "model" / "model.gguf").exists()
+    answer = ask(sdk, job.fine_tuned_model, HELD_OUT[1])
+    assert "quack" in answer.lower(), answer
+    print(f"\nfull fine-tuning: validation loss {' -> '.join(f'{v:.3f}' for v in valid_losses)}; "
+          f"{HELD_OUT[1]!r} -> {answer!r}")

@@ -15,6 +15,8 @@ keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 orgs_app = typer.Typer(help="Manage organisations.", no_args_is_help=True)
 app.add_typer(orgs_app, name="orgs")
+jobs_app = typer.Typer(help="Follow fine-tuning jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 
 def _settings(**overrides: object) -> Settings:
@@ -184,6 +186,19 @@ def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
         revoke_key(session, Principal(key_id="cli", org_id=row.org_id, is_server_admin=True),
                    row.org_id, key_id)
     typer.echo(f"revoked {key_id}")
+
+
+@jobs_app.command("follow")
+def jobs_follow(job_id: str,
+                base_url: Annotated[str, typer.Option(envvar="BASTION_BASE_URL", help="The server's API root.")] = "http://127.0.0.1:8000/v1",
+                api_key: Annotated[str, typer.Option(envvar="BASTION_API_KEY", help="A key with the 'training' permission.")] = "") -> None:
+    """Show a fine-tuning job's progress (loss per step) until it finishes."""
+    from bastion.finetune.follow import follow
+
+    if not api_key:
+        raise typer.BadParameter("give --api-key or set BASTION_API_KEY")
+    status = follow(base_url, api_key, job_id)
+    raise typer.Exit(0 if status == "succeeded" else 1)
 
 
 if __name__ == "__main__":

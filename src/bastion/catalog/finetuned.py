@@ -37,10 +37,12 @@ class FineTunedModels:
 
     def _load(self, job: FineTuningJob) -> Deployment:
         s = self.settings
+        artifact = Path(str(job.artifact))
+        full = job.method == "full"  # a whole GGUF; a LoRA is an adapter on the base GGUF
         engine = engine_class("llamacpp")(
-            path=Path(job.base_path), name=str(job.fine_tuned_model), n_seq=s.parallel,
-            ctx_per_seq=s.context_per_sequence, n_batch=s.batch_tokens, threads=s.threads,
-            lora=Path(str(job.artifact)))
+            path=artifact if full else Path(job.base_path), name=str(job.fine_tuned_model),
+            n_seq=s.parallel, ctx_per_seq=s.context_per_sequence, n_batch=s.batch_tokens,
+            threads=s.threads, lora=None if full else artifact)
         return Deployment(str(job.fine_tuned_model), engine, owned_by=job.org_id,
                           org_id=job.org_id)
 

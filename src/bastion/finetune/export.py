@@ -44,3 +44,49 @@ def write_lora_gguf(tensors: dict[str, np.ndarray], *, arch: str, n_layers: int,
     writer.close()
     os.replace(tmp, out)
     return out
+
+
+def write_merged_gguf(base: Path, changed: dict[str, np.ndarray], *, arch: str, n_layers: int,
+                      out: Path) -> Path:
+    """A copy of the base GGUF (metadata and untouched tensors byte for byte) in which every
+    trained tensor is replaced: linear weights as F16, norms as F32 with Gemma's +1 put back
+    (GGUF stores Gemma's RMSNorm weight as 1 + w; transformers loads it as w)."""
+    import gguf
+
+    replace: dict[str, np.ndarray] = {}
+    for name, value in changed.items():
+        module, _, kind = name.removeprefix("base_model.model.").rpartition(".")
+        target = f"{gguf_name(module, arch, n_layers)}.{kind}"
+        if "norm" in module:
+            replace[target] = (value + 1.0).astype(np.float32) if arch.startswith("gemma") \
+                else value.astype(np.float32)
+        else:
+            replace[target] = value.astype(np.float16)
+    reader = gguf.GGUFReader(str(base))
+    tmp = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    missing = set(replace) - {t.name for t in reader.tensors}
+    if missing:
+        raise ValueError(f"the base GGUF has no tensors {sorted(missing)[:3]}")
+    for t in reader.tensors:
+        new = replace.get(t.name)
+        if new is None:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        else:
+            writer.add_tensor_info(t.name, new.shape, new.dtype, new.nbytes)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        new = replace.get(t.name)
+        writer.write_tensor_data(t.data if new is None else new,
+                                 tensor_endianess=reader.endianess)
+    writer.close()
+    os.replace(tmp, out)
+    return out

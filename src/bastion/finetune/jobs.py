@@ -98,11 +98,6 @@ def create(session: Session, catalog: Catalog, org_id: str, body: JobCreate,
                                           code=exc.code) from None
         summaries[param] = summary
     method, hp, extra = method_of(body)
-    if method == "full":
-        raise InvalidRequestError("Full-parameter fine-tuning is not available on this server "
-                                  "yet (its export to GGUF is missing); use method type 'lora' "
-                                  "or 'supervised'.", param="method.type",
-                                  code="method_not_supported")
     resolved = hyperparams.resolve(hp, method=method,
                                    n_examples=summaries["training_file"]["examples"], **extra)
     now = utcnow()

@@ -53,8 +53,7 @@ class TrainResult:
     trained_tokens: int
     steps: int
     metrics: dict[str, float] = field(default_factory=dict)
-    adapter: Path | None = None  # lora
-    weights: dict[str, Any] | None = None  # full: changed tensors by HF name
+    adapter: Path | None = None  # lora: a GGUF adapter; full: a whole GGUF model
 
 
 def read_examples(path: Path, tok: ChatTokenizer) -> list[tuple[list[int], list[int]]]:
@@ -119,7 +118,7 @@ def _latest_checkpoint(workdir: Path) -> Path | None:
 
 
 def _save_checkpoint(workdir: Path, step: int, params: dict[str, Any], optimizer: Any,
-                     state: dict[str, Any]) -> Path:
+                     state: dict[str, Any], keep_only_latest: bool = False) -> Path:
     from safetensors.torch import save_file
 
     final = workdir / "checkpoints" / f"step-{step:06d}"
@@ -135,6 +134,10 @@ def _save_checkpoint(workdir: Path, step: int, params: dict[str, Any], optimizer
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    if keep_only_latest:  # full training: each checkpoint holds every weight and Adam state
+        for older in (workdir / "checkpoints").glob("step-*"):
+            if older != final and not older.name.endswith(".partial"):
+                shutil.rmtree(older, ignore_errors=True)
     return final
 
 
@@ -233,7 +236,8 @@ def train(spec: TrainSpec, reporter: Reporter) -> TrainResult:
         reporter.metrics(metrics)
         if end_of_epoch:
             path = _save_checkpoint(spec.workdir, step, params, optimizer,
-                                    {"step": step, "tokens": tokens, "metrics": metrics})
+                                    {"step": step, "tokens": tokens, "metrics": metrics},
+                                    keep_only_latest=spec.method == "full")
             reporter.checkpoint(step, {k: float(v) for k, v in metrics.items()}, path)
         if not reporter.keep_going(step, total, tokens):
             raise Stopped()
@@ -252,5 +256,12 @@ def train(spec: TrainSpec, reporter: Reporter) -> TrainResult:
                                          arch=arch, n_layers=base.config.num_hidden_layers,
                                          alpha=float(hp["lora_alpha"]), out=out / "adapter.gguf")
     else:
-        result.weights = {n: p.detach() for n, p in params.items()}
+        from bastion.finetune.export import write_merged_gguf
+
+        out = spec.workdir / "model"
+        out.mkdir(parents=True, exist_ok=True)
+        arch = "gemma3" if base.config.model_type.startswith("gemma3") else base.config.model_type
+        result.adapter = write_merged_gguf(
+            spec.base_gguf, {n: p.detach().float().numpy() for n, p in params.items()},
+            arch=arch, n_layers=base.config.num_hidden_layers, out=out / "model.gguf")
     return result

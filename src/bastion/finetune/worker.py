@@ -101,8 +101,8 @@ class Worker:
             try:
                 queue.reclaim_stale(self.sessions, self.settings.worker_lease_seconds)
                 claim = queue.claim_next(self.sessions, self.id)
-            except Exception:
-                log.exception("the job queue is unreachable; retrying")
+            except Exception as exc:  # the database is away for a moment: try again later
+                log.warning("the job queue is unreachable (%s); retrying", exc)
                 claim = None
             if claim is None:
                 self.stop.wait(self.settings.worker_poll_seconds)
