@@ -15,14 +15,16 @@ install: $(BIN)/python
 install-test: $(BIN)/python system-test-deps
 	$(BIN)/pip install -e ".[test]"
 
-# The tests start their own redis-server and PostgreSQL; install them where we may (root with
-# apt-get). Without them the Redis tests are skipped and the PostgreSQL pass does not run.
+# The tests start their own redis-server and PostgreSQL and drive the dashboard in Debian's
+# chromium (through Playwright, never `playwright install`); install them where we may (root
+# with apt-get). Without them those tests are skipped and the PostgreSQL pass does not run.
 system-test-deps:
-	@if command -v redis-server >/dev/null 2>&1 && [ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ]; then :; \
+	@if command -v redis-server >/dev/null 2>&1 && [ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] \
+	  && [ -x /usr/bin/chromium ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql >/dev/null; } \
-	    || echo "could not install redis-server/PostgreSQL: their tests will be skipped"; \
-	else echo "redis-server/PostgreSQL are not installed: their tests will be skipped"; fi
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server postgresql chromium >/dev/null; } \
+	    || echo "could not install redis-server/PostgreSQL/chromium: their tests will be skipped"; \
+	else echo "redis-server/PostgreSQL/chromium are not installed: their tests will be skipped"; fi
 
 serve: install
 	$(BIN)/bastion serve

@@ -56,8 +56,9 @@ def models_cache() -> Path:
 
 
 def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
-                 data_dir: Path | None = None) -> RunningServer:
-    """A server on a free port; replicas of one deployment pass the same data_dir."""
+                 data_dir: Path | None = None, embeddings: bool = False) -> RunningServer:
+    """A server on a free port; replicas of one deployment pass the same data_dir. Only the
+    servers that test embeddings load the embedding model (PyTorch adds seconds to a start)."""
     port = free_port()
     data_dir = data_dir or tmp / f"data-{port}"
     (data_dir / "models").mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,8 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
     full_env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY,
                 "BASTION_DATABASE_URL": database_url, **(env or {})}
     cmd = [sys.executable, "-m", "bastion.cli", "serve", "--port", str(port),
-           "--data-dir", str(data_dir), *args]
+           "--data-dir", str(data_dir), *args,
+           *([] if embeddings else ["--no-bundled-embeddings"])]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(proc, f"http://127.0.0.1:{port}", data_dir, log_path, database_url)
@@ -104,7 +106,7 @@ def stop_server(server: RunningServer) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    srv = start_server(tmp_path_factory.mktemp("server"), "--parallel", "16")
+    srv = start_server(tmp_path_factory.mktemp("server"), "--parallel", "16", embeddings=True)
     yield srv
     stop_server(srv)
 
@@ -192,3 +194,26 @@ def database_rows(server: RunningServer, table: str) -> list[dict]:
             return [dict(r._mapping) for r in conn.execute(text(f"SELECT * FROM {table}"))]
     finally:
         engine.dispose()
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (16, 16),
+                color: tuple[int, int, int] = (200, 30, 30), frames: int = 1) -> bytes:
+    """A real image made with Pillow (animated when frames > 1, for GIF and WebP)."""
+    import io
+
+    from PIL import Image
+
+    images = [Image.new("RGB", size, tuple((c + 60 * k) % 256 for c in color))
+              for k in range(frames)]
+    out = io.BytesIO()
+    extra = {"save_all": True, "append_images": images[1:]} if frames > 1 else {}
+    images[0].save(out, format=fmt, **extra)
+    return out.getvalue()
+
+
+def png_data_uri(size: tuple[int, int] = (16, 16), color: tuple[int, int, int] = (200, 30, 30),
+                 fmt: str = "PNG", mime: str = "image/png", frames: int = 1) -> str:
+    import base64
+
+    data = image_bytes(fmt, size, color, frames)
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from conftest import MODEL, RunningServer
+from conftest import MODEL, RunningServer, png_data_uri
 
 USER = [{"role": "user", "content": "Hello"}]
 
@@ -77,9 +77,14 @@ CHAT_CASES = [
      "This model's maximum context length is 4096 tokens, but the messages are 5010 tokens. "
      "Please shorten the messages."),
     (chat(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]),
+        {"type": "image_url", "image_url": {"url": png_data_uri()}}]}]),
      "messages[0].content[0]", "model_not_supported",
-     "The model 'gemma-3-270m' does not support image input."),
+     "The model 'gemma-3-270m' does not support image input; send text only, or choose a "
+     "vision model."),
+    (chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]),
+     "messages[0].content[0]", "unsupported_image_format",
+     "messages[0].content[0]: not an image in a supported format (PNG, JPEG, WebP or GIF)."),
     (chat(messages=[{"role": "user", "content": [{"type": "audio", "data": "x"}]}]),
      "messages[0].content[0]", "invalid_value", None),
     (chat(messages=USER * 1025), "messages", "invalid_value", None),

@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
-from bastion.api import (chat, completions, files, fine_tuning, health, keys, models,
-                         organizations, usage)
+from bastion.api import (chat, completions, embeddings, files, fine_tuning, health, keys,
+                         models, organizations, usage, ws)
 from bastion.catalog.finetuned import FineTunedModels
 from bastion.catalog.registry import load_catalog
 from bastion.files.store import BlobStore
@@ -27,6 +27,7 @@ from bastion.ratelimit.limiter import Limiter
 from bastion.usage.ledger import Ledger
 from bastion.serving.common import as_api_error
 from bastion.tenancy.keys import bootstrap
+from bastion.web.router import install as install_dashboard
 
 log = logging.getLogger("bastion")
 
@@ -79,9 +80,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    for module in (chat, completions, models, organizations, keys, usage, files, fine_tuning,
-                   health):
+    for module in (chat, completions, embeddings, models, organizations, keys, usage, files,
+                   fine_tuning, health, ws):
         app.include_router(module.router)
+    install_dashboard(app)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes,
                        upload_paths=frozenset({"/v1/files"}))
     return app

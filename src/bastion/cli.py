@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bastion.config import ModelSpec, Settings
+from bastion.config import EmbeddingModelSpec, ModelSpec, Settings
 
 app = typer.Typer(help="Bastion: your own OpenAI-compatible AI platform.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
@@ -28,6 +28,11 @@ def _template_name(templates: list[str], i: int) -> str | None:
     return None if name == "auto" else name
 
 
+def _mmproj_path(paths: list[str], i: int) -> Path | None:
+    name = paths[i] if i < len(paths) else "none"
+    return None if name in ("", "none") else Path(name)
+
+
 @app.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
@@ -36,7 +41,10 @@ def serve(
     model: Annotated[Optional[list[Path]], typer.Option(help="Extra GGUF file to serve (repeatable).")] = None,
     alias: Annotated[Optional[list[str]], typer.Option(help="Model id for the --model at the same position.")] = None,
     chat_template: Annotated[Optional[list[str]], typer.Option(help="Chat template for the --model at the same position: auto (the GGUF's own), gemma, chatml or llama3.")] = None,
+    mmproj: Annotated[Optional[list[str]], typer.Option(help="Multimodal projector GGUF for the --model at the same position (its image input), or none.")] = None,
     no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Do not serve the bundled Gemma model.")] = False,
+    embedding_model: Annotated[Optional[list[Path]], typer.Option(help="Extra sentence-transformers directory to serve for /v1/embeddings (repeatable; its id is the directory name).")] = None,
+    no_bundled_embeddings: Annotated[bool, typer.Option("--no-bundled-embeddings", help="Do not serve the bundled all-MiniLM-L6-v2 embedding model.")] = False,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Do not start a fine-tuning worker beside the server (run `bastion worker` elsewhere).")] = False,
     parallel: Annotated[Optional[int], typer.Option(help="Sequences decoded together per model.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Context window of each sequence.")] = None,
@@ -52,11 +60,20 @@ def serve(
         settings.worker = False
     if no_bundled:
         settings.serve_bundled_model = False
+    if no_bundled_embeddings:
+        settings.serve_bundled_embeddings = False
+    for path in embedding_model or []:
+        settings.embedding_models.append(EmbeddingModelSpec(path=path))
     aliases = list(alias or [])
     templates = list(chat_template or [])
+    projectors = list(mmproj or [])
+    if len(projectors) > len(model or []):
+        raise typer.BadParameter("each --mmproj belongs to the --model at the same position; "
+                                 f"got {len(projectors)} --mmproj for {len(model or [])} --model")
     for i, path in enumerate(model or []):
         settings.models.append(ModelSpec(path=path, id=aliases[i] if i < len(aliases) else None,
-                                         chat_template=_template_name(templates, i)))
+                                         chat_template=_template_name(templates, i),
+                                         mmproj=_mmproj_path(projectors, i)))
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"Bastion on http://{settings.host}:{settings.port}/v1", flush=True)

@@ -15,7 +15,18 @@ class ModelSpec(BaseModel):
     id: str | None = None
     aliases: list[str] = Field(default_factory=list)
     chat_template: str | None = None  # name of a built-in template; default: the GGUF's own
+    mmproj: Path | None = None  # multimodal projector GGUF: the model then takes images
     owned_by: str = "bastion"
+
+
+class EmbeddingModelSpec(BaseModel):
+    """A sentence-transformers model directory to serve for /v1/embeddings."""
+
+    path: Path
+    id: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    owned_by: str = "bastion"
+    truncatable_dimensions: bool = False  # trained Matryoshka-style: `dimensions` may shorten
 
 
 class Settings(BaseSettings):
@@ -30,7 +41,13 @@ class Settings(BaseSettings):
 
     serve_bundled_model: bool = True
     models: list[ModelSpec] = Field(default_factory=list)
-    aliases: dict[str, str] = Field(default_factory=lambda: {"gemma": "gemma-3-270m"})
+    aliases: dict[str, str] = Field(default_factory=lambda: {"gemma": "gemma-3-270m",
+                                                              "all-minilm": "all-minilm-l6-v2"})
+    serve_bundled_embeddings: bool = True
+    embedding_models: list[EmbeddingModelSpec] = Field(default_factory=list)
+    embedding_window_ms: float = Field(2.0, ge=0, le=1000, description="how long an idle "
+                                       "embedding worker waits for more requests to batch")
+    embedding_max_batch: int = Field(64, ge=1, le=4096, description="inputs per forward pass")
 
     # llama.cpp engine
     parallel: int = Field(16, ge=1, le=256, description="sequences decoded together per model")
@@ -42,6 +59,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = 4 * 1024 * 1024
     max_n: int = 8
     default_max_tokens: int = 2048
+
+    ws_auth_timeout: float = Field(10.0, gt=0, description="an unauthenticated socket is closed after this")
+    ws_max_requests: int = Field(16, ge=1, description="generations one socket may run at once")
+
+    # image parts of chat messages
+    max_images_per_request: int = Field(8, ge=0)
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(16_777_216, ge=1, description="larger images are refused "
+                                  "from their header, before decompression")
+    fetch_remote_images: bool = False  # https:// image URLs (public addresses only)
+    remote_image_timeout: float = Field(10.0, gt=0)
 
     drain_timeout: float = 30.0
     rate_limits: bool = True
@@ -61,6 +89,10 @@ class Settings(BaseSettings):
                                        "for queued jobs")
     training_threads: int | None = Field(None, ge=1, description="torch threads for training "
                                          "(default: half the cores)")
+
+    # dashboard sessions: signed with this secret (default: one generated into the data dir)
+    session_secret: str | None = Field(None, min_length=32)
+    session_hours: float = Field(8.0, gt=0, description="a dashboard sign-in lasts this long")
 
     @property
     def resolved_database_url(self) -> str:

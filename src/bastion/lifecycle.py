@@ -17,6 +17,8 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+# The API, and the dashboard's playground endpoint that serves through the same path.
+GUARDED = ("/v1", "/dashboard/api/")
 
 
 class Lifecycle:
@@ -66,7 +68,7 @@ class Gatekeeper:
         self.upload_paths = upload_paths  # POSTs that stream to disk under their own limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http" or not scope["path"].startswith(GUARDED):
             await self.app(scope, receive, send)
             return
         if self.lifecycle.draining:

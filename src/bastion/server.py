@@ -45,5 +45,6 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=5, access_log=False)
+                            timeout_graceful_shutdown=5, access_log=False,
+                            ws_max_size=app.state.settings.max_body_bytes)
     DrainingServer(config, app, drain_timeout).run()

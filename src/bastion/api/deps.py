@@ -7,9 +7,11 @@ import time
 from datetime import datetime, timezone
 from typing import Annotated, Callable
 
+import anyio
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 
 from bastion.catalog.registry import Catalog, Deployment
 from bastion.config import Settings
@@ -38,22 +40,24 @@ async def current_principal(request: Request) -> Principal:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError(
             "The Authorization header must be 'Bearer YOUR_API_KEY'.", code="invalid_api_key")
-    if len(token) > 512:
-        raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-    factory = request.app.state.sessions
+    principal = await authenticate(request.app.state, token)
+    request.state.principal = principal  # the rate-limit headers of the response need it
+    limiter: Limiter = request.app.state.limiter
+    await limiter.run(limiter.count_request, principal)
+    return principal
 
-    if not token.isascii() or not token.isprintable():
+
+async def authenticate(state: State, token: str) -> Principal:
+    """The caller behind a raw key, for every transport (HTTP header, WebSocket message)."""
+    if len(token) > 512 or not token.isascii() or not token.isprintable():
         raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
+    factory = state.sessions
 
     def lookup() -> Principal:
         with factory() as session:
             return verify(session, token)
 
-    principal = await run_in_threadpool(lookup)
-    request.state.principal = principal  # the rate-limit headers of the response need it
-    limiter: Limiter = request.app.state.limiter
-    await limiter.run(limiter.count_request, principal)
-    return principal
+    return await run_in_threadpool(lookup)
 
 
 CurrentKey = Annotated[Principal, Depends(current_principal)]
@@ -61,13 +65,17 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 
 
+def check_permission(principal: Principal, permission: str) -> None:
+    if not principal.can(permission):
+        raise AuthorizationError(
+            f"This API key lacks the '{permission}' permission needed for this endpoint.")
+
+
 def require(permission: str) -> Callable[[Principal], Principal]:
     """A dependency that lets through only keys holding `permission`."""
 
     def check(principal: CurrentKey) -> Principal:
-        if not principal.can(permission):
-            raise AuthorizationError(
-                f"This API key lacks the '{permission}' permission needed for this endpoint.")
+        check_permission(principal, permission)
         return principal
 
     return check
@@ -109,16 +117,25 @@ async def admit(request: Request, principal: Principal, estimate: int, *, model:
     """Admit the request and bill it to the ledger when it settles. The ticket also goes to
     the Gatekeeper, which settles it if the request ends before the route could (client gone
     before the stream started). A retry with the same Idempotency-Key is billed once."""
-    limiter: Limiter = request.app.state.limiter
-    ticket = await limiter.run(limiter.admit, principal, estimate)
     request_id = response_id
     if idem := request.headers.get("idempotency-key"):
         # a retry of the same request is billed once; another request reusing the key is not
         # free: the body is part of the id
         body = hashlib.sha256(await request.body()).hexdigest()[:32]
         request_id = f"idem:{hashlib.sha256(idem.encode()).hexdigest()[:32]}:{body}"
-    ledger = request.app.state.ledger
-    endpoint = request.url.path
+    if not hasattr(request.state, "tickets"):
+        request.state.tickets = []
+    return await open_ticket(request.app.state, principal, estimate, model=model,
+                             request_id=request_id, endpoint=request.url.path,
+                             held=request.state.tickets)
+
+
+async def open_ticket(state: State, principal: Principal, estimate: int, *, model: str,
+                      request_id: str, endpoint: str, held: list[Ticket]) -> Ticket:
+    """Admission against the plan, and one ledger row when the ticket settles; shared by the
+    HTTP routes and the WebSocket API. The ticket goes into `held` before anything can cancel
+    the caller, so whoever owns `held` can always settle it (a slot is never lost)."""
+    ledger = state.ledger
 
     def bill(t: Ticket) -> None:
         ledger.record(UsageRow(
@@ -128,6 +145,9 @@ async def admit(request: Request, principal: Principal, estimate: int, *, model:
             latency_ms=int((time.monotonic() - t.started) * 1000),
             created_at=datetime.now(timezone.utc)))
 
-    ticket.on_settle.append(bill)
-    request.state.tickets = [*getattr(request.state, "tickets", []), ticket]
+    limiter: Limiter = state.limiter
+    with anyio.CancelScope(shield=True):
+        ticket = await limiter.run(limiter.admit, principal, estimate)
+        ticket.on_settle.append(bill)
+        held.append(ticket)
     return ticket

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Request
 
 from bastion.api.deps import CatalogDep, CurrentKey, resolve_model
@@ -14,7 +16,9 @@ router = APIRouter()
 def card(dep: Deployment) -> ModelCard:
     info = dep.engine.info
     return ModelCard(id=dep.id, created=info.created, owned_by=dep.owned_by,
-                     context_length=info.context_length, parameters=info.parameters)
+                     context_length=info.context_length, parameters=info.parameters,
+                     dimensions=info.dimensions,
+                     capabilities=[k for k, on in asdict(dep.engine.capabilities).items() if on])
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -10,8 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from bastion.api.deps import CurrentKey, SessionsDep
 from bastion.errors import InvalidRequestError
-from bastion.tenancy import orgs
-from bastion.usage.report import usage_by_day
+from bastion.usage.report import visible_usage
 
 router = APIRouter()
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime can hold
@@ -33,10 +32,8 @@ def get_usage(request: Request, key: CurrentKey, sessions: SessionsDep,
     org = org_id or key.org_id
     request.app.state.ledger.flush(timeout=5)  # so a caller reads its own requests back
     with sessions.begin() as s:
-        orgs.get(s, key, org)  # 404 for an organisation the caller cannot see
-        own_only = None if key.can("admin") else key.key_id
-        data = usage_by_day(s, org, datetime.fromtimestamp(start, timezone.utc),
-                            datetime.fromtimestamp(end, timezone.utc), key_id=own_only)
+        data = visible_usage(s, key, org, datetime.fromtimestamp(start, timezone.utc),
+                             datetime.fromtimestamp(end, timezone.utc))
     totals = {k: sum(row[k] for row in data)
               for k in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")}
     return {"object": "list", "org_id": org, "start_time": start, "end_time": end,

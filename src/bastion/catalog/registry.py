@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from bastion.config import Settings
 from bastion.engines.base import Engine, engine_class
 from bastion.errors import ModelNotFoundError
-from bastion.catalog.bundled import BUNDLED_ID, bundled_gguf
+from bastion.catalog.bundled import (BUNDLED_EMBEDDINGS_ID, BUNDLED_ID, bundled_embeddings,
+                                     bundled_gguf)
 
 log = logging.getLogger("bastion.catalog")
 
@@ -19,6 +20,7 @@ class Deployment:
     engine: Engine
     owned_by: str
     aliases: list[str] = field(default_factory=list)
+    truncatable_dimensions: bool = False  # embedding models trained to be shortened
     org_id: str | None = None  # a fine-tuned model: visible to this organisation only
 
     def visible_to(self, org_id: str | None) -> bool:
@@ -51,6 +53,10 @@ class Catalog:
                 f"The model '{name}' does not exist or you do not have access to it.",
                 param="model")
         return dep
+
+    def aliases_of(self, model_id: str) -> list[str]:
+        """Every other name that resolves to this model (for people choosing one)."""
+        return [a for a, target in self._aliases.items() if target == model_id]
 
     def all(self) -> list[Deployment]:
         return list(self._deployments.values())
@@ -88,9 +94,10 @@ def load_catalog(settings: Settings) -> Catalog:
             model_id = spec.id or spec.path.stem
             log.info("loading model %s from %s", model_id, spec.path)
             engine = engine_cls(path=spec.path, name=model_id, chat_template=spec.chat_template,
-                                **common)
+                                mmproj=spec.mmproj, **common)
             catalog.add(Deployment(model_id, engine, owned_by=spec.owned_by,
                                    aliases=list(spec.aliases)))
+        load_embedding_models(settings, catalog)
         for alias, target in settings.aliases.items():
             if target in {d.id for d in catalog.all()} and alias not in {d.id for d in catalog.all()}:
                 catalog.alias(alias, target)
@@ -98,3 +105,25 @@ def load_catalog(settings: Settings) -> Catalog:
         catalog.close()
         raise
     return catalog
+
+
+def load_embedding_models(settings: Settings, catalog: Catalog) -> None:
+    """Sentence-transformers models; PyTorch is imported only when one is configured."""
+    if not settings.serve_bundled_embeddings and not settings.embedding_models:
+        return
+    from bastion.engines.embeddings import SentenceTransformerEngine
+
+    common = dict(threads=settings.threads, window_s=settings.embedding_window_ms / 1000,
+                  max_batch=settings.embedding_max_batch)
+    if settings.serve_bundled_embeddings:
+        path = bundled_embeddings()
+        log.info("loading bundled embedding model %s from %s", BUNDLED_EMBEDDINGS_ID, path)
+        catalog.add(Deployment(BUNDLED_EMBEDDINGS_ID,
+                               SentenceTransformerEngine(path, BUNDLED_EMBEDDINGS_ID, **common),
+                               owned_by="sentence-transformers"))
+    for spec in settings.embedding_models:
+        model_id = spec.id or spec.path.name
+        log.info("loading embedding model %s from %s", model_id, spec.path)
+        catalog.add(Deployment(model_id, SentenceTransformerEngine(spec.path, model_id, **common),
+                               owned_by=spec.owned_by, aliases=list(spec.aliases),
+                               truncatable_dimensions=spec.truncatable_dimensions))

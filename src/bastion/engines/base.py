@@ -41,6 +41,40 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class DecodedImage:
+    """An image part after validation: RGB pixels, row-major, width*height*3 bytes."""
+
+    width: int
+    height: int
+    rgb: bytes
+
+
+# Stands in prompt_tokens for each token an image occupies, so that len(prompt_tokens) is the
+# exact prompt length (usage, budgets, context checks) with or without images. Never decoded:
+# llama_decode refuses a negative token id, so a slip shows as an error, not as wrong text.
+MEDIA_TOKEN = -1
+
+
+@dataclass(frozen=True)
+class PromptMedia:
+    """An image inside a prompt: it fills prompt_tokens[offset:offset + n_tokens] (all
+    MEDIA_TOKEN). The payload is the engine's own (llama.cpp: a preprocessed mtmd chunk), made
+    by the same engine's render_chat_media, so only that engine ever reads it."""
+
+    offset: int
+    n_tokens: int
+    payload: Any
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered multimodal prompt: tokens with MEDIA_TOKEN runs, and what fills them."""
+
+    tokens: list[int]
+    media: tuple[PromptMedia, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Tokens in, n independent continuations out."""
 
@@ -48,6 +82,7 @@ class GenerationRequest:
     params: SamplingParams
     n: int = 1
     request_id: str = ""
+    media: tuple[PromptMedia, ...] = ()  # images in the prompt, in order of offset
 
 
 @dataclass(frozen=True)
@@ -102,6 +137,7 @@ class ModelInfo:
     parameters: str | None
     vocab_size: int
     created: int
+    dimensions: int | None = None  # embedding models: the length of their vectors
 
 
 @runtime_checkable
@@ -112,6 +148,10 @@ class Engine(Protocol):
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
 
     def render_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+    # Vision engines only (capabilities.vision): messages whose content may be a list of
+    # {"type": "text", "text": str} and {"type": "image", "image": DecodedImage} parts.
+    def render_chat_media(self, messages: list[dict[str, Any]]) -> Prompt: ...
 
     def infill_tokens(self, prefix: str, suffix: str) -> list[int]: ...
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class ModelCard(BaseModel):
@@ -14,6 +14,8 @@ class ModelCard(BaseModel):
     owned_by: str
     context_length: int | None = None
     parameters: str | None = None
+    dimensions: int | None = None  # embedding models only
+    capabilities: list[str] = Field(default_factory=list)  # what the model takes: chat, completion, embeddings, vision...
 
 
 class ModelList(BaseModel):

@@ -225,6 +225,13 @@ class Limiter:
     def headers(self, principal: Principal) -> dict[str, str]:
         if not self.enabled:
             return {}
+        return rate_limit_headers(self.windows(principal), time.time())
+
+    def windows(self, principal: Principal) -> dict[str, Window]:
+        """Where each limit stands now (requests, tokens, concurrency): the headers and the
+        dashboard's overview read the same numbers."""
+        if not self.enabled:
+            return {}
         now = time.time()
         windows: dict[str, Window] = {}
         rpm = self._rpm_item(principal)
@@ -239,7 +246,7 @@ class Limiter:
         if cap is not None:
             windows["concurrency"] = Window(cap, max(0, cap - self.slots.count(principal.org_id)),
                                             math.ceil(now + CONCURRENCY_RETRY_S))
-        return rate_limit_headers(windows, now)
+        return windows
 
     def _rpm_item(self, principal: Principal) -> RateLimitItemPerMinute | None:
         return RateLimitItemPerMinute(principal.rate_limit) if principal.rate_limit else None

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion.catalog.registry import Deployment
 from bastion.config import Settings
-from bastion.engines.base import Delta, Finished, GenerationRequest, TokenLogprob
+from bastion.engines.base import Delta, Finished, GenerationRequest, PromptMedia, TokenLogprob
 from bastion.errors import InvalidRequestError
 from bastion.ids import new_id
 from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
@@ -17,8 +17,9 @@ from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
                                    TokenLogprobContent, TopLogprob)
 from bastion.protocol.common import Usage
 from bastion.ratelimit.limiter import Limiter, Ticket
+from bastion.serving.images import load_images
 from bastion.serving.common import (check_n, completion_budget, merge, metered,
-                                    sampling_params)
+                                    sampling_params, unsupported)
 from bastion.tenancy.keys import Principal
 
 
@@ -40,20 +41,31 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
                        principal: Principal, limiter: Limiter) -> PreparedChat:
     engine = deployment.engine
     if not engine.capabilities.chat:
-        raise InvalidRequestError(f"The model '{deployment.id}' does not support chat completions.",
-                                  param="model", code="model_not_supported")
+        raise unsupported(deployment, "chat completions")
+    images = await load_images(body.messages, settings)  # every image is checked first
     messages: list[dict[str, Any]] = []
     for i, m in enumerate(body.messages):
-        if isinstance(m.content, list):
-            for j, part in enumerate(m.content):
-                if isinstance(part, ImagePart) and not engine.capabilities.vision:
-                    raise InvalidRequestError(
-                        f"The model '{deployment.id}' does not support image input.",
-                        param=f"messages[{i}].content[{j}]", code="model_not_supported")
         role = "system" if m.role == "developer" else m.role
-        messages.append({"role": role, "content": m.text()})
+        if any(key[0] == i for key in images):
+            if not engine.capabilities.vision:
+                j = min(key[1] for key in images if key[0] == i)
+                raise InvalidRequestError(
+                    f"The model '{deployment.id}' does not support image input; send text "
+                    f"only, or choose a vision model.", param=f"messages[{i}].content[{j}]",
+                    code="model_not_supported")
+            parts = [{"type": "image", "image": images[(i, j)]} if isinstance(p, ImagePart)
+                     else {"type": "text", "text": p.text}
+                     for j, p in enumerate(m.content or [])]  # type: ignore[union-attr]
+            messages.append({"role": role, "content": parts})
+        else:
+            messages.append({"role": role, "content": m.text()})
     check_n(body.n, max_n=settings.max_n, slots=getattr(engine, "max_parallel", body.n))
-    prompt = await run_in_threadpool(engine.render_chat, messages)
+    media: tuple[PromptMedia, ...] = ()
+    if any(isinstance(m["content"], list) for m in messages):  # images, checked for vision above
+        rendered = await run_in_threadpool(engine.render_chat_media, messages)
+        prompt, media = rendered.tokens, rendered.media
+    else:
+        prompt = await run_in_threadpool(engine.render_chat, messages)
     max_tokens = completion_budget(prompt_len=len(prompt), requested=body.completion_limit,
                                    context=engine.info.context_length,
                                    default=settings.default_max_tokens, param="messages",
@@ -62,7 +74,7 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
                                         default=max_tokens, param="messages")
     params = sampling_params(body, max_tokens=max_tokens, vocab_size=engine.info.vocab_size,
                              logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-    gen = GenerationRequest(prompt_tokens=prompt, params=params, n=body.n)
+    gen = GenerationRequest(prompt_tokens=prompt, params=params, n=body.n, media=media)
     return PreparedChat(body, deployment, prompt, gen)
 
 

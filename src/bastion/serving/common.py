@@ -28,6 +28,14 @@ def check_n(n: int, *, max_n: int, slots: int) -> None:
                                   param="n", code="invalid_value")
 
 
+def unsupported(deployment: Any, what: str) -> InvalidRequestError:
+    """The 400 for a model asked for something it cannot do, saying what it is for instead."""
+    hint = (" It is an embedding model: use it with /v1/embeddings."
+            if deployment.engine.capabilities.embeddings else "")
+    return InvalidRequestError(f"The model '{deployment.id}' does not support {what}.{hint}",
+                               param="model", code="model_not_supported")
+
+
 def check_token_ids(tokens: list[int], vocab_size: int, param: str) -> None:
     for t in tokens:
         if t < 0 or t >= vocab_size:

@@ -18,7 +18,7 @@ from bastion.protocol.completions import (Completion, CompletionChoice, Completi
 from bastion.protocol.common import Usage
 from bastion.ratelimit.limiter import Limiter, Ticket
 from bastion.serving.common import (check_n, check_token_ids, completion_budget, merge, metered,
-                                    sampling_params)
+                                    sampling_params, unsupported)
 from bastion.tenancy.keys import Principal
 
 
@@ -64,8 +64,7 @@ async def prepare_completion(body: CompletionRequest, deployment: Deployment,
                              limiter: Limiter) -> PreparedCompletion:
     engine = deployment.engine
     if not engine.capabilities.completion:
-        raise InvalidRequestError(f"The model '{deployment.id}' does not support completions.",
-                                  param="model", code="model_not_supported")
+        raise unsupported(deployment, "completions")
     if body.suffix is not None and not engine.capabilities.infill:
         raise InvalidRequestError(
             f"The model '{deployment.id}' cannot use suffix: it has no fill-in-the-middle tokens.",

@@ -56,7 +56,20 @@ def verify(session: Session, raw: str) -> Principal:
         raise AuthenticationError("Incorrect API key provided. You can find your API keys in the "
                                   "dashboard or create one with `bastion keys create`.",
                                   code="invalid_api_key")
-    row, org = found
+    return _principal(session, *found)
+
+
+def verify_id(session: Session, key_id: str) -> Principal:
+    """The caller behind a key already verified once (a dashboard session holds its id, never
+    the key): refused the same way as verify() once the key is revoked or its org deleted."""
+    found = session.execute(select(ApiKey, Organization).join(Organization)
+                            .where(ApiKey.id == key_id)).first()
+    if found is None:
+        raise AuthenticationError("This API key no longer exists.", code="invalid_api_key")
+    return _principal(session, *found)
+
+
+def _principal(session: Session, row: ApiKey, org: Organization) -> Principal:
     if row.revoked_at is not None:
         raise AuthenticationError("This API key has been revoked.", code="api_key_revoked")
     if org.deleted_at is not None:
@@ -71,6 +84,14 @@ def verify(session: Session, raw: str) -> Principal:
     return Principal(key_id=row.id, org_id=row.org_id, permissions=frozenset(row.permissions),
                      is_server_admin=row.is_server_admin, rate_limit=row.rate_limit,
                      limits=effective_limits(org.plan, org.limits_override))
+
+
+def own_key(session: Session, principal: Principal) -> ApiKey:
+    """The caller's own key (its name and visible prefix, for the dashboard to show)."""
+    row = session.get(ApiKey, principal.key_id)
+    if row is None:
+        raise AuthenticationError("This API key no longer exists.", code="invalid_api_key")
+    return row
 
 
 def list_keys(session: Session, principal: Principal, org_id: str) -> list[ApiKey]:

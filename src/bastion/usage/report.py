@@ -8,6 +8,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from bastion.db.tables import UsageRecord
+from bastion.tenancy import orgs
+from bastion.tenancy.keys import Principal
 
 
 def usage_by_day(session: Session, org_id: str, start: datetime, end: datetime,
@@ -25,3 +27,13 @@ def usage_by_day(session: Session, org_id: str, start: datetime, end: datetime,
              "prompt_tokens": int(p or 0), "completion_tokens": int(c or 0),
              "total_tokens": int(p or 0) + int(c or 0)}
             for d, model, key, n, p, c in session.execute(query)]
+
+
+def visible_usage(session: Session, principal: Principal, org_id: str, start: datetime,
+                  end: datetime) -> list[dict]:
+    """What `principal` may see of an organisation's usage: admins all keys, any other key its
+    own requests only; an organisation it cannot see is a 404. The API and the dashboard both
+    read usage through here."""
+    orgs.get(session, principal, org_id)
+    own_only = None if principal.can("admin") else principal.key_id
+    return usage_by_day(session, org_id, start, end, key_id=own_only)

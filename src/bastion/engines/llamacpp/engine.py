@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
-from bastion.engines.base import (Capabilities, EngineError, Event, GenerationRequest, ModelInfo,
+from bastion.engines.base import (MEDIA_TOKEN, Capabilities, DecodedImage, EngineError, Event,
+                                  GenerationRequest, ModelInfo, Prompt, PromptMedia,
                                   format_parameters)
 from bastion.engines.llamacpp.model import LlamaModel
 from bastion.engines.llamacpp.scheduler import DONE, Scheduler
 from bastion.engines.llamacpp.templates import ChatTemplate, pick_template
+from bastion.engines.llamacpp.vision import ImageChunk, Projector
 
 
 # Private-use code points: they never occur in chat templates, and mark where message text goes.
@@ -20,45 +22,64 @@ _MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
 def render_chat_tokens(model: LlamaModel, template: ChatTemplate, messages: list[dict[str, Any]],
-                       *, add_generation_prompt: bool = True) -> list[int]:
+                       *, add_generation_prompt: bool = True,
+                       parts: Callable[[list[dict[str, Any]], list[int]], None] | None = None,
+                       media: list[PromptMedia] | None = None) -> list[int]:
     """Prompt tokens of a conversation. The template is rendered with a marker in place of each
     message's text; the template's own text is tokenised with its special tokens, the messages'
     text without, so a user who types "<end_of_turn>" cannot fake a turn. Fine-tuning encodes
-    its examples with this same function, so training and serving see the same tokens."""
+    its examples with this same function, so training and serving see the same tokens.
+    `parts` tokenises content lists (text and images) into `tokens`, adding to `media`."""
     shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
     text = template.render(shadow, add_generation_prompt=add_generation_prompt)
     tokens: list[int] = []
     for k, part in enumerate(_MARKS.split(text)):
         if k % 2:
-            tokens += model.tokenize(messages[int(part)]["content"], add_special=False,
-                                     parse_special=False)
+            content = messages[int(part)]["content"]
+            if isinstance(content, str):
+                tokens += model.tokenize(content, add_special=False, parse_special=False)
+            elif parts is None:
+                raise TypeError("messages with content parts go to render_chat_media")
+            else:
+                parts(content, tokens)
         elif part:
             tokens += model.tokenize(part, add_special=False, parse_special=True)
     if model.add_bos and (not tokens or tokens[0] != model.bos):
         tokens.insert(0, model.bos)
+        for i, item in enumerate(media or []):
+            media[i] = PromptMedia(item.offset + 1, item.n_tokens, item.payload)  # type: ignore[index]
     return tokens
 
 
 class LlamaCppEngine:
     def __init__(self, *, path: Path, name: str, n_seq: int, ctx_per_seq: int, n_batch: int,
                  threads: int | None = None, chat_template: str | None = None,
-                 lora: Path | None = None) -> None:
+                 mmproj: Path | None = None, lora: Path | None = None) -> None:
+        """`lora`: a GGUF LoRA adapter that llama.cpp applies to every sequence (fine-tuned)."""
         self.model = LlamaModel(path, n_seq=n_seq, ctx_per_seq=ctx_per_seq, n_batch=n_batch,
                                 threads=threads, lora=lora)
         self.path = path
-        self.architecture = self.model.meta("general.architecture")
         m = self.model
+        self.architecture = m.meta("general.architecture")
+        self.projector: Projector | None = None
+        if mmproj is not None:
+            try:
+                self.projector = Projector(mmproj, m, threads=m.n_threads)
+            except BaseException:
+                m.close()
+                raise
         self.template: ChatTemplate = pick_template(
             gguf_template=m.chat_template(), name=chat_template,
             bos_token=m.token_text(m.bos), eos_token=m.token_text(m.eos))
         self._fim = m.fim_tokens()
-        self.capabilities = Capabilities(chat=True, completion=True, infill=self._fim is not None)
+        self.capabilities = Capabilities(chat=True, completion=True, infill=self._fim is not None,
+                                         vision=self.projector is not None)
         self.info = ModelInfo(context_length=m.ctx_per_seq,
                               parameters=m.meta("general.size_label") or format_parameters(m.n_params),
                               vocab_size=m.n_vocab,
                               created=int((lora or path).stat().st_mtime))
         self.max_parallel = n_seq
-        self.scheduler = Scheduler(m, name)
+        self.scheduler = Scheduler(m, name, self.projector)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self.model.tokenize(text, add_special=add_special and self.model.add_bos,
@@ -66,8 +87,51 @@ class LlamaCppEngine:
 
     def render_chat(self, messages: list[dict[str, Any]], *,
                     add_generation_prompt: bool = True) -> list[int]:
+        """Prompt tokens of a text conversation (see render_chat_tokens)."""
         return render_chat_tokens(self.model, self.template, messages,
                                   add_generation_prompt=add_generation_prompt)
+
+    def render_chat_media(self, messages: list[dict[str, Any]]) -> Prompt:
+        """A conversation whose contents may be lists of text and image parts. Text is
+        tokenised as in render_chat (adjacent text parts joined first, so a request costs
+        exactly its image tokens more than the same text without images); each image becomes
+        the projector's wrapper tokens and a run of MEDIA_TOKEN placeholders it fills."""
+        if self.projector is None:
+            raise EngineError("This model has no vision projector.",
+                              error_type="invalid_request_error", code="model_not_supported")
+        media: list[PromptMedia] = []
+        tokens = self._render(messages, media)
+        if media and media[-1].offset + media[-1].n_tokens == len(tokens):
+            # never happens with a chat template (the generation prompt follows), but the
+            # scheduler needs text after the last image to sample the first token from
+            raise EngineError("A prompt must not end with an image.")
+        return Prompt(tokens=tokens, media=tuple(media))
+
+    def _render(self, messages: list[dict[str, Any]], media: list[PromptMedia] | None) -> list[int]:
+        parts = None if media is None else (lambda content, tokens: self._render_parts(
+            content, tokens, media))
+        return render_chat_tokens(self.model, self.template, messages, parts=parts, media=media)
+
+    def _render_parts(self, parts: list[dict[str, Any]], tokens: list[int],
+                      media: list[PromptMedia]) -> None:
+        assert self.projector is not None
+        text: list[str] = []
+        for part in parts:
+            if part["type"] == "text":
+                text.append(part["text"])
+                continue
+            image = part["image"]
+            if not isinstance(image, DecodedImage):
+                raise TypeError(f"an image part must hold a DecodedImage, not {type(image)}")
+            tokens += self.model.tokenize("".join(text), add_special=False, parse_special=False)
+            text = []
+            for segment in self.projector.tokenize_image(image):
+                if isinstance(segment, ImageChunk):
+                    media.append(PromptMedia(len(tokens), segment.n_tokens, segment))
+                    tokens += [MEDIA_TOKEN] * segment.n_tokens
+                else:
+                    tokens += segment
+        tokens += self.model.tokenize("".join(text), add_special=False, parse_special=False)
 
     def infill_tokens(self, prefix: str, suffix: str) -> list[int]:
         if self._fim is None:
@@ -91,6 +155,8 @@ class LlamaCppEngine:
             except RuntimeError:  # the loop is gone; nobody is listening any more
                 pass
 
+        if request.media:
+            await self._encode(request)
         job = self.scheduler.submit(request, sink)
         done = False
         try:
@@ -108,6 +174,15 @@ class LlamaCppEngine:
             if not done:  # the consumer went away: free the sequences at once
                 self.scheduler.cancel(job)
 
+    async def _encode(self, request: GenerationRequest) -> None:
+        """Run the vision encoder over the request's images on a worker thread: only now,
+        after admission, and beside the scheduler, which keeps decoding other sequences."""
+        if self.projector is None:
+            raise EngineError("This model has no vision projector.")
+        for media in request.media:
+            if isinstance(media.payload, ImageChunk) and media.payload.embd is None:
+                await asyncio.to_thread(self.projector.encode, media.payload)
+
     def stats(self) -> dict[str, int]:
         return self.scheduler.stats()
 
@@ -116,5 +191,7 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         if self.scheduler.stop():  # never free the model under a thread still decoding
+            if self.projector is not None:
+                self.projector.close()
             self.model.close()
 

@@ -62,6 +62,7 @@ class LlamaModel:
         self.n_batch = max(n_batch, n_seq)  # every running sequence needs a row in each step
         n_batch = self.n_batch
         n_threads = threads or max(1, os.cpu_count() or 1)
+        self.n_threads = n_threads
 
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = self.ctx_per_seq * n_seq

@@ -4,6 +4,13 @@ Each step the thread (1) takes new requests, cancellations and aborts from its c
 (2) admits waiting requests into free sequence slots, (3) builds one llama_decode batch with the
 next token of every decoding sequence plus prompt chunks of newly admitted ones, and (4) samples
 each sequence with its own sampler chain and hands the events to the request's sink.
+
+A prompt with images arrives with its images already encoded (engine.generate runs the vision
+encoder on a worker thread first, while this thread keeps decoding). It is prefilled up to each
+image in batches as usual; the image's embeddings are then decoded into the sequence's KV cache
+by libmtmd at the start of the next step, on this thread and outside the shared batch (a batch
+holds tokens or embeddings, not both). The other sequences wait for that one decode, which
+costs about what prefilling as many text tokens does.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from bastion.engines.base import (Delta, EngineError, Event, Finished, GenerationRequest,
-                                  PromptLogprobs, TokenLogprob)
+                                  PromptLogprobs, PromptMedia, TokenLogprob)
 from bastion.engines.llamacpp import sampling
 from bastion.engines.llamacpp.model import LlamaModel
+from bastion.engines.llamacpp.vision import Projector
 from bastion.engines.llamacpp.text import StopMatcher, Utf8Stream
 
 log = logging.getLogger("bastion.scheduler")
@@ -55,11 +63,17 @@ class Job:
     prefilled: int = 0
     prompt_lp: list[TokenLogprob | None] = field(default_factory=list)
     cancelled: bool = False
+    media: dict[int, PromptMedia] = field(default_factory=dict)  # by prompt offset
+
+    def next_media(self, start: int) -> int:
+        """Offset of the first image at or after start (the prompt's length if none)."""
+        return min((o for o in self.media if o >= start), default=len(self.request.prompt_tokens))
 
 
 class Scheduler:
-    def __init__(self, model: LlamaModel, name: str) -> None:
+    def __init__(self, model: LlamaModel, name: str, projector: Projector | None = None) -> None:
         self.model = model
+        self.projector = projector
         self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
@@ -71,7 +85,7 @@ class Scheduler:
 
     # --- called from the event loop ---------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> Job:
-        job = Job(request=request, sink=sink)
+        job = Job(request=request, sink=sink, media={m.offset: m for m in request.media})
         self._commands.put(("submit", job))
         return job
 
@@ -139,6 +153,9 @@ class Scheduler:
             if not job.request.prompt_tokens:  # nothing to decode would spin forever
                 self._finish_job(job, EngineError("The prompt has no tokens."))
                 continue
+            if job.media and self.projector is None:
+                self._finish_job(job, EngineError("This model has no vision projector."))
+                continue
             p = job.request.params
             self._running.append(job)
             try:
@@ -170,9 +187,11 @@ class Scheduler:
                     decoders.append((seq, job))
                     rows.append((seq.slot, seq.n_past, seq.last_token, True))
                     outputs += 1
-        for job in self._running:
+        for job in list(self._running):  # an image that fails ends its job
             prompt = job.request.prompt_tokens
             if job.prefilled >= len(prompt):
+                continue
+            if job.prefilled in job.media and not self._prefill_media(job):
                 continue
             all_logits = job.request.params.prompt_logprobs
             budget = self.model.n_batch - len(rows)
@@ -184,7 +203,7 @@ class Scheduler:
                 budget = len(prompt) - start - 1  # finish next step, when an output is free
             if budget <= 0:
                 break
-            chunk = prompt[start:start + budget]
+            chunk = prompt[start:min(start + budget, job.next_media(start))]
             completes = start + len(chunk) == len(prompt)
             leader = job.seqs[0].slot
             for k, tok in enumerate(chunk):
@@ -233,6 +252,28 @@ class Scheduler:
                 job.sink(events)
             if all(s.finished for s in job.seqs):
                 self._finish_job(job)
+
+    def _prefill_media(self, job: Job) -> bool:
+        """Evaluate the images at the job's prefill point (the text before them was decoded
+        by an earlier step) into its leader's KV cache; False if the job failed."""
+        assert self.projector is not None
+        leader = job.seqs[0].slot
+        while job.prefilled in job.media:
+            media = job.media[job.prefilled]
+            try:
+                end = self.projector.decode(media.payload, position=job.prefilled,
+                                            seq_id=leader)
+                if end != job.prefilled + media.n_tokens:
+                    raise EngineError(f"The image took {end - job.prefilled} positions "
+                                      f"instead of {media.n_tokens}.")
+            except EngineError as exc:
+                self._finish_job(job, exc)
+                return False
+            job.prefilled = end
+        if job.prefilled >= len(job.request.prompt_tokens):  # render_chat_media forbids it
+            self._finish_job(job, EngineError("A prompt must not end with an image."))
+            return False
+        return True
 
     def _collect_prompt_logprobs(self, job: Job, batch_indices: list[int], start: int) -> None:
         prompt = job.request.prompt_tokens

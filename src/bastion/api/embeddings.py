@@ -1,0 +1,22 @@
+"""POST /v1/embeddings: parse, admit, embed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from bastion.api.deps import CatalogDep, InferenceKey, LimiterDep, admit
+from bastion.protocol.embeddings import EmbeddingList, EmbeddingRequest
+from bastion.serving.common import unless_disconnected
+from bastion.serving.embeddings import create_embeddings, prepare_embeddings
+
+router = APIRouter()
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingList)
+async def create_embedding(body: EmbeddingRequest, key: InferenceKey, catalog: CatalogDep,
+                           limiter: LimiterDep, request: Request) -> EmbeddingList | Response:
+    prep = await prepare_embeddings(body, catalog.resolve(body.model, key.org_id), key, limiter)
+    ticket = await admit(request, key, prep.prompt_tokens, model=prep.deployment.id,
+                         response_id=prep.id)
+    return await unless_disconnected(request, create_embeddings(prep, ticket))

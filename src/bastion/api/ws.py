@@ -1,0 +1,268 @@
+"""/v1/ws: the chat API over one WebSocket.
+
+The Achiral document's protocol ({"type": "auth"}, {"type": "inference"}, "token" and "done"
+messages), extended where users need it: an optional client `id` echoed on every message so one
+socket runs several generations at once, `cancel`, `ping`/`pong`, and `error` messages that carry
+the same error body as HTTP. Only the transport differs from POST /v1/chat/completions: the same
+validation, permission check, rate limits, admission and ledger run for every inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, WebSocket
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from bastion.api.deps import authenticate, check_permission, open_ticket
+from bastion.errors import (APIError, AuthenticationError, InvalidRequestError,
+                            ServiceUnavailableError, validation_error)
+from bastion.protocol.chat import ChatCompletionRequest
+from bastion.ratelimit.limiter import Ticket
+from bastion.serving.chat import prepare_chat, stream_chat
+from bastion.serving.common import error_payload, settle
+from bastion.tenancy.keys import Principal
+
+router = APIRouter()
+log = logging.getLogger("bastion.ws")
+POLICY_VIOLATION = 1008  # RFC 6455 close code for an unauthenticated socket
+RequestId = str | int | None
+
+
+@router.websocket("/v1/ws")
+async def websocket_api(ws: WebSocket) -> None:
+    await Connection(ws).serve()
+
+
+class Connection:
+    """One socket: authenticates once, then runs each inference message as its own task."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.state = ws.app.state
+        self.settings = self.state.settings
+        self.principal: Principal | None = None
+        self._key = ""  # verified again before each inference: revocation is immediate
+        self.running: dict[RequestId, asyncio.Task[None]] = {}
+        self._send_lock = asyncio.Lock()
+        self.closed = False
+
+    async def serve(self) -> None:
+        await self.ws.accept()
+        if header := self.ws.headers.get("authorization"):
+            scheme, _, token = header.partition(" ")
+            try:
+                if scheme.lower() != "bearer" or not token.strip():
+                    raise AuthenticationError("The Authorization header must be "
+                                              "'Bearer YOUR_API_KEY'.", code="invalid_api_key")
+                self._key = token.strip()
+                self.principal = await authenticate(self.state, self._key)
+            except APIError as err:
+                await self.send_error(err, None)
+                await self.ws.close(POLICY_VIOLATION)
+                return
+            await self.send({"type": "authenticated"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.ws_auth_timeout
+        try:
+            while True:
+                wait = None if self.principal else max(0.0, deadline - loop.time())
+                try:
+                    message = await asyncio.wait_for(self.ws.receive(), wait)
+                except asyncio.TimeoutError:
+                    await self.send_error(AuthenticationError(
+                        f"No {{\"type\": \"auth\"}} message within "
+                        f"{self.settings.ws_auth_timeout:g} seconds; closing.",
+                        code="auth_timeout"), None)
+                    await self.ws.close(POLICY_VIOLATION)
+                    return
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("text") is None:
+                    await self.send_error(InvalidRequestError(
+                        "Binary frames are not supported: send JSON text messages.",
+                        code="invalid_message"), None)
+                    continue
+                await self.handle(message["text"])
+        except WebSocketDisconnect:
+            return
+        finally:
+            self.closed = True  # closing the socket cancels its generations, freeing slots
+            tasks = list(self.running.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- messages ------------------------------------------------------------------------------
+    async def handle(self, text: str) -> None:
+        try:
+            msg = json.loads(text)
+        except ValueError as exc:
+            await self.send_error(InvalidRequestError(f"The message is not valid JSON: {exc}.",
+                                                      code="invalid_json"), None)
+            return
+        if not isinstance(msg, dict):
+            await self.send_error(InvalidRequestError("A message must be a JSON object.",
+                                                      code="invalid_message"), None)
+            return
+        rid = msg.get("id")
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))
+                                or (isinstance(rid, str) and len(rid) > 256)):
+            await self.send_error(InvalidRequestError(
+                "'id' must be a string (at most 256 characters) or an integer.", param="id",
+                code="invalid_value"), None)
+            return
+        kind = msg.get("type")
+        try:
+            if kind == "ping":
+                await self.send({"type": "pong", **_tag(rid)})
+            elif kind == "auth":
+                await self.auth(msg, rid)
+            elif kind == "inference":
+                await self.start_inference(msg, rid)
+            elif kind == "cancel":
+                await self.cancel(rid)
+            else:
+                raise InvalidRequestError(
+                    f"Unknown message type {kind!r}: expected auth, inference, cancel or ping.",
+                    param="type", code="invalid_message")
+        except APIError as err:
+            await self.send_error(err, rid)
+
+    async def auth(self, msg: dict[str, Any], rid: RequestId) -> None:
+        if self.principal is not None:
+            raise InvalidRequestError("This socket is already authenticated.",
+                                      code="already_authenticated")
+        key = msg.get("api_key")
+        if not isinstance(key, str) or not key:
+            raise AuthenticationError("The auth message needs an 'api_key' string.",
+                                      code="missing_api_key")
+        self.principal = await authenticate(self.state, key)
+        self._key = key
+        await self.send({"type": "authenticated", **_tag(rid)})
+
+    async def start_inference(self, msg: dict[str, Any], rid: RequestId) -> None:
+        if self.principal is None:
+            raise AuthenticationError(
+                'Authenticate first: send {"type": "auth", "api_key": "YOUR_API_KEY"}.',
+                code="not_authenticated")
+        if rid in self.running:
+            raise InvalidRequestError(f"A request with id {rid!r} is already running on this "
+                                      f"socket.", param="id", code="duplicate_id")
+        if len(self.running) >= self.settings.ws_max_requests:
+            raise InvalidRequestError(
+                f"At most {self.settings.ws_max_requests} requests may run at once on one "
+                f"socket.", code="too_many_requests")
+        if self.state.lifecycle.draining:
+            raise ServiceUnavailableError("The server is shutting down and accepts no new "
+                                          "requests; retry on another replica.")
+        body = {k: v for k, v in msg.items() if k not in ("type", "id")}
+        body.setdefault("stream", True)
+        try:
+            request = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise validation_error(RequestValidationError(exc.errors())) from None
+        self.principal = await authenticate(self.state, self._key)  # revoked since? plan changed?
+        check_permission(self.principal, "inference")
+        limiter = self.state.limiter
+        await limiter.run(limiter.count_request, self.principal)
+        task = asyncio.create_task(self.generate(request, rid, self.principal))
+        self.running[rid] = task
+        task.add_done_callback(lambda _: self.running.pop(rid, None))
+
+    async def cancel(self, rid: RequestId) -> None:
+        task = self.running.get(rid)
+        if task is None:
+            raise InvalidRequestError(f"No running request with id {rid!r} on this socket.",
+                                      param="id", code="not_found")
+        task.cancel()
+
+    # --- one generation ------------------------------------------------------------------------
+    async def generate(self, body: ChatCompletionRequest, rid: RequestId,
+                       principal: Principal) -> None:
+        lifecycle = self.state.lifecycle
+        lifecycle.enter()
+        held: list[Ticket] = []
+        finish: dict[int, str] = {}
+        texts: dict[int, str] = {}
+        tag = _tag(rid)
+        try:
+            deployment = self.state.catalog.resolve(body.model, principal.org_id)
+            prep = await prepare_chat(body, deployment,
+                                      self.settings, principal, self.state.limiter)
+            ticket = await open_ticket(self.state, principal, prep.estimate,
+                                       model=prep.deployment.id, request_id=prep.id,
+                                       endpoint="/v1/ws", held=held)
+            async for chunk in stream_chat(prep, ticket):
+                for choice in chunk["choices"]:
+                    index, content = choice["index"], choice["delta"].get("content")
+                    if content:
+                        if body.stream:
+                            await self.send({"type": "token", **tag, "index": index,
+                                             "content": content})
+                        else:
+                            texts[index] = texts.get(index, "") + content
+                    if choice["finish_reason"]:
+                        finish[index] = choice["finish_reason"]
+            await self.send(self._done(tag, prep.id, prep.deployment.id, ticket, finish, texts,
+                                       body.stream))
+        except asyncio.CancelledError:
+            if held and not self.closed:  # cancelled by the client: say how far it got
+                await self._settle(held)
+                await self.send({"type": "done", **tag, "finish_reason": "cancelled",
+                                 "usage": _usage(held[0])})
+        except Exception as exc:  # the same error body as HTTP, tagged with the request's id
+            if not self.closed:
+                await self.send({"type": "error", **tag, **error_payload(exc)})
+        finally:
+            await self._settle(held)
+            lifecycle.leave()
+
+    @staticmethod
+    async def _settle(held: list[Ticket]) -> None:
+        for ticket in held:
+            if not ticket.done:
+                ticket.status = "cancelled"
+                await settle(ticket)
+
+    @staticmethod
+    def _done(tag: dict[str, Any], completion_id: str, model: str, ticket: Ticket,
+              finish: dict[int, str], texts: dict[int, str], streamed: bool) -> dict[str, Any]:
+        done: dict[str, Any] = {"type": "done", **tag, "completion_id": completion_id,
+                                "model": model, "finish_reason": finish.get(0),
+                                "usage": _usage(ticket)}
+        if len(finish) > 1 or not streamed:
+            done["choices"] = [{"index": i, "finish_reason": finish.get(i),
+                                **({} if streamed else {"content": texts.get(i, "")})}
+                               for i in sorted(finish)]
+        if not streamed and len(finish) == 1:
+            done["content"] = texts.get(0, "")
+        return done
+
+    # --- sending -------------------------------------------------------------------------------
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.ws.application_state != WebSocketState.CONNECTED:
+            return
+        async with self._send_lock:  # generations of one socket send from their own tasks
+            try:
+                await self.ws.send_text(json.dumps(message, separators=(",", ":")))
+            except (WebSocketDisconnect, RuntimeError):
+                self.closed = True
+
+    async def send_error(self, err: APIError, rid: RequestId) -> None:
+        await self.send({"type": "error", **_tag(rid), **err.body()})
+
+
+def _tag(rid: RequestId) -> dict[str, Any]:
+    return {} if rid is None else {"id": rid}
+
+
+def _usage(ticket: Ticket) -> dict[str, int]:
+    return {"prompt_tokens": ticket.prompt_tokens,
+            "completion_tokens": ticket.completion_tokens,
+            "total_tokens": ticket.prompt_tokens + ticket.completion_tokens}
