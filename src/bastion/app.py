@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -11,9 +12,12 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
-from bastion.api import (chat, completions, embeddings, health, keys, models, organizations,
-                         usage, ws)
+from bastion.api import (chat, completions, embeddings, files, fine_tuning, health, keys,
+                         models, organizations, usage, ws)
+from bastion.catalog.finetuned import FineTunedModels
 from bastion.catalog.registry import load_catalog
+from bastion.files.store import BlobStore
+from bastion.finetune import embedded
 from bastion.config import Settings
 from bastion.db.session import make_engine, migrate, session_factory
 from bastion.engines.base import EngineError
@@ -47,10 +51,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     slot_lease_s=settings.slot_lease_seconds)
         app.state.ledger = Ledger(db)
         app.state.catalog = await run_in_threadpool(load_catalog, settings)
-        log.info("serving %s", ", ".join(d.id for d in app.state.catalog.all()) or "no models")
+        app.state.blobs = BlobStore(settings.files_dir)
+        app.state.finetuned = FineTunedModels(app.state.catalog, app.state.sessions, settings)
+        await app.state.finetuned.sync()
+        sync_task = asyncio.create_task(app.state.finetuned.run(settings.worker_poll_seconds))
+        worker = embedded.start(settings) if settings.worker else None
+        log.info("serving %s", ", ".join(d.id for d in app.state.catalog.visible(None))
+                 or "no models")
         try:
             yield
         finally:
+            sync_task.cancel()
+            if worker is not None:
+                await run_in_threadpool(embedded.stop, worker)
             await run_in_threadpool(app.state.catalog.close)  # joins engine threads
             await run_in_threadpool(app.state.ledger.close)  # writes what is still queued
             app.state.limiter.close()
@@ -67,8 +80,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    for module in (chat, completions, embeddings, models, organizations, keys, usage, health, ws):
+    for module in (chat, completions, embeddings, models, organizations, keys, usage, files,
+                   fine_tuning, health, ws):
         app.include_router(module.router)
     install_dashboard(app)
-    app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes)
+    app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes,
+                       upload_paths=frozenset({"/v1/files"}))
     return app

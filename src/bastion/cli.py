@@ -1,4 +1,4 @@
-"""bastion serve | migrate | keys | models (typer)."""
+"""bastion serve | worker | migrate | keys | orgs (typer)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 orgs_app = typer.Typer(help="Manage organisations.", no_args_is_help=True)
 app.add_typer(orgs_app, name="orgs")
+jobs_app = typer.Typer(help="Follow fine-tuning jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 
 def _settings(**overrides: object) -> Settings:
@@ -43,6 +45,7 @@ def serve(
     no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Do not serve the bundled Gemma model.")] = False,
     embedding_model: Annotated[Optional[list[Path]], typer.Option(help="Extra sentence-transformers directory to serve for /v1/embeddings (repeatable; its id is the directory name).")] = None,
     no_bundled_embeddings: Annotated[bool, typer.Option("--no-bundled-embeddings", help="Do not serve the bundled all-MiniLM-L6-v2 embedding model.")] = False,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="Do not start a fine-tuning worker beside the server (run `bastion worker` elsewhere).")] = False,
     parallel: Annotated[Optional[int], typer.Option(help="Sequences decoded together per model.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Context window of each sequence.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for llama.cpp.")] = None,
@@ -53,6 +56,8 @@ def serve(
 
     settings = _settings(host=host, port=port, data_dir=data_dir, parallel=parallel,
                          context_per_sequence=context, threads=threads)
+    if no_worker:
+        settings.worker = False
     if no_bundled:
         settings.serve_bundled_model = False
     if no_bundled_embeddings:
@@ -74,6 +79,23 @@ def serve(
     print(f"Bastion on http://{settings.host}:{settings.port}/v1", flush=True)
     run(create_app(settings), settings.host, settings.port, settings.drain_timeout,
         settings.log_level)
+
+
+@app.command()
+def worker(data_dir: Annotated[Optional[Path], typer.Option(help="Where the database, files and models live.")] = None,
+           threads: Annotated[Optional[int], typer.Option(help="CPU threads for training.")] = None) -> None:
+    """Run a fine-tuning worker: claims queued jobs from the database and trains them."""
+    import signal
+
+    from bastion.finetune.worker import Worker
+
+    settings = _settings(data_dir=data_dir, training_threads=threads)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    w = Worker(settings, _sessions(data_dir))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: w.stop.set())
+    w.run_forever()
 
 
 @app.command()
@@ -181,6 +203,19 @@ def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
         revoke_key(session, Principal(key_id="cli", org_id=row.org_id, is_server_admin=True),
                    row.org_id, key_id)
     typer.echo(f"revoked {key_id}")
+
+
+@jobs_app.command("follow")
+def jobs_follow(job_id: str,
+                base_url: Annotated[str, typer.Option(envvar="BASTION_BASE_URL", help="The server's API root.")] = "http://127.0.0.1:8000/v1",
+                api_key: Annotated[str, typer.Option(envvar="BASTION_API_KEY", help="A key with the 'training' permission.")] = "") -> None:
+    """Show a fine-tuning job's progress (loss per step) until it finishes."""
+    from bastion.finetune.follow import follow
+
+    if not api_key:
+        raise typer.BadParameter("give --api-key or set BASTION_API_KEY")
+    status = follow(base_url, api_key, job_id)
+    raise typer.Exit(0 if status == "succeeded" else 1)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,18 @@ class Settings(BaseSettings):
     token_window_seconds: int = Field(3600, ge=1, description="the tokens-per-hour window")
     log_level: str = "info"
 
+    # files and fine-tuning
+    max_file_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest uploaded file")
+    fine_tune_max_tokens: int = Field(2048, ge=64, description="longest training example, in "
+                                      "tokens (also capped by the base model's context)")
+    worker: bool = Field(True, description="`bastion serve` also runs a fine-tuning worker")
+    worker_lease_seconds: float = Field(60.0, gt=0, description="a job whose worker has not "
+                                        "sent a heartbeat for this long is given to another")
+    worker_poll_seconds: float = Field(2.0, gt=0, description="how often an idle worker looks "
+                                       "for queued jobs")
+    training_threads: int | None = Field(None, ge=1, description="torch threads for training "
+                                         "(default: half the cores)")
+
     # dashboard sessions: signed with this secret (default: one generated into the data dir)
     session_secret: str | None = Field(None, min_length=32)
     session_hours: float = Field(8.0, gt=0, description="a dashboard sign-in lasts this long")
@@ -89,3 +101,12 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Checkpoints and exported models of fine-tuning jobs."""
+        return self.data_dir / "fine_tuning"

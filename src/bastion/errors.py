@@ -184,3 +184,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logging.getLogger("bastion").exception("unhandled error")
         return error_response(APIError("The server had an error while processing your request."))
+
+
+class ConflictError(APIError):
+    """The resource is in a state that forbids the request (a file a running job reads)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"

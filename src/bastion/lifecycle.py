@@ -61,10 +61,11 @@ class Gatekeeper:
     before any JSON is parsed or any model time is spent."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], lifecycle: Lifecycle,
-                 max_body: int) -> None:
+                 max_body: int, upload_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.lifecycle = lifecycle
         self.max_body = max_body
+        self.upload_paths = upload_paths  # POSTs that stream to disk under their own limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(GUARDED):
@@ -73,6 +74,13 @@ class Gatekeeper:
         if self.lifecycle.draining:
             await _reject(send, ServiceUnavailableError(
                 "The server is shutting down and accepts no new requests; retry on another replica."))
+            return
+        if scope["method"] == "POST" and scope["path"] in self.upload_paths:
+            self.lifecycle.enter()
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.lifecycle.leave()
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from bastion.api.deps import CatalogDep, InferenceKey, LimiterDep, SettingsDep, admit
+from bastion.api.deps import (CatalogDep, InferenceKey, LimiterDep, SettingsDep, admit,
+                              resolve_model)
 from bastion.protocol.chat import ChatCompletion, ChatCompletionRequest
 from bastion.serving.chat import complete_chat, prepare_chat, stream_chat
 from bastion.serving.common import sse, unless_disconnected
@@ -17,7 +18,8 @@ router = APIRouter()
 async def create_chat_completion(body: ChatCompletionRequest, key: InferenceKey,
                                  catalog: CatalogDep, settings: SettingsDep, limiter: LimiterDep,
                                  request: Request) -> ChatCompletion | StreamingResponse:
-    prep = await prepare_chat(body, catalog.resolve(body.model), settings, key, limiter)
+    deployment = await resolve_model(request, body.model, key)
+    prep = await prepare_chat(body, deployment, settings, key, limiter)
     ticket = await admit(request, key, prep.estimate, model=prep.deployment.id, response_id=prep.id)
     if body.stream:
         return StreamingResponse(sse(stream_chat(prep, ticket)), media_type="text/event-stream")

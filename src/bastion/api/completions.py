@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from bastion.api.deps import CatalogDep, InferenceKey, LimiterDep, SettingsDep, admit
+from bastion.api.deps import (CatalogDep, InferenceKey, LimiterDep, SettingsDep, admit,
+                              resolve_model)
 from bastion.protocol.completions import Completion, CompletionRequest
 from bastion.serving.common import sse, unless_disconnected
 from bastion.serving.completions import complete, prepare_completion, stream_completion
@@ -17,7 +18,8 @@ router = APIRouter()
 async def create_completion(body: CompletionRequest, key: InferenceKey, catalog: CatalogDep,
                             settings: SettingsDep, limiter: LimiterDep,
                             request: Request) -> Completion | StreamingResponse:
-    prep = await prepare_completion(body, catalog.resolve(body.model), settings, key, limiter)
+    deployment = await resolve_model(request, body.model, key)
+    prep = await prepare_completion(body, deployment, settings, key, limiter)
     ticket = await admit(request, key, prep.estimate, model=prep.deployment.id, response_id=prep.id)
     if body.stream:
         return StreamingResponse(sse(stream_completion(prep, ticket)),

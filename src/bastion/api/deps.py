@@ -13,11 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
-from bastion.catalog.registry import Catalog
+from bastion.catalog.registry import Catalog, Deployment
 from bastion.config import Settings
 from bastion.ratelimit.limiter import Limiter, Ticket
 from bastion.usage.ledger import UsageRow
-from bastion.errors import AuthenticationError, AuthorizationError
+from bastion.errors import AuthenticationError, AuthorizationError, ModelNotFoundError
 from bastion.tenancy.keys import Principal, verify
 
 
@@ -83,6 +83,19 @@ def require(permission: str) -> Callable[[Principal], Principal]:
 
 InferenceKey = Annotated[Principal, Depends(require("inference"))]
 AdminKey = Annotated[Principal, Depends(require("admin"))]
+
+
+async def resolve_model(request: Request, name: str, principal: Principal) -> Deployment:
+    """The model `name` as this caller's organisation sees it. A fine-tuned model that another
+    replica's worker has just finished is looked up in the database before a 404."""
+    catalog: Catalog = request.app.state.catalog
+    try:
+        return catalog.resolve(name, principal.org_id)
+    except ModelNotFoundError:
+        if not name.startswith("ft:"):
+            raise
+    await request.app.state.finetuned.sync()
+    return catalog.resolve(name, principal.org_id)
 
 
 def get_sessions(request: Request) -> sessionmaker[Session]:

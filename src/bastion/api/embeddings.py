@@ -16,7 +16,7 @@ router = APIRouter()
 @router.post("/v1/embeddings", response_model=EmbeddingList)
 async def create_embedding(body: EmbeddingRequest, key: InferenceKey, catalog: CatalogDep,
                            limiter: LimiterDep, request: Request) -> EmbeddingList | Response:
-    prep = await prepare_embeddings(body, catalog.resolve(body.model), key, limiter)
+    prep = await prepare_embeddings(body, catalog.resolve(body.model, key.org_id), key, limiter)
     ticket = await admit(request, key, prep.prompt_tokens, model=prep.deployment.id,
                          response_id=prep.id)
     return await unless_disconnected(request, create_embeddings(prep, ticket))

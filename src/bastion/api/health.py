@@ -13,4 +13,4 @@ router = APIRouter()
 async def health(request: Request) -> dict[str, Any]:
     state = request.app.state
     return {"status": "draining" if state.lifecycle.draining else "ok",
-            "models": {d.id: d.engine.stats() for d in state.catalog.all()}}
+            "models": {d.id: d.engine.stats() for d in state.catalog.visible(None)}}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from bastion.api.deps import CatalogDep, CurrentKey
+from bastion.api.deps import CatalogDep, CurrentKey, resolve_model
 from bastion.catalog.registry import Deployment
 from bastion.protocol.models import ModelCard, ModelList
 
@@ -22,10 +22,11 @@ def card(dep: Deployment) -> ModelCard:
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(key: CurrentKey, catalog: CatalogDep) -> ModelList:
-    return ModelList(data=[card(d) for d in catalog.all()])
+async def list_models(key: CurrentKey, catalog: CatalogDep, request: Request) -> ModelList:
+    await request.app.state.finetuned.sync()  # a model another worker has just finished
+    return ModelList(data=[card(d) for d in catalog.visible(key.org_id)])
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
-async def retrieve_model(model_id: str, key: CurrentKey, catalog: CatalogDep) -> ModelCard:
-    return card(catalog.resolve(model_id))
+async def retrieve_model(model_id: str, key: CurrentKey, request: Request) -> ModelCard:
+    return card(await resolve_model(request, model_id, key))

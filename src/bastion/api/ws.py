@@ -192,7 +192,8 @@ class Connection:
         texts: dict[int, str] = {}
         tag = _tag(rid)
         try:
-            prep = await prepare_chat(body, self.state.catalog.resolve(body.model),
+            deployment = self.state.catalog.resolve(body.model, principal.org_id)
+            prep = await prepare_chat(body, deployment,
                                       self.settings, principal, self.state.limiter)
             ticket = await open_ticket(self.state, principal, prep.estimate,
                                        model=prep.deployment.id, request_id=prep.id,

@@ -21,6 +21,10 @@ class Deployment:
     owned_by: str
     aliases: list[str] = field(default_factory=list)
     truncatable_dimensions: bool = False  # embedding models trained to be shortened
+    org_id: str | None = None  # a fine-tuned model: visible to this organisation only
+
+    def visible_to(self, org_id: str | None) -> bool:
+        return self.org_id is None or self.org_id == org_id
 
 
 class Catalog:
@@ -40,10 +44,11 @@ class Catalog:
             raise ValueError(f"alias {alias!r} collides with a model id")
         self._aliases[alias] = target
 
-    def resolve(self, name: str) -> Deployment:
-        """Never falls back to another model: an unknown name is a 404."""
+    def resolve(self, name: str, org_id: str | None = None) -> Deployment:
+        """Never falls back to another model: an unknown name is a 404, and so is another
+        organisation's fine-tuned model."""
         dep = self._deployments.get(name) or self._deployments.get(self._aliases.get(name, ""))
-        if dep is None:
+        if dep is None or not dep.visible_to(org_id):
             raise ModelNotFoundError(
                 f"The model '{name}' does not exist or you do not have access to it.",
                 param="model")
@@ -55,6 +60,18 @@ class Catalog:
 
     def all(self) -> list[Deployment]:
         return list(self._deployments.values())
+
+    def visible(self, org_id: str | None) -> list[Deployment]:
+        return [d for d in self._deployments.values() if d.visible_to(org_id)]
+
+    def has(self, model_id: str) -> bool:
+        return model_id in self._deployments
+
+    def remove(self, model_id: str) -> Deployment | None:
+        dep = self._deployments.pop(model_id, None)
+        for alias in [a for a, t in self._aliases.items() if t == model_id]:
+            del self._aliases[alias]
+        return dep
 
     def close(self) -> None:
         for dep in self._deployments.values():

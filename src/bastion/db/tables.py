@@ -1,4 +1,4 @@
-"""SQLAlchemy tables: organisations and API keys (plans, usage and files grow from here)."""
+"""SQLAlchemy tables: organisations, API keys, usage, files and fine-tuning jobs."""
 
 from __future__ import annotations
 
@@ -62,3 +62,79 @@ class UsageRecord(Base):
     status: Mapped[str] = mapped_column(String(16))
     latency_ms: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class File(Base):
+    """An uploaded file; its bytes live in the blob store under `storage_key`."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_org_time", "org_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(Integer)
+    storage_key: Mapped[str] = mapped_column(String(512))
+    summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FineTuningJob(Base):
+    """A fine-tuning job. A worker owns it while `claim_token` is its own and its heartbeat is
+    fresh; every state change is a compare-and-set on (status, claim_token)."""
+
+    __tablename__ = "fine_tuning_jobs"
+    __table_args__ = (Index("ix_ftjobs_org_time", "org_id", "created_at"),
+                      Index("ix_ftjobs_status", "status"))
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(256))
+    base_path: Mapped[str] = mapped_column(String(1024))  # the base model's GGUF
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    method: Mapped[str] = mapped_column(String(16))
+    hyperparameters: Mapped[dict] = mapped_column(JSON)
+    seed: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32))
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    estimated_finish: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    claim_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    artifact: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    meta: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the caller's metadata
+
+
+class FineTuningEvent(Base):
+    __tablename__ = "fine_tuning_events"
+    __table_args__ = (Index("ix_ftevents_job", "job_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(String(64))
+    level: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str] = mapped_column(String(2048))
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FineTuningCheckpoint(Base):
+    __tablename__ = "fine_tuning_checkpoints"
+    __table_args__ = (Index("ix_ftckpt_job", "job_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64))
+    step: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    path: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

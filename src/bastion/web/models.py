@@ -16,7 +16,8 @@ router = APIRouter(route_class=PageRoute)
 @router.get("/dashboard/models", include_in_schema=False)
 def models_page(request: Request, viewer: CurrentViewer) -> Response:
     catalog = request.app.state.catalog
-    models = [(card(d), catalog.aliases_of(d.id), uses(d)) for d in catalog.all()]
+    models = [(card(d), catalog.aliases_of(d.id), uses(d))
+              for d in catalog.visible(viewer.principal.org_id)]
     return render(request, "models.html", page="models", models=models)
 
 

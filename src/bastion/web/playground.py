@@ -32,7 +32,8 @@ api = APIRouter()  # JSON errors in the API's shape: the page's script shows the
 @router.get("/dashboard/playground", include_in_schema=False)
 def playground_page(request: Request, viewer: InferenceViewer) -> Response:
     catalog = request.app.state.catalog
-    models = [card(d) for d in catalog.all() if d.engine.capabilities.chat]
+    models = [card(d) for d in catalog.visible(viewer.principal.org_id)
+              if d.engine.capabilities.chat]
     wanted = request.query_params.get("model", "")
     selected = wanted if any(m.id == wanted for m in models) else (models[0].id if models else "")
     masked = viewer.key_prefix + "•" * 8

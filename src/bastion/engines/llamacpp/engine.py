@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from bastion.engines.base import (MEDIA_TOKEN, Capabilities, DecodedImage, EngineError, Event,
                                   GenerationRequest, ModelInfo, Prompt, PromptMedia,
@@ -21,13 +21,46 @@ _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 _MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
+def render_chat_tokens(model: LlamaModel, template: ChatTemplate, messages: list[dict[str, Any]],
+                       *, add_generation_prompt: bool = True,
+                       parts: Callable[[list[dict[str, Any]], list[int]], None] | None = None,
+                       media: list[PromptMedia] | None = None) -> list[int]:
+    """Prompt tokens of a conversation. The template is rendered with a marker in place of each
+    message's text; the template's own text is tokenised with its special tokens, the messages'
+    text without, so a user who types "<end_of_turn>" cannot fake a turn. Fine-tuning encodes
+    its examples with this same function, so training and serving see the same tokens.
+    `parts` tokenises content lists (text and images) into `tokens`, adding to `media`."""
+    shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
+    text = template.render(shadow, add_generation_prompt=add_generation_prompt)
+    tokens: list[int] = []
+    for k, part in enumerate(_MARKS.split(text)):
+        if k % 2:
+            content = messages[int(part)]["content"]
+            if isinstance(content, str):
+                tokens += model.tokenize(content, add_special=False, parse_special=False)
+            elif parts is None:
+                raise TypeError("messages with content parts go to render_chat_media")
+            else:
+                parts(content, tokens)
+        elif part:
+            tokens += model.tokenize(part, add_special=False, parse_special=True)
+    if model.add_bos and (not tokens or tokens[0] != model.bos):
+        tokens.insert(0, model.bos)
+        for i, item in enumerate(media or []):
+            media[i] = PromptMedia(item.offset + 1, item.n_tokens, item.payload)  # type: ignore[index]
+    return tokens
+
+
 class LlamaCppEngine:
     def __init__(self, *, path: Path, name: str, n_seq: int, ctx_per_seq: int, n_batch: int,
                  threads: int | None = None, chat_template: str | None = None,
-                 mmproj: Path | None = None) -> None:
+                 mmproj: Path | None = None, lora: Path | None = None) -> None:
+        """`lora`: a GGUF LoRA adapter that llama.cpp applies to every sequence (fine-tuned)."""
         self.model = LlamaModel(path, n_seq=n_seq, ctx_per_seq=ctx_per_seq, n_batch=n_batch,
-                                threads=threads)
+                                threads=threads, lora=lora)
+        self.path = path
         m = self.model
+        self.architecture = m.meta("general.architecture")
         self.projector: Projector | None = None
         if mmproj is not None:
             try:
@@ -43,7 +76,8 @@ class LlamaCppEngine:
                                          vision=self.projector is not None)
         self.info = ModelInfo(context_length=m.ctx_per_seq,
                               parameters=m.meta("general.size_label") or format_parameters(m.n_params),
-                              vocab_size=m.n_vocab, created=int(path.stat().st_mtime))
+                              vocab_size=m.n_vocab,
+                              created=int((lora or path).stat().st_mtime))
         self.max_parallel = n_seq
         self.scheduler = Scheduler(m, name, self.projector)
 
@@ -51,11 +85,11 @@ class LlamaCppEngine:
         return self.model.tokenize(text, add_special=add_special and self.model.add_bos,
                                    parse_special=False)
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Prompt tokens of a conversation. The template is rendered with a marker in place of
-        each message's text; the template's own text is tokenised with its special tokens, the
-        messages' text without, so a user who types "<end_of_turn>" cannot fake a turn."""
-        return self._render(messages, None)
+    def render_chat(self, messages: list[dict[str, Any]], *,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Prompt tokens of a text conversation (see render_chat_tokens)."""
+        return render_chat_tokens(self.model, self.template, messages,
+                                  add_generation_prompt=add_generation_prompt)
 
     def render_chat_media(self, messages: list[dict[str, Any]]) -> Prompt:
         """A conversation whose contents may be lists of text and image parts. Text is
@@ -74,26 +108,9 @@ class LlamaCppEngine:
         return Prompt(tokens=tokens, media=tuple(media))
 
     def _render(self, messages: list[dict[str, Any]], media: list[PromptMedia] | None) -> list[int]:
-        shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
-        text = self.template.render(shadow)
-        tokens: list[int] = []
-        for k, part in enumerate(_MARKS.split(text)):
-            if k % 2:
-                content = messages[int(part)]["content"]
-                if isinstance(content, str):
-                    tokens += self.model.tokenize(content, add_special=False,
-                                                  parse_special=False)
-                elif media is None:
-                    raise TypeError("messages with content parts go to render_chat_media")
-                else:
-                    self._render_parts(content, tokens, media)
-            elif part:
-                tokens += self.model.tokenize(part, add_special=False, parse_special=True)
-        if self.model.add_bos and (not tokens or tokens[0] != self.model.bos):
-            tokens.insert(0, self.model.bos)
-            for i, item in enumerate(media or []):
-                media[i] = PromptMedia(item.offset + 1, item.n_tokens, item.payload)  # type: ignore[index]
-        return tokens
+        parts = None if media is None else (lambda content, tokens: self._render_parts(
+            content, tokens, media))
+        return render_chat_tokens(self.model, self.template, messages, parts=parts, media=media)
 
     def _render_parts(self, parts: list[dict[str, Any]], tokens: list[int],
                       media: list[PromptMedia]) -> None:

@@ -39,14 +39,23 @@ class LlamaModel:
     """Owns the llama_model, the llama_context with one KV stream per sequence slot, and a batch."""
 
     def __init__(self, path: Path, *, n_seq: int, ctx_per_seq: int, n_batch: int,
-                 threads: int | None) -> None:
+                 threads: int | None, lora: Path | None = None, vocab_only: bool = False) -> None:
+        """`lora`: a GGUF LoRA adapter applied to every sequence (a fine-tuned model).
+        `vocab_only`: tokenizer and metadata without weights or context (fine-tuning data)."""
         _init_backend()
         mparams = lc.llama_model_default_params()
+        mparams.vocab_only = vocab_only
         self.model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load the GGUF model at {path}")
         self.vocab = lc.llama_model_get_vocab(self.model)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.bos = lc.llama_vocab_bos(self.vocab)
+        self.eos = lc.llama_vocab_eos(self.vocab)
+        self.add_bos = lc.llama_vocab_get_add_bos(self.vocab)
+        self.ctx = None
+        if vocab_only:
+            return
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.model)
         self.ctx_per_seq = min(ctx_per_seq, self.n_ctx_train) if self.n_ctx_train > 0 else ctx_per_seq
         self.n_seq = n_seq
@@ -78,9 +87,19 @@ class LlamaModel:
         self.memory = lc.llama_get_memory(self.ctx)
         self.batch = lc.llama_batch_init(n_batch, 0, 1)
         self.n_params = lc.llama_model_n_params(self.model)
-        self.bos = lc.llama_vocab_bos(self.vocab)
-        self.eos = lc.llama_vocab_eos(self.vocab)
-        self.add_bos = lc.llama_vocab_get_add_bos(self.vocab)
+        if lora is not None:
+            self._apply_lora(lora)
+
+    def _apply_lora(self, path: Path) -> None:
+        adapter = lc.llama_adapter_lora_init(self.model, str(path).encode())
+        if not adapter:
+            self.close()
+            raise RuntimeError(f"llama.cpp could not load the LoRA adapter at {path}")
+        adapters = (lc.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(1.0)
+        if lc.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
+            self.close()
+            raise RuntimeError(f"llama.cpp could not apply the LoRA adapter at {path}")
 
     # --- metadata -------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -157,6 +176,7 @@ class LlamaModel:
         if self.ctx:
             lc.llama_batch_free(self.batch)
             lc.llama_free(self.ctx)
-            lc.llama_model_free(self.model)
             self.ctx = None
+        if self.model:
+            lc.llama_model_free(self.model)  # frees its adapters too
             self.model = None

@@ -1,0 +1,1 @@
+"""Uploaded files: the blob store, streamed multipart uploads and JSONL validation."""
