@@ -5,8 +5,8 @@ and requests alternate between the two: once with limits on (a key with a reques
 organisation whose plan limits concurrency and tokens per hour) and once with
 BASTION_RATE_LIMITS=false. Two endpoints are timed: GET /v1/models (authentication and the
 rate-limit headers) and POST /v1/completions with max_tokens=1 (authentication, admission,
-settlement and a ledger row, plus one decode step). In-process, Limiter.admit+settle+headers is
-timed on its own too.
+settlement and a ledger row, plus one decode step). In-process, Limiter.count_request + admit +
+settle + headers is timed on its own too.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ def in_process(n: int) -> dict[str, float]:
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        ticket = limiter.admit(p, 100)
+        quota = limiter.count_request(p)
+        ticket = limiter.admit(quota, 100)
         ticket.completion_tokens = 50
         ticket.settle()
-        limiter.headers(p)
+        limiter.headers(quota)
         times.append((time.perf_counter() - t) * 1e6)
     return {"p50_us": pct(times, 50), "p99_us": pct(times, 99)}
 
@@ -149,7 +150,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
               f"{r['errors']} |")
-    print(f"\nin-process Limiter.admit + settle + headers (memory): p50 {ip['p50_us']:.1f} µs, "
+    print(f"\nin-process Limiter.count_request + admit + settle + headers (memory): p50 {ip['p50_us']:.1f} µs, "
           f"p99 {ip['p99_us']:.1f} µs")
     for name in ("GET /v1/models", "POST /v1/completions max_tokens=1"):
         a, b = results[f"{name}, limits on"], results[f"{name}, limits off"]

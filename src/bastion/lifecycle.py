@@ -104,12 +104,9 @@ class Gatekeeper:
         state = scope.setdefault("state", {})
 
         async def send_with_limits(message: Message) -> None:
-            if message["type"] == "http.response.start" and "principal" in state:
-                limiter = scope["app"].state.limiter
-                try:
-                    headers = await limiter.run(limiter.headers, state["principal"])
-                except Exception:  # headers are informative; their storage may be down
-                    headers = {}
+            if message["type"] == "http.response.start" and "quota" in state:
+                # from the request's latest snapshot of its limits: no storage read here
+                headers = scope["app"].state.limiter.headers(state["quota"])
                 present = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()
                          if k.lower().encode() not in present]

@@ -45,15 +45,19 @@ async def current_principal(request: Request) -> Principal:
     if not token.isascii() or not token.isprintable():
         raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
 
+    limiter: Limiter = request.app.state.limiter
+
     def lookup() -> Principal:
         with factory() as session:
-            return verify(session, token)
+            principal = verify(session, token)
+        request.state.principal = principal
+        # Counted in the same worker thread as the lookup: with Redis this is the request's
+        # one round trip at authentication, and the snapshot it brings back is what the
+        # response's rate-limit headers are computed from.
+        request.state.quota = limiter.count_request(principal)
+        return principal
 
-    principal = await run_in_threadpool(lookup)
-    request.state.principal = principal  # the rate-limit headers of the response need it
-    limiter: Limiter = request.app.state.limiter
-    await limiter.run(limiter.count_request, principal)
-    return principal
+    return await run_in_threadpool(lookup)
 
 
 CurrentKey = Annotated[Principal, Depends(current_principal)]
@@ -97,7 +101,7 @@ async def admit(request: Request, principal: Principal, estimate: int, *, model:
     the Gatekeeper, which settles it if the request ends before the route could (client gone
     before the stream started). A retry with the same Idempotency-Key is billed once."""
     limiter: Limiter = request.app.state.limiter
-    ticket = await limiter.run(limiter.admit, principal, estimate)
+    ticket = await limiter.run(limiter.admit, request.state.quota, estimate)
     request_id = response_id
     if idem := request.headers.get("idempotency-key"):
         # a retry of the same request is billed once; another request reusing the key is not

@@ -1,0 +1,44 @@
+"""Replicas started at the same moment on a fresh database: migrations and the bootstrap run
+once, one replica at a time (SQLite: a file lock; PostgreSQL: an advisory lock)."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from conftest import (ADMIN_KEY, DB_BACKEND, RunningServer, database_rows, models_cache,
+                      postgres_database, start_server, stop_server)
+
+
+def test_replicas_started_together_bootstrap_once(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    (shared / "models").mkdir(parents=True)
+    cached = models_cache() / "gemma-3-270m-q4_k_m.gguf"
+    os.symlink(cached, shared / "models" / cached.name)  # made once, not by both threads
+    if DB_BACKEND == "postgres":
+        postgres_database(shared)  # the empty database, created once before both start
+    servers: list[RunningServer] = []
+    with ThreadPoolExecutor(2) as pool:
+        started = [pool.submit(start_server, tmp_path, "--parallel", "1", data_dir=shared)
+                   for _ in range(2)]
+        failures = []
+        for future in started:
+            try:
+                servers.append(future.result())
+            except RuntimeError as exc:
+                failures.append(str(exc)[-3000:])
+    try:
+        assert not failures, failures
+        orgs = database_rows(servers[0], "organizations")
+        assert [o["name"] for o in orgs] == ["Default"]
+        keys = database_rows(servers[0], "api_keys")
+        assert len(keys) == 1 and keys[0]["is_server_admin"]
+        for srv in servers:
+            r = httpx.get(f"{srv.api}/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            assert r.status_code == 200
+    finally:
+        for srv in servers:
+            stop_server(srv)  # fails on a traceback in either log
