@@ -19,6 +19,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # pg_advisory_lock key for start-up (migrations and bootstrap): any fixed 64-bit number
 STARTUP_LOCK_ID = 0x62617374696F6E  # "bastion"
 log = logging.getLogger("bastion.db")
+WAITING = "waiting for another process to finish migrating the database"
 
 
 def make_engine(url: str) -> Engine:
@@ -45,7 +46,10 @@ def startup_lock(engine: Engine) -> Iterator[None]:
     url = engine.url
     if url.get_backend_name() == "postgresql":
         with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": STARTUP_LOCK_ID})
+            if not conn.execute(text("SELECT pg_try_advisory_lock(:id)"),
+                                {"id": STARTUP_LOCK_ID}).scalar():
+                log.info(WAITING)
+                conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": STARTUP_LOCK_ID})
             conn.commit()  # the lock is the session's, not the transaction's
             try:
                 yield
@@ -61,7 +65,11 @@ def startup_lock(engine: Engine) -> Iterator[None]:
         yield
         return
     with open(f"{database}.startup-lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(WAITING)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
