@@ -1,5 +1,6 @@
 """Limits shared by several replicas through Redis: concurrency leases, requests per minute,
-slots of a dead replica expiring, and failing closed when Redis is gone."""
+an exact token budget under a burst from two replicas, slots of a dead replica expiring, and
+failing closed when Redis is gone."""
 
 from __future__ import annotations
 
