@@ -22,9 +22,10 @@ def new_tenant(api: str, plan: str, limits: dict | None = None,
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
-    """A server whose tokens-per-hour window is 6 s, so that its restoration can be seen."""
+    """A server whose tokens-per-hour window is 15 s, so that its restoration can be seen
+    (short, yet long enough that a loaded machine finishes a small request inside it)."""
     srv = start_server(tmp_path_factory.mktemp("limits"), "--parallel", "8",
-                       env={"BASTION_TOKEN_WINDOW_SECONDS": "6"})
+                       env={"BASTION_TOKEN_WINDOW_SECONDS": "15"})
     yield srv
     stop_server(srv)
 
@@ -95,7 +96,7 @@ def test_tokens_per_hour_exhausted_then_restored(limited) -> None:
     assert int(first.headers["x-ratelimit-remaining-tokens"]) == 120 - used
     assert first.headers["x-ratelimit-limit-tokens"] == "120"
     # one token more than what is left is refused, at once (no generation: a loaded machine
-    # cannot let the 6 s window roll over before the refusal)
+    # cannot let the 15 s window roll over before the refusal)
     over = 120 - used - usage.prompt_tokens + 1
     with pytest.raises(openai.RateLimitError) as exc:
         client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=over)
@@ -104,7 +105,7 @@ def test_tokens_per_hour_exhausted_then_restored(limited) -> None:
     assert err["message"] == (f"Rate limit reached for tokens per hour: this request may use "
                               f"{120 - used + 1} tokens and {120 - used} of your "
                               f"organization's 120 tokens per hour remain.")
-    assert 1 <= err["retry_after"] <= 6
+    assert 1 <= err["retry_after"] <= 15
     assert exc.value.response.headers["retry-after"] == str(err["retry_after"])
     time.sleep(err["retry_after"] + 0.5)
     assert client.completions.create(model=MODEL, prompt="Once", max_tokens=5).choices
