@@ -50,11 +50,11 @@ async def current_principal(request: Request) -> Principal:
     def lookup() -> Principal:
         with factory() as session:
             principal = verify(session, token)
-        request.state.principal = principal
         # Counted in the same worker thread as the lookup: with Redis this is the request's
         # one round trip at authentication, and the snapshot it brings back is what the
-        # response's rate-limit headers are computed from.
+        # response's rate-limit headers are computed from (a 429 here carries its own).
         request.state.quota = limiter.count_request(principal)
+        request.state.principal = principal
         return principal
 
     return await run_in_threadpool(lookup)

@@ -86,6 +86,7 @@ class Limiter:
             self.store: Store = RedisStore(storage_url, token_window_s, slot_lease_s)
         else:
             self.store = MemoryStore(token_window_s)
+        self.storage = self.store.storage  # the `limits` storage, for other short-lived state
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}.{id(self):x}.{time.time_ns():x}"
         self._lock = threading.Lock()
@@ -138,10 +139,9 @@ class Limiter:
     # --- the three steps of a request ---------------------------------------------------------
     def count_request(self, principal: Principal) -> Quota:
         """Every authenticated request counts against its key's requests per minute; the same
-        call reads what the response's rate-limit headers will need."""
-        limits = principal.limits
-        quota = Quota(principal, Query(principal.org_id, principal.key_id, principal.rate_limit,
-                                       limits.tokens_per_hour or None, limits.concurrent_requests))
+        call reads what the response's rate-limit headers will need. Keep the Quota where the
+        Gatekeeper finds it (request.state.quota): the headers then cost no storage read."""
+        quota = self._quota(principal)
         if not self.enabled or not quota.query.counted:
             return quota
         try:
@@ -222,13 +222,37 @@ class Limiter:
             f"The rate limiter's storage cannot be reached ({type(exc).__name__}: {exc}); "
             f"requests are refused until it is back.", code="rate_limiter_unavailable")
 
+    def _quota(self, principal: Principal) -> Quota:
+        limits = principal.limits
+        return Quota(principal, Query(principal.org_id, principal.key_id, principal.rate_limit,
+                                      limits.tokens_per_hour or None, limits.concurrent_requests))
+
     # --- reporting -----------------------------------------------------------------------------
     def headers(self, quota: Quota | None) -> dict[str, str]:
         """The rate-limit headers from the request's latest snapshot: no storage read."""
-        snap = quota.snapshot if quota is not None else None
+        return rate_limit_headers(self._windows(quota), time.time()) if quota else {}
+
+    def read_headers(self, principal: Principal) -> dict[str, str]:
+        """The headers for a request that kept no Quota: one storage read."""
+        return rate_limit_headers(self.windows(principal), time.time())
+
+    def windows(self, principal: Principal) -> dict[str, Window]:
+        """Where each limit stands now (one storage read, nothing counted): the dashboard's
+        overview and the headers read the same numbers."""
+        quota = self._quota(principal)
+        if not self.enabled or not quota.query.counted:
+            return {}
+        try:
+            quota.snapshot = self.store.peek(quota.query)
+        except Exception as exc:
+            raise self._unavailable(exc) from exc
+        return self._windows(quota)
+
+    def _windows(self, quota: Quota) -> dict[str, Window]:
+        snap = quota.snapshot
         if snap is None:
             return {}
-        q, now = quota.query, time.time()  # type: ignore[union-attr]
+        q, now = quota.query, time.time()
         windows: dict[str, Window] = {}
         if q.rpm and snap.requests is not None:
             windows["requests"] = Window(q.rpm, snap.requests.remaining, snap.requests.reset_at)
@@ -240,4 +264,4 @@ class Limiter:
             windows["concurrency"] = Window(q.concurrency,
                                             max(0, q.concurrency - snap.usage.slots_in_use),
                                             math.ceil(now + CONCURRENCY_RETRY_S))
-        return rate_limit_headers(windows, now)
+        return windows

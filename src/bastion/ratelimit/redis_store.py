@@ -45,7 +45,8 @@ local function tokens(key, window_ms)
 end
 """
 
-# KEYS: rpm, tokens, slots. ARGV: rpm limit (0: none), member, token window ms, count slots (0/1)
+# KEYS: rpm, tokens, slots. ARGV: rpm limit (0: none), member, token window ms, count slots (0/1),
+# count this request (1) or only look (0)
 # -> {allowed, rpm remaining, ms until rpm reset, tokens used, ms until token reset, slots}
 AUTHENTICATE = _NOW + _TOKENS + """
 local allowed, remaining, reset = 1, 0, 0
@@ -55,14 +56,15 @@ if limit > 0 then
   local n = redis.call('ZCARD', KEYS[1])
   if n >= limit then
     allowed = 0
-  else
+  elseif ARGV[5] == '1' then
     redis.call('ZADD', KEYS[1], now, ARGV[2])
     redis.call('PEXPIRE', KEYS[1], %(rpm_ms)d)
     n = n + 1
   end
   remaining = limit - n
+  reset = %(rpm_ms)d
   local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  reset = tonumber(oldest[2]) + %(rpm_ms)d - now
+  if oldest[2] then reset = tonumber(oldest[2]) + %(rpm_ms)d - now end
 end
 local used, ttl = tokens(KEYS[2], tonumber(ARGV[3]))
 local slots = 0
@@ -150,10 +152,17 @@ class RedisStore:
         return f"bastion:{{{org_id}}}:tokens", f"bastion:{{{org_id}}}:slots"
 
     def authenticate(self, q: Query, member: str) -> tuple[bool, Snapshot]:
+        return self._look(q, member, count=True)
+
+    def peek(self, q: Query) -> Snapshot:
+        return self._look(q, "", count=False)[1]
+
+    def _look(self, q: Query, member: str, count: bool) -> tuple[bool, Snapshot]:
         tokens, slots = self._keys(q.org_id)
         allowed, remaining, reset, used, ttl, n = self._authenticate(
             keys=[f"bastion:{{{q.org_id}}}:rpm:{q.key_id}", tokens, slots],
-            args=[q.rpm or 0, member, self.window_ms, int(q.concurrency is not None)])
+            args=[q.rpm or 0, member, self.window_ms, int(q.concurrency is not None),
+                  int(count)])
         now = time.time()
         requests = Requests(int(remaining), now + int(reset) / 1000) if q.rpm else None
         return bool(allowed), Snapshot(requests, Usage(int(used), now + int(ttl) / 1000, int(n)))

@@ -74,6 +74,7 @@ class Admission:
 
 class Store(Protocol):
     def authenticate(self, q: Query, member: str) -> tuple[bool, Snapshot]: ...
+    def peek(self, q: Query) -> Snapshot: ...
     def admit(self, q: Query, estimate: int, member: str) -> Admission: ...
     def settle(self, q: Query, member: str, window: str, delta: int) -> Usage: ...
     def renew(self, held: dict[str, str]) -> None: ...
@@ -98,6 +99,17 @@ class MemoryStore:
                 oldest, count = self.storage.get_moving_window(key, q.rpm, RPM_WINDOW_S)
                 requests = Requests(max(0, q.rpm - count), oldest + RPM_WINDOW_S)
             return allowed, Snapshot(requests, self._usage(q))
+
+    def peek(self, q: Query) -> Snapshot:
+        """Where the limits stand, counting nothing (the dashboard's view)."""
+        with self._lock:
+            requests = None
+            if q.rpm:
+                oldest, count = self.storage.get_moving_window(f"rpm/{q.key_id}", q.rpm,
+                                                               RPM_WINDOW_S)
+                reset = oldest + RPM_WINDOW_S if count else time.time() + RPM_WINDOW_S
+                requests = Requests(max(0, q.rpm - count), reset)
+            return Snapshot(requests, self._usage(q))
 
     def admit(self, q: Query, estimate: int, member: str) -> Admission:
         with self._lock:  # check and reserve are one step: no other admission in between
