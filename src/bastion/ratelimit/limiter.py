@@ -41,8 +41,7 @@ class Quota:
     snapshot: Snapshot | None = None  # None: nothing counted (limits off or unlimited)
 
     def update(self, usage: Usage) -> None:
-        if self.snapshot is not None:
-            self.snapshot = Snapshot(self.snapshot.requests, usage)
+        self.snapshot = Snapshot(self.snapshot.requests if self.snapshot else None, usage)
 
 
 @dataclass
@@ -157,10 +156,13 @@ class Limiter:
                 headers=self.headers(quota))
         return quota
 
-    def admit(self, quota: Quota, estimate: int) -> Ticket:
+    def admit(self, quota: Quota | Principal, estimate: int) -> Ticket:
         """Take a slot and reserve `estimate` tokens, or raise a 429 naming the limit. The store
         checks and reserves in one atomic step, so a refused request costs nothing and two
-        replicas cannot both take the last room."""
+        replicas cannot both take the last room. Pass the request's Quota (from count_request)
+        so that its headers follow; a bare Principal works too, with a Quota of its own."""
+        if isinstance(quota, Principal):
+            quota = self._quota(quota)
         q = quota.query
         if not self.enabled or (not q.tokens_per_hour and q.concurrency is None):
             return Ticket(self, quota, reserved=0)
