@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL, make_tenant, start_server, stop_server
+from conftest import ADMIN_KEY, MODEL, make_tenant, start_server, stop_server
 
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -22,9 +22,10 @@ def new_tenant(api: str, plan: str, limits: dict | None = None,
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
-    """A server whose tokens-per-hour window is 6 s, so that its restoration can be seen."""
+    """A server whose tokens-per-hour window is 15 s, so that its restoration can be seen
+    (short, yet long enough that a loaded machine finishes a small request inside it)."""
     srv = start_server(tmp_path_factory.mktemp("limits"), "--parallel", "8",
-                       env={"BASTION_TOKEN_WINDOW_SECONDS": "6"})
+                       env={"BASTION_TOKEN_WINDOW_SECONDS": "15"})
     yield srv
     stop_server(srv)
 
@@ -89,19 +90,22 @@ def test_tokens_per_hour_exhausted_then_restored(limited) -> None:
     client = openai.OpenAI(base_url=limited.api, api_key=key, max_retries=0)
     first = client.completions.with_raw_response.create(model=MODEL, prompt="Once upon a time",
                                                         max_tokens=20, temperature=0)
-    used = first.parse().usage.total_tokens
+    usage = first.parse().usage
+    used = usage.total_tokens
     # the reservation was settled to the real usage
     assert int(first.headers["x-ratelimit-remaining-tokens"]) == 120 - used
     assert first.headers["x-ratelimit-limit-tokens"] == "120"
-    spent = used
+    # one token more than what is left is refused, at once (no generation: a loaded machine
+    # cannot let the 15 s window roll over before the refusal)
+    over = 120 - used - usage.prompt_tokens + 1
     with pytest.raises(openai.RateLimitError) as exc:
-        for _ in range(10):
-            r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20)
-            spent += r.usage.total_tokens
+        client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=over)
     err = exc.value.body
     assert err["code"] == "tokens_per_hour_exceeded"
-    assert f"{120 - spent} of your organization's 120 tokens per hour remain" in err["message"]
-    assert 1 <= err["retry_after"] <= 6
+    assert err["message"] == (f"Rate limit reached for tokens per hour: this request may use "
+                              f"{120 - used + 1} tokens and {120 - used} of your "
+                              f"organization's 120 tokens per hour remain.")
+    assert 1 <= err["retry_after"] <= 15
     assert exc.value.response.headers["retry-after"] == str(err["retry_after"])
     time.sleep(err["retry_after"] + 0.5)
     assert client.completions.create(model=MODEL, prompt="Once", max_tokens=5).choices
@@ -152,3 +156,45 @@ def test_disconnect_and_errors_release_slots(limited) -> None:
     r = httpx.post(limited.api + "/completions", headers=auth,
                    json={"model": MODEL, "prompt": "x", "max_tokens": 1})
     assert r.status_code == 200
+
+
+def test_plan_change_keeps_the_hour(server) -> None:
+    """The hour's token count belongs to the organisation, not to its plan: raising the plan
+    raises the cap but does not hand out a fresh hour."""
+    org, key = make_tenant(server.api, "spark")
+    client = openai.OpenAI(base_url=server.api, api_key=key["key"], max_retries=0)
+    done = client.completions.with_raw_response.create(model=MODEL, prompt="Once upon a time",
+                                                       max_tokens=8, temperature=0)
+    used = done.parse().usage.total_tokens
+    assert int(done.headers["x-ratelimit-remaining-tokens"]) == 10_000 - used
+    r = httpx.patch(f"{server.api}/organizations/{org}", json={"plan": "seed"},
+                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status_code == 200
+    listed = client.models.with_raw_response.list()
+    assert listed.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert int(listed.headers["x-ratelimit-remaining-tokens"]) == 100_000 - used
+
+
+def test_tokens_per_hour_is_exact_under_a_burst(server) -> None:
+    """A budget that fits exactly six reservations and a burst of 40: exactly six run (check and
+    reservation are one step under the limiter's lock). Each request uses all it reserved, so
+    no refund makes room for a seventh."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4,
+            "logit_bias": {"1": -100, "106": -100, "212": -100}}
+    usage = openai.OpenAI(base_url=server.api, api_key=new_tenant(server.api, "seed"),
+                          max_retries=0).completions.create(**body).usage
+    assert usage.completion_tokens == 4
+    estimate = usage.prompt_tokens + 4
+    key = new_tenant(server.api, "seed", limits={"tokens_per_hour": 6 * estimate})
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=server.api, timeout=120, limits=limits,
+                                     headers={"Authorization": f"Bearer {key}"}) as c:
+            return await asyncio.gather(*(c.post("/completions", json=body) for _ in range(40)))
+
+    results = asyncio.run(burst())
+    ok = [r for r in results if r.status_code == 200]
+    refused = [r for r in results if r.status_code == 429]
+    assert len(ok) == 6 and len(refused) == 34, [r.status_code for r in results]
+    assert {r.json()["error"]["code"] for r in refused} == {"tokens_per_hour_exceeded"}

@@ -1,8 +1,10 @@
 """Limits shared by several replicas through Redis: concurrency leases, requests per minute,
-slots of a dead replica expiring, and failing closed when Redis is gone."""
+an exact token budget under a burst from two replicas, slots of a dead replica expiring, and
+failing closed when Redis is gone."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import socket
@@ -137,3 +139,33 @@ def test_long_request_keeps_its_slot(deployment) -> None:
         next(lines)
         time.sleep(10)  # > 4 leases of 2 s + 1: the slot set's expiry without renewal
         assert small(b.api, auth).status_code == 429
+
+
+def test_tokens_per_hour_is_exact_across_replicas(deployment) -> None:
+    """A budget that fits exactly six reservations and a burst of 40 requests from both replicas
+    at once: exactly six run. Check and reservation are one atomic step in Redis, so two
+    replicas cannot both take the last room. Each request uses all it reserved (no end of
+    text), so no refund makes room for a seventh."""
+    a, b = deployment["a"], deployment["b"]
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4,
+            "logit_bias": {"1": -100, "106": -100, "212": -100}}
+    probe = httpx.post(f"{a.api}/completions", json=body, timeout=60,
+                       headers=tenant(a.api, {"concurrent_requests": 10}))
+    usage = probe.json()["usage"]
+    assert usage["completion_tokens"] == 4
+    estimate = usage["prompt_tokens"] + 4
+    auth = tenant(a.api, {"concurrent_requests": 100, "tokens_per_hour": 6 * estimate})
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=120, limits=limits, headers=auth) as c:
+            return await asyncio.gather(*(c.post(f"{srv.api}/completions", json=body)
+                                          for _ in range(20) for srv in (a, b)))
+
+    results = asyncio.run(burst())
+    ok = [r for r in results if r.status_code == 200]
+    refused = [r for r in results if r.status_code == 429]
+    assert len(ok) == 6 and len(refused) == 34, [r.status_code for r in results]
+    assert all(r.json()["usage"]["total_tokens"] == estimate for r in ok)
+    assert {r.json()["error"]["code"] for r in refused} == {"tokens_per_hour_exceeded"}
+    assert {r.headers["x-ratelimit-remaining-tokens"] for r in refused} == {"0"}

@@ -19,7 +19,7 @@ from bastion.catalog.registry import load_catalog
 from bastion.files.store import BlobStore
 from bastion.finetune import embedded
 from bastion.config import Settings
-from bastion.db.session import make_engine, migrate, session_factory
+from bastion.db.session import make_engine, migrate, session_factory, startup_lock
 from bastion.engines.base import EngineError
 from bastion.errors import error_response, install_error_handlers
 from bastion.lifecycle import Gatekeeper, Lifecycle
@@ -39,9 +39,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = make_engine(settings.resolved_database_url)
-        migrate(db)
         app.state.sessions = session_factory(db)
-        generated = bootstrap(app.state.sessions, settings.admin_key)
+        # one replica at a time: two starting together on a fresh database would both
+        # create the schema and a default organisation
+        with startup_lock(db):
+            migrate(db, locked=True)
+            generated = bootstrap(app.state.sessions, settings.admin_key)
         if generated:
             print(f"\n  Bastion created an admin API key. It is shown only this once:\n\n"
                   f"      {generated}\n", flush=True)

@@ -116,10 +116,13 @@ class Gatekeeper:
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start" and "principal" in state:
                 limiter = scope["app"].state.limiter
-                try:
-                    headers = await limiter.run(limiter.headers, state["principal"])
-                except Exception:  # headers are informative; their storage may be down
-                    headers = {}
+                if "quota" in state:  # from the request's latest snapshot: no storage read
+                    headers = limiter.headers(state["quota"])
+                else:  # a caller that kept no Quota: one read
+                    try:
+                        headers = await limiter.run(limiter.read_headers, state["principal"])
+                    except Exception:  # headers are informative; their storage may be down
+                        headers = {}
                 present = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()
                          if k.lower().encode() not in present]

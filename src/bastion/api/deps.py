@@ -15,7 +15,7 @@ from starlette.datastructures import State
 
 from bastion.catalog.registry import Catalog, Deployment
 from bastion.config import Settings
-from bastion.ratelimit.limiter import Limiter, Ticket
+from bastion.ratelimit.limiter import Limiter, Quota, Ticket
 from bastion.usage.ledger import UsageRow
 from bastion.errors import AuthenticationError, AuthorizationError, ModelNotFoundError
 from bastion.tenancy.keys import Principal, verify
@@ -40,22 +40,27 @@ async def current_principal(request: Request) -> Principal:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError(
             "The Authorization header must be 'Bearer YOUR_API_KEY'.", code="invalid_api_key")
-    principal = await authenticate(request.app.state, token)
-    request.state.principal = principal  # the rate-limit headers of the response need it
-    limiter: Limiter = request.app.state.limiter
-    await limiter.run(limiter.count_request, principal)
+    principal, quota = await authenticate(request.app.state, token, count=True)
+    request.state.quota = quota  # the response's rate-limit headers come from its snapshot
+    request.state.principal = principal  # kept only once counted (a 429 carries its own)
     return principal
 
 
-async def authenticate(state: State, token: str) -> Principal:
-    """The caller behind a raw key, for every transport (HTTP header, WebSocket message)."""
+async def authenticate(state: State, token: str, *, count: bool = False
+                       ) -> tuple[Principal, Quota | None]:
+    """The caller behind a raw key, for every transport (HTTP header, WebSocket message).
+    With `count`, the request is also counted against the key's requests per minute in the
+    same worker thread as the lookup: with Redis that is the request's one round trip at
+    authentication, and its snapshot is what the rate-limit headers are computed from."""
     if len(token) > 512 or not token.isascii() or not token.isprintable():
         raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
     factory = state.sessions
+    limiter: Limiter = state.limiter
 
-    def lookup() -> Principal:
+    def lookup() -> tuple[Principal, Quota | None]:
         with factory() as session:
-            return verify(session, token)
+            principal = verify(session, token)
+        return principal, limiter.count_request(principal) if count else None
 
     return await run_in_threadpool(lookup)
 
@@ -125,16 +130,19 @@ async def admit(request: Request, principal: Principal, estimate: int, *, model:
         request_id = f"idem:{hashlib.sha256(idem.encode()).hexdigest()[:32]}:{body}"
     if not hasattr(request.state, "tickets"):
         request.state.tickets = []
-    return await open_ticket(request.app.state, principal, estimate, model=model,
-                             request_id=request_id, endpoint=request.url.path,
-                             held=request.state.tickets)
+    return await open_ticket(request.app.state, getattr(request.state, "quota", None) or principal,
+                             estimate, model=model, request_id=request_id,
+                             endpoint=request.url.path, held=request.state.tickets)
 
 
-async def open_ticket(state: State, principal: Principal, estimate: int, *, model: str,
+async def open_ticket(state: State, quota: Quota | Principal, estimate: int, *, model: str,
                       request_id: str, endpoint: str, held: list[Ticket]) -> Ticket:
     """Admission against the plan, and one ledger row when the ticket settles; shared by the
-    HTTP routes and the WebSocket API. The ticket goes into `held` before anything can cancel
-    the caller, so whoever owns `held` can always settle it (a slot is never lost)."""
+    HTTP routes, the WebSocket API and the playground. Pass the request's Quota (from
+    counting it) so that its headers follow the admission. The ticket goes into `held` before
+    anything can cancel the caller, so whoever owns `held` can always settle it (a slot is
+    never lost)."""
+    principal = quota.principal if isinstance(quota, Quota) else quota
     ledger = state.ledger
 
     def bill(t: Ticket) -> None:
@@ -147,7 +155,7 @@ async def open_ticket(state: State, principal: Principal, estimate: int, *, mode
 
     limiter: Limiter = state.limiter
     with anyio.CancelScope(shield=True):
-        ticket = await limiter.run(limiter.admit, principal, estimate)
+        ticket = await limiter.run(limiter.admit, quota, estimate)
         ticket.on_settle.append(bill)
         held.append(ticket)
     return ticket

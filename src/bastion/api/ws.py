@@ -23,7 +23,7 @@ from bastion.api.deps import authenticate, check_permission, open_ticket
 from bastion.errors import (APIError, AuthenticationError, InvalidRequestError,
                             ServiceUnavailableError, validation_error)
 from bastion.protocol.chat import ChatCompletionRequest
-from bastion.ratelimit.limiter import Ticket
+from bastion.ratelimit.limiter import Quota, Ticket
 from bastion.serving.chat import prepare_chat, stream_chat
 from bastion.serving.common import error_payload, settle
 from bastion.tenancy.keys import Principal
@@ -61,7 +61,7 @@ class Connection:
                     raise AuthenticationError("The Authorization header must be "
                                               "'Bearer YOUR_API_KEY'.", code="invalid_api_key")
                 self._key = token.strip()
-                self.principal = await authenticate(self.state, self._key)
+                self.principal = (await authenticate(self.state, self._key))[0]
             except APIError as err:
                 await self.send_error(err, None)
                 await self.ws.close(POLICY_VIOLATION)
@@ -142,7 +142,7 @@ class Connection:
         if not isinstance(key, str) or not key:
             raise AuthenticationError("The auth message needs an 'api_key' string.",
                                       code="missing_api_key")
-        self.principal = await authenticate(self.state, key)
+        self.principal = (await authenticate(self.state, key))[0]
         self._key = key
         await self.send({"type": "authenticated", **_tag(rid)})
 
@@ -167,11 +167,11 @@ class Connection:
             request = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise validation_error(RequestValidationError(exc.errors())) from None
-        self.principal = await authenticate(self.state, self._key)  # revoked since? plan changed?
+        # The key again (revoked since? plan changed?), counted like an HTTP request.
+        self.principal, quota = await authenticate(self.state, self._key, count=True)
         check_permission(self.principal, "inference")
-        limiter = self.state.limiter
-        await limiter.run(limiter.count_request, self.principal)
-        task = asyncio.create_task(self.generate(request, rid, self.principal))
+        assert quota is not None
+        task = asyncio.create_task(self.generate(request, rid, quota))
         self.running[rid] = task
         task.add_done_callback(lambda _: self.running.pop(rid, None))
 
@@ -184,18 +184,19 @@ class Connection:
 
     # --- one generation ------------------------------------------------------------------------
     async def generate(self, body: ChatCompletionRequest, rid: RequestId,
-                       principal: Principal) -> None:
+                       quota: Quota) -> None:
         lifecycle = self.state.lifecycle
         lifecycle.enter()
         held: list[Ticket] = []
         finish: dict[int, str] = {}
         texts: dict[int, str] = {}
         tag = _tag(rid)
+        principal = quota.principal
         try:
             deployment = self.state.catalog.resolve(body.model, principal.org_id)
             prep = await prepare_chat(body, deployment,
                                       self.settings, principal, self.state.limiter)
-            ticket = await open_ticket(self.state, principal, prep.estimate,
+            ticket = await open_ticket(self.state, quota, prep.estimate,
                                        model=prep.deployment.id, request_id=prep.id,
                                        endpoint="/v1/ws", held=held)
             async for chunk in stream_chat(prep, ticket):

@@ -1,15 +1,25 @@
-"""Engine and session factory; migrations run through Alembic at start-up."""
+"""Engine and session factory; migrations run through Alembic at start-up, one process at a
+time (replicas started together on a fresh database would otherwise both create the schema and
+the default organisation)."""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# pg_advisory_lock key for start-up (migrations and bootstrap): any fixed 64-bit number
+STARTUP_LOCK_ID = 0x62617374696F6E  # "bastion"
+log = logging.getLogger("bastion.db")
+WAITING = "waiting for another process to finish migrating the database"
 
 
 def make_engine(url: str) -> Engine:
@@ -28,8 +38,51 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (idempotent)."""
+@contextmanager
+def startup_lock(engine: Engine) -> Iterator[None]:
+    """Held around migrations and bootstrap, across processes sharing the database: a
+    PostgreSQL advisory lock (released by the server if this process dies), or an fcntl lock on
+    a file next to a SQLite database (released by the kernel likewise)."""
+    url = engine.url
+    if url.get_backend_name() == "postgresql":
+        with engine.connect() as conn:
+            if not conn.execute(text("SELECT pg_try_advisory_lock(:id)"),
+                                {"id": STARTUP_LOCK_ID}).scalar():
+                log.info(WAITING)
+                conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": STARTUP_LOCK_ID})
+            conn.commit()  # the lock is the session's, not the transaction's
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": STARTUP_LOCK_ID})
+                conn.commit()
+        return
+    database = url.database if url.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        if url.get_backend_name() != "sqlite":
+            log.warning("no start-up lock for %s: start replicas one at a time",
+                        url.get_backend_name())
+        yield
+        return
+    with open(f"{database}.startup-lock", "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(WAITING)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def migrate(engine: Engine, *, locked: bool = False) -> None:
+    """Bring the schema to the newest revision (idempotent). `locked`: the caller already
+    holds startup_lock (taking it twice in one process would wait for itself)."""
+    if not locked:
+        with startup_lock(engine):
+            migrate(engine, locked=True)
+        return
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:

@@ -33,7 +33,7 @@ def rate_limit_headers(windows: dict[str, Window], now: float) -> dict[str, str]
             out[f"x-ratelimit-remaining-{name}"] = str(w.remaining)
             out[f"x-ratelimit-reset-{name}"] = duration(w.reset_at - now)
     if windows:
-        tightest = min(windows.values(), key=lambda w: w.remaining / w.limit)
+        tightest = min(windows.values(), key=lambda w: w.remaining / w.limit if w.limit else 0.0)
         out["X-RateLimit-Limit"] = str(tightest.limit)
         out["X-RateLimit-Remaining"] = str(tightest.remaining)
         out["X-RateLimit-Reset"] = str(math.ceil(tightest.reset_at))

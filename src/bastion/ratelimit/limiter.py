@@ -1,9 +1,11 @@
 """The limiter: admits a request against its organisation's plan and its key's rate, and
 settles the reservation to the real usage when the request ends, however it ends.
 
-Counters live in a `limits` storage: memory by default, Redis (BASTION_REDIS_URL) when replicas
-must share them; concurrency slots live beside them (see slots.py). If Redis cannot be
-reached the limiter fails closed: requests get a 503 that says why, never unlimited service.
+A request makes at most three calls to the store (store.py): one at authentication, one at
+admission, one at settlement; each returns a snapshot that its `Quota` keeps, and the rate-limit
+headers are computed from the latest one without another read. State is in memory by default,
+in Redis (BASTION_REDIS_URL) when replicas must share it. If Redis cannot be reached the
+limiter fails closed: requests get a 503 that says why, never unlimited service.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,22 +22,26 @@ from typing import Callable, TypeVar
 
 import anyio
 
-from limits import RateLimitItemPerMinute, RateLimitItemPerSecond
-from limits.storage import MemoryStorage, Storage, storage_from_string
-from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
-
 from bastion.errors import InvalidRequestError, RateLimitError, ServiceUnavailableError
 from bastion.ratelimit.headers import Window, rate_limit_headers
-from bastion.ratelimit.slots import MemorySlots, RedisSlots, Slots
+from bastion.ratelimit.store import MemoryStore, Query, Snapshot, Store, Usage
 from bastion.tenancy.keys import Principal
 
 log = logging.getLogger("bastion.ratelimit")
 T = TypeVar("T")
 CONCURRENCY_RETRY_S = 1.0  # a slot frees when some running request ends: poll again soon
-# The token counter's own ceiling: the plan's cap is compared by hand, so that the counter's
-# key does not change with the plan (a plan change must not hand out a fresh hour).
-TOKEN_COUNTER_CEILING = 10**15
-_ids = itertools.count()
+
+
+@dataclass
+class Quota:
+    """One authenticated request's limits and the latest snapshot of their state."""
+
+    principal: Principal
+    query: Query
+    snapshot: Snapshot | None = None  # None: nothing counted (limits off or unlimited)
+
+    def update(self, usage: Usage) -> None:
+        self.snapshot = Snapshot(self.snapshot.requests if self.snapshot else None, usage)
 
 
 @dataclass
@@ -42,16 +49,20 @@ class Ticket:
     """One admitted request. `settle` is idempotent: the first call wins."""
 
     limiter: "Limiter"
-    principal: Principal
+    quota: Quota
     reserved: int
-    member: str = ""
-    window_reset: float = 0.0  # the token window this reservation was counted in
+    member: str = ""  # its concurrency slot ("" when concurrency is not limited)
+    window: str = ""  # the token window this reservation was counted in
     started: float = field(default_factory=time.monotonic)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     status: str = "ok"
     done: bool = False
     on_settle: list[Callable[["Ticket"], None]] = field(default_factory=list)
+
+    @property
+    def principal(self) -> Principal:
+        return self.quota.principal
 
     def settle(self) -> None:
         if self.done:
@@ -67,15 +78,16 @@ class Limiter:
                  enabled: bool = True, slot_lease_s: float = 30.0) -> None:
         self.enabled = enabled  # off: admit everything, count nothing (BASTION_RATE_LIMITS=false)
         self.token_window_s = token_window_s
-        # Timeouts: an unreachable Redis must fail requests closed, not hang them.
-        self.storage: Storage = (storage_from_string(storage_url, socket_timeout=2,
-                                                     socket_connect_timeout=2)
-                                 if storage_url else MemoryStorage())
         self.remote = storage_url is not None
-        self.slots: Slots = (RedisSlots(self.storage.get_connection(), slot_lease_s)  # type: ignore[attr-defined]
-                             if self.remote else MemorySlots())
-        self.moving = MovingWindowRateLimiter(self.storage)
-        self.fixed = FixedWindowRateLimiter(self.storage)
+        if storage_url:
+            from bastion.ratelimit.redis_store import RedisStore
+
+            self.store: Store = RedisStore(storage_url, token_window_s, slot_lease_s)
+        else:
+            self.store = MemoryStore(token_window_s)
+        self.storage = self.store.storage  # the `limits` storage, for other short-lived state
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid():x}.{id(self):x}.{time.time_ns():x}"
         self._lock = threading.Lock()
         self._held: dict[str, str] = {}  # slot member -> org id, renewed while running
         self._stop = threading.Event()
@@ -96,6 +108,7 @@ class Limiter:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=5)
+        self.store.close()
 
     # --- what the caller may ask for ----------------------------------------------------------
     def max_tokens_for(self, principal: Principal, prompt_tokens: int, n: int,
@@ -122,88 +135,74 @@ class Limiter:
                 param=param, code="tokens_per_request_exceeded")
         return min(room, default)
 
-    # --- admission ------------------------------------------------------------------------------
-    def count_request(self, principal: Principal) -> None:
-        """Every authenticated request counts against its key's requests per minute."""
-        rpm = self._rpm_item(principal)
-        if not self.enabled or rpm is None:
-            return
+    # --- the three steps of a request ---------------------------------------------------------
+    def count_request(self, principal: Principal) -> Quota:
+        """Every authenticated request counts against its key's requests per minute; the same
+        call reads what the response's rate-limit headers will need. Keep the Quota where the
+        Gatekeeper finds it (request.state.quota): the headers then cost no storage read."""
+        quota = self._quota(principal)
+        if not self.enabled or not quota.query.counted:
+            return quota
         try:
-            if self.moving.hit(rpm, principal.key_id):
-                return
-            stats = self.moving.get_window_stats(rpm, principal.key_id)
+            allowed, quota.snapshot = self.store.authenticate(quota.query, self._member())
         except Exception as exc:
             raise self._unavailable(exc) from exc
-        raise RateLimitError(
-            f"Rate limit reached for requests per minute on this API key: "
-            f"{principal.rate_limit} per minute.", code="requests_per_minute_exceeded",
-            retry_after=stats.reset_time - time.time(), headers=self.headers(principal))
+        if not allowed:
+            assert quota.snapshot.requests is not None
+            raise RateLimitError(
+                f"Rate limit reached for requests per minute on this API key: "
+                f"{principal.rate_limit} per minute.", code="requests_per_minute_exceeded",
+                retry_after=quota.snapshot.requests.reset_at - time.time(),
+                headers=self.headers(quota))
+        return quota
 
-    def admit(self, principal: Principal, estimate: int) -> Ticket:
-        """Take a slot and reserve `estimate` tokens, or raise a 429 naming the limit. Every
-        check passes before anything is counted, so a refused request costs nothing."""
-        if not self.enabled:
-            return Ticket(self, principal, reserved=0)
+    def admit(self, quota: Quota | Principal, estimate: int) -> Ticket:
+        """Take a slot and reserve `estimate` tokens, or raise a 429 naming the limit. The store
+        checks and reserves in one atomic step, so a refused request costs nothing and two
+        replicas cannot both take the last room. Pass the request's Quota (from count_request)
+        so that its headers follow; a bare Principal works too, with a Quota of its own."""
+        if isinstance(quota, Principal):
+            quota = self._quota(quota)
+        q = quota.query
+        if not self.enabled or (not q.tokens_per_hour and q.concurrency is None):
+            return Ticket(self, quota, reserved=0)
+        member = self._member()
         try:
-            with self._lock:
-                return self._admit(principal, estimate)
-        except (RateLimitError, InvalidRequestError):
-            raise
+            result = self.store.admit(q, estimate, member)
         except Exception as exc:
             raise self._unavailable(exc) from exc
-
-    def _admit(self, principal: Principal, estimate: int) -> Ticket:
-        limits = principal.limits
+        quota.update(result.usage)
         now = time.time()
-        tph = self._tph_item(principal)
-        reset = 0.0  # end of the token window this reservation is counted in
-        if tph is not None:
-            left, reset = self._tokens_left(principal)
-            if estimate > left:
-                raise RateLimitError(
-                    f"Rate limit reached for tokens per hour: this request may use {estimate} "
-                    f"tokens and {left} of your organization's {limits.tokens_per_hour} tokens "
-                    f"per hour remain.", code="tokens_per_hour_exceeded",
-                    retry_after=reset - now, headers=self.headers(principal))
-        member = f"{id(self):x}-{next(_ids)}-{now:.6f}"
-        ok, used = self.slots.acquire(principal.org_id, member, limits.concurrent_requests)
-        if not ok:
+        if result.refused == "tokens":
+            left = max(0, (q.tokens_per_hour or 0) - result.usage.tokens_used)
+            raise RateLimitError(
+                f"Rate limit reached for tokens per hour: this request may use {estimate} "
+                f"tokens and {left} of your organization's {q.tokens_per_hour} tokens "
+                f"per hour remain.", code="tokens_per_hour_exceeded",
+                retry_after=result.usage.tokens_reset_at - now, headers=self.headers(quota))
+        if result.refused == "concurrency":
             raise RateLimitError(
                 f"Rate limit reached for concurrent requests: your organization already "
-                f"has {used} of {limits.concurrent_requests} requests running.",
+                f"has {result.usage.slots_in_use} of {q.concurrency} requests running.",
                 code="concurrency_limit_exceeded", retry_after=CONCURRENCY_RETRY_S,
-                headers=self.headers(principal))
-        self._held[member] = principal.org_id
-        try:
-            if tph is not None:
-                self.fixed.hit(tph, principal.org_id, cost=estimate)
-        except Exception:  # never keep (and keep renewing) a slot of a refused request
-            self._held.pop(member, None)
-            self.slots.release(principal.org_id, member)
-            raise
-        return Ticket(self, principal, reserved=estimate, member=member, window_reset=reset)
-
-    def _tokens_left(self, principal: Principal) -> tuple[int, float]:
-        tph = self._tph_item(principal)
-        assert tph is not None and principal.limits.tokens_per_hour is not None
-        stats = self.fixed.get_window_stats(tph, principal.org_id)
-        used = max(0, TOKEN_COUNTER_CEILING - stats.remaining)
-        return max(0, principal.limits.tokens_per_hour - used), stats.reset_time
+                headers=self.headers(quota))
+        if q.concurrency is None:
+            member = ""
+        else:
+            with self._lock:
+                self._held[member] = q.org_id
+        return Ticket(self, quota, reserved=estimate if q.tokens_per_hour else 0,
+                      member=member, window=result.window)
 
     def _settle(self, ticket: Ticket) -> None:
-        if not self.enabled:
-            return
-        p = ticket.principal
-        tph = self._tph_item(p)
-        refund = ticket.reserved - (ticket.prompt_tokens + ticket.completion_tokens)
+        if not ticket.member and not ticket.window:
+            return  # nothing was taken
+        with self._lock:
+            self._held.pop(ticket.member, None)
+        delta = ticket.prompt_tokens + ticket.completion_tokens - ticket.reserved
         try:
-            with self._lock:
-                self._held.pop(ticket.member, None)
-                self.slots.release(p.org_id, ticket.member)
-                # Give back what was reserved but not used, unless the window it was counted
-                # in has already closed (its counter is gone; a refund would go negative).
-                if tph is not None and refund and time.time() < ticket.window_reset:
-                    self.fixed.hit(tph, p.org_id, cost=-refund)
+            ticket.quota.update(self.store.settle(ticket.quota.query, ticket.member,
+                                                  ticket.window, delta if ticket.window else 0))
         except Exception:  # the lease runs out by itself; never fail the finished request
             log.exception("could not settle a request's limits")
 
@@ -212,47 +211,59 @@ class Limiter:
             try:
                 with self._lock:
                     held = dict(self._held)
-                self.slots.renew(held)
+                self.store.renew(held)
             except Exception:
                 log.warning("could not renew concurrency leases", exc_info=True)
+
+    def _member(self) -> str:
+        """A name unique across replicas, for one request's entry or slot."""
+        return f"{self._prefix}.{next(self._ids):x}"
 
     def _unavailable(self, exc: Exception) -> ServiceUnavailableError:
         return ServiceUnavailableError(
             f"The rate limiter's storage cannot be reached ({type(exc).__name__}: {exc}); "
             f"requests are refused until it is back.", code="rate_limiter_unavailable")
 
+    def _quota(self, principal: Principal) -> Quota:
+        limits = principal.limits
+        return Quota(principal, Query(principal.org_id, principal.key_id, principal.rate_limit,
+                                      limits.tokens_per_hour or None, limits.concurrent_requests))
+
     # --- reporting -----------------------------------------------------------------------------
-    def headers(self, principal: Principal) -> dict[str, str]:
-        if not self.enabled:
-            return {}
+    def headers(self, quota: Quota | None) -> dict[str, str]:
+        """The rate-limit headers from the request's latest snapshot: no storage read."""
+        return rate_limit_headers(self._windows(quota), time.time()) if quota else {}
+
+    def read_headers(self, principal: Principal) -> dict[str, str]:
+        """The headers for a request that kept no Quota: one storage read."""
         return rate_limit_headers(self.windows(principal), time.time())
 
     def windows(self, principal: Principal) -> dict[str, Window]:
-        """Where each limit stands now (requests, tokens, concurrency): the headers and the
-        dashboard's overview read the same numbers."""
-        if not self.enabled:
+        """Where each limit stands now (one storage read, nothing counted): the dashboard's
+        overview and the headers read the same numbers."""
+        quota = self._quota(principal)
+        if not self.enabled or not quota.query.counted:
             return {}
-        now = time.time()
+        try:
+            quota.snapshot = self.store.peek(quota.query)
+        except Exception as exc:
+            raise self._unavailable(exc) from exc
+        return self._windows(quota)
+
+    def _windows(self, quota: Quota) -> dict[str, Window]:
+        snap = quota.snapshot
+        if snap is None:
+            return {}
+        q, now = quota.query, time.time()
         windows: dict[str, Window] = {}
-        rpm = self._rpm_item(principal)
-        if rpm is not None:
-            s = self.moving.get_window_stats(rpm, principal.key_id)
-            windows["requests"] = Window(rpm.amount, s.remaining, s.reset_time)
-        cap_tokens = principal.limits.tokens_per_hour
-        if cap_tokens:
-            left, reset = self._tokens_left(principal)
-            windows["tokens"] = Window(cap_tokens, left, reset)
-        cap = principal.limits.concurrent_requests
-        if cap is not None:
-            windows["concurrency"] = Window(cap, max(0, cap - self.slots.count(principal.org_id)),
+        if q.rpm and snap.requests is not None:
+            windows["requests"] = Window(q.rpm, snap.requests.remaining, snap.requests.reset_at)
+        if q.tokens_per_hour:
+            windows["tokens"] = Window(q.tokens_per_hour,
+                                       max(0, q.tokens_per_hour - snap.usage.tokens_used),
+                                       snap.usage.tokens_reset_at)
+        if q.concurrency is not None:
+            windows["concurrency"] = Window(q.concurrency,
+                                            max(0, q.concurrency - snap.usage.slots_in_use),
                                             math.ceil(now + CONCURRENCY_RETRY_S))
         return windows
-
-    def _rpm_item(self, principal: Principal) -> RateLimitItemPerMinute | None:
-        return RateLimitItemPerMinute(principal.rate_limit) if principal.rate_limit else None
-
-    def _tph_item(self, principal: Principal) -> RateLimitItemPerSecond | None:
-        """The organisation's token counter for the hour (shorter only where a test sets it)."""
-        if not principal.limits.tokens_per_hour:
-            return None
-        return RateLimitItemPerSecond(TOKEN_COUNTER_CEILING, self.token_window_s)

@@ -62,12 +62,12 @@ async def session_key(request: Request, codec: Codec) -> Principal:
             return verify_id(s, key_id)
 
     principal = await run_in_threadpool(lookup)
-    request.state.principal = principal  # rate-limit headers, as on /v1
     if not principal.can("inference"):
         raise AuthorizationError("This API key lacks the 'inference' permission needed for "
                                  "the playground.")
     limiter = request.app.state.limiter
-    await limiter.run(limiter.count_request, principal)
+    request.state.quota = await limiter.run(limiter.count_request, principal)
+    request.state.principal = principal  # rate-limit headers, as on /v1
     return principal
 
 
