@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, MODEL, RunningServer, database_rows, make_tenant, start_server, stop_server
+from conftest import MODEL, RunningServer, database_rows, make_tenant, start_server, stop_server
 from ftdata import duck_examples, write_jsonl
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from bastion.api.deps import CatalogDep, SessionsDep, SettingsDep, require
+from bastion.api.deps import CatalogDep, SessionsDep, require
 from bastion.api.organizations import epoch
 from bastion.catalog.registry import Deployment
 from bastion.db.tables import File, FineTuningCheckpoint, FineTuningEvent, FineTuningJob
