@@ -124,15 +124,15 @@ def orgs_create(name: Annotated[str, typer.Option()],
                 plan: Annotated[str, typer.Option(help="spark, seed, scale or dedicated")] = "spark",
                 data_dir: DataDir = None) -> None:
     """Create an organisation; prints its id."""
-    from bastion.db.tables import Organization, utcnow
-    from bastion.ids import new_id
+    from bastion.tenancy import orgs
+    from bastion.tenancy.keys import Principal
     from bastion.tenancy.plans import PLANS
 
     if plan not in PLANS:
         raise typer.BadParameter(f"unknown plan {plan!r}; plans: {', '.join(PLANS)}")
     with _sessions(data_dir).begin() as session:
-        org = Organization(id=new_id("org"), name=name, plan=plan, created_at=utcnow())
-        session.add(org)
+        org = orgs.create(session, Principal(key_id="cli", org_id="", is_server_admin=True),
+                          name, plan)
     typer.echo(org.id)
 
 

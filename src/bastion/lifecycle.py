@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from bastion.errors import (APIError, InvalidRequestError, PayloadTooLargeError,
                             ServiceUnavailableError)
-from bastion.serving.common import settle
+from bastion.serving.common import settle_unfinished
 
 log = logging.getLogger("bastion.lifecycle")
 Scope = dict[str, Any]
@@ -116,13 +116,8 @@ class Gatekeeper:
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start" and "principal" in state:
                 limiter = scope["app"].state.limiter
-                if "quota" in state:  # from the request's latest snapshot: no storage read
-                    headers = limiter.headers(state["quota"])
-                else:  # a caller that kept no Quota: one read
-                    try:
-                        headers = await limiter.run(limiter.read_headers, state["principal"])
-                    except Exception:  # headers are informative; their storage may be down
-                        headers = {}
+                # from the request's latest snapshot (kept with the principal): no storage read
+                headers = limiter.headers(state.get("quota"))
                 present = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()
                          if k.lower().encode() not in present]
@@ -133,10 +128,7 @@ class Gatekeeper:
         try:
             await self.app(scope, replay, send_with_limits)
         finally:
-            for ticket in state.get("tickets", []):
-                if not ticket.done:  # the request ended before its route could settle it
-                    ticket.status = "cancelled"
-                    await settle(ticket)
+            await settle_unfinished(state.get("tickets", []))
             self.lifecycle.leave()
 
     def _too_large(self, size: int) -> PayloadTooLargeError:

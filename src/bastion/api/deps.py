@@ -87,7 +87,6 @@ def require(permission: str) -> Callable[[Principal], Principal]:
 
 
 InferenceKey = Annotated[Principal, Depends(require("inference"))]
-AdminKey = Annotated[Principal, Depends(require("admin"))]
 
 
 async def resolve_model(request: Request, name: str, principal: Principal) -> Deployment:

@@ -3,8 +3,7 @@ list, retrieve, cancel, events, checkpoints."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Callable
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
@@ -16,7 +15,7 @@ from bastion.catalog.registry import Deployment
 from bastion.db.tables import File, FineTuningCheckpoint, FineTuningEvent, FineTuningJob
 from bastion.files.validate import Summary
 from bastion.finetune import events, jobs
-from bastion.finetune.encode import ChatTokenizer, checker_for, max_example_tokens
+from bastion.finetune.encode import deployment_checker
 from bastion.protocol.fine_tuning import (Checkpoint, CheckpointList, Job, JobCreate, JobError,
                                           JobEvent, JobEventList, JobList)
 from bastion.tenancy.keys import Principal
@@ -29,8 +28,7 @@ PREFIXES = ("/v1/fine_tuning/jobs", "/v1/fine-tuning/jobs")
 def view(job: FineTuningJob) -> Job:
     hp = {k: job.hyperparameters[k] for k in ("n_epochs", "batch_size",
                                               "learning_rate_multiplier", "learning_rate")}
-    method_type = "full" if job.method == "full" else "lora"
-    method = {"type": method_type, method_type: {"hyperparameters": hp}}
+    method = {"type": job.method, job.method: {"hyperparameters": hp}}
     if job.method == "lora":
         method["lora"] |= {"rank": job.hyperparameters.get("lora_rank"),
                            "alpha": job.hyperparameters.get("lora_alpha")}
@@ -54,11 +52,7 @@ def rechecker(request: Request) -> Callable[[Deployment, File], Summary]:
     settings = request.app.state.settings
 
     def recheck(dep: Deployment, f: File) -> Summary:
-        engine: Any = dep.engine
-        tok = ChatTokenizer(engine.model, engine.template)
-        check = checker_for(tok, max_tokens=max_example_tokens(engine.info.context_length,
-                                                               settings), model=dep.id)
-        return check(Path(request.app.state.blobs.path(f.storage_key)))
+        return deployment_checker(dep, settings)(request.app.state.blobs.path(f.storage_key))
     return recheck
 
 
@@ -107,7 +101,7 @@ def list_checkpoints(job_id: str, key: TrainingKey, sessions: SessionsDep,
             if cursor is not None:
                 query = query.where(FineTuningCheckpoint.step < cursor.step)
         rows = list(s.scalars(query.order_by(FineTuningCheckpoint.step.desc()).limit(limit + 1)))
-    name = jobs.model_name(job, job.org_id)
+    name = jobs.model_name(job)
     data = [Checkpoint(id=c.id, created_at=epoch(c.created_at) or 0,
                        fine_tuned_model_checkpoint=f"{name}:ckpt-step-{c.step}",
                        fine_tuning_job_id=job_id, metrics=c.metrics, step_number=c.step)

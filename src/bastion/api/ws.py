@@ -25,7 +25,7 @@ from bastion.errors import (APIError, AuthenticationError, InvalidRequestError,
 from bastion.protocol.chat import ChatCompletionRequest
 from bastion.ratelimit.limiter import Quota, Ticket
 from bastion.serving.chat import prepare_chat, stream_chat
-from bastion.serving.common import error_payload, settle
+from bastion.serving.common import error_payload, settle_unfinished
 from bastion.tenancy.keys import Principal
 
 router = APIRouter()
@@ -214,22 +214,15 @@ class Connection:
                                        body.stream))
         except asyncio.CancelledError:
             if held and not self.closed:  # cancelled by the client: say how far it got
-                await self._settle(held)
+                await settle_unfinished(held)
                 await self.send({"type": "done", **tag, "finish_reason": "cancelled",
                                  "usage": _usage(held[0])})
         except Exception as exc:  # the same error body as HTTP, tagged with the request's id
             if not self.closed:
                 await self.send({"type": "error", **tag, **error_payload(exc)})
         finally:
-            await self._settle(held)
+            await settle_unfinished(held)
             lifecycle.leave()
-
-    @staticmethod
-    async def _settle(held: list[Ticket]) -> None:
-        for ticket in held:
-            if not ticket.done:
-                ticket.status = "cancelled"
-                await settle(ticket)
 
     @staticmethod
     def _done(tag: dict[str, Any], completion_id: str, model: str, ticket: Ticket,

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from bastion.catalog.registry import Catalog, Deployment
+from bastion.catalog.registry import Catalog, Deployment, engine_options
 from bastion.config import Settings
 from bastion.db.tables import FineTuningJob
 from bastion.engines.base import engine_class
@@ -36,13 +36,11 @@ class FineTunedModels:
                 FineTuningJob.artifact.is_not(None))))
 
     def _load(self, job: FineTuningJob) -> Deployment:
-        s = self.settings
         artifact = Path(str(job.artifact))
         full = job.method == "full"  # a whole GGUF; a LoRA is an adapter on the base GGUF
         engine = engine_class("llamacpp")(
             path=artifact if full else Path(job.base_path), name=str(job.fine_tuned_model),
-            n_seq=s.parallel, ctx_per_seq=s.context_per_sequence, n_batch=s.batch_tokens,
-            threads=s.threads, lora=None if full else artifact)
+            lora=None if full else artifact, **engine_options(self.settings))
         return Deployment(str(job.fine_tuned_model), engine, owned_by=job.org_id,
                           org_id=job.org_id)
 

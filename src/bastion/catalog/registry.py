@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from bastion.config import Settings
 from bastion.engines.base import Engine, engine_class
@@ -78,12 +79,17 @@ class Catalog:
             dep.engine.close()
 
 
+def engine_options(settings: Settings) -> dict[str, Any]:
+    """The llama.cpp engine's batching options, the same for every model it serves."""
+    return dict(n_seq=settings.parallel, ctx_per_seq=settings.context_per_sequence,
+                n_batch=settings.batch_tokens, threads=settings.threads)
+
+
 def load_catalog(settings: Settings) -> Catalog:
     """Load every configured model (the bundled one unless disabled) into its engine."""
     catalog = Catalog()
     engine_cls = engine_class("llamacpp")
-    common = dict(n_seq=settings.parallel, ctx_per_seq=settings.context_per_sequence,
-                  n_batch=settings.batch_tokens, threads=settings.threads)
+    common = engine_options(settings)
     try:
         if settings.serve_bundled_model:
             path = bundled_gguf(settings.models_dir)

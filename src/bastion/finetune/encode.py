@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from bastion.catalog.registry import Catalog
+from bastion.catalog.registry import Catalog, Deployment
 from bastion.config import Settings
 from bastion.engines.llamacpp.engine import render_chat_tokens
 from bastion.engines.llamacpp.model import LlamaModel
@@ -90,7 +90,12 @@ def file_checker(catalog: Catalog, settings: Settings) -> Callable[[Path], Summa
     base = default_base(catalog)
     if base is None:
         return checker_for(None, max_tokens=None, model="")
-    engine: Any = base.engine
+    return deployment_checker(base, settings)
+
+
+def deployment_checker(dep: Deployment, settings: Settings) -> Callable[[Path], Summary]:
+    """Validate a file against one base model's tokenizer and context."""
+    engine: Any = dep.engine
     tok = ChatTokenizer(engine.model, engine.template)
     return checker_for(tok, max_tokens=max_example_tokens(engine.info.context_length, settings),
-                       model=base.id)
+                       model=dep.id)

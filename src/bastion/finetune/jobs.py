@@ -4,7 +4,6 @@ cancellation. Scoped to the caller's organisation; another organisation's job is
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import select, update
@@ -14,14 +13,13 @@ from bastion.catalog.registry import Catalog, Deployment
 from bastion.db.pagination import page
 from bastion.db.tables import File, FineTuningJob, utcnow
 from bastion.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError
+from bastion.files.records import ACTIVE_JOB_STATES as ACTIVE
 from bastion.files.validate import Summary
 from bastion.finetune import events, hyperparams
 from bastion.finetune.bases import base_path, why_not_fine_tunable
 from bastion.ids import new_id
 from bastion.protocol.fine_tuning import JobCreate
 
-ACTIVE = ("validating_files", "queued", "running")
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def get(session: Session, org_id: str, job_id: str) -> FineTuningJob:
@@ -122,10 +120,9 @@ def create(session: Session, catalog: Catalog, org_id: str, body: JobCreate,
 
 
 def listing(session: Session, org_id: str, *, after: str | None,
-            limit: int, metadata: dict[str, str] | None = None) -> tuple[list[FineTuningJob], bool]:
+            limit: int) -> tuple[list[FineTuningJob], bool]:
     query = select(FineTuningJob).where(FineTuningJob.org_id == org_id)
-    rows, more = page(session, query, FineTuningJob, after=after, limit=limit)
-    return rows, more
+    return page(session, query, FineTuningJob, after=after, limit=limit)
 
 
 def cancel(session: Session, org_id: str, job_id: str) -> FineTuningJob:
@@ -147,11 +144,7 @@ def cancel(session: Session, org_id: str, job_id: str) -> FineTuningJob:
     return job
 
 
-def model_name(job: FineTuningJob, org_id: str) -> str:
+def model_name(job: FineTuningJob) -> str:
     """ft:<base>:<org>:<suffix>:<id>, OpenAI's shape; the id part is unique per job."""
     short = job.id.split("-", 1)[1][:8]
-    return f"ft:{job.model}:{org_id}:{job.suffix or ''}:{short}"
-
-
-def job_dir(root: Path, job_id: str) -> Path:
-    return root / job_id
+    return f"ft:{job.model}:{job.org_id}:{job.suffix or ''}:{short}"

@@ -243,24 +243,21 @@ def train(spec: TrainSpec, reporter: Reporter) -> TrainResult:
             raise Stopped()
     model.wrapped.eval()
     result = TrainResult(trained_tokens=tokens, steps=step, metrics=metrics)
+    arch = "gemma3" if base.config.model_type.startswith("gemma3") else base.config.model_type
+    out = spec.workdir / "model"
+    out.mkdir(parents=True, exist_ok=True)
     if spec.method == "lora":
         from peft import get_peft_model_state_dict
 
         from bastion.finetune.export import write_lora_gguf
 
         state = get_peft_model_state_dict(model.wrapped)
-        arch = "gemma3" if base.config.model_type.startswith("gemma3") else base.config.model_type
-        out = spec.workdir / "model"
-        out.mkdir(parents=True, exist_ok=True)
         result.adapter = write_lora_gguf({k: v.detach().float().numpy() for k, v in state.items()},
                                          arch=arch, n_layers=base.config.num_hidden_layers,
                                          alpha=float(hp["lora_alpha"]), out=out / "adapter.gguf")
     else:
         from bastion.finetune.export import write_merged_gguf
 
-        out = spec.workdir / "model"
-        out.mkdir(parents=True, exist_ok=True)
-        arch = "gemma3" if base.config.model_type.startswith("gemma3") else base.config.model_type
         result.adapter = write_merged_gguf(
             spec.base_gguf, {n: p.detach().float().numpy() for n, p in params.items()},
             arch=arch, n_layers=base.config.num_hidden_layers, out=out / "model.gguf")

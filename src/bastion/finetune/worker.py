@@ -142,7 +142,7 @@ class Worker:
             return
         finally:
             reporter.close()
-        name = model_name(job, job.org_id)
+        name = model_name(job)
         if queue.finish(self.sessions, claim, "succeeded", f"New fine-tuned model created: {name}",
                         "The job has successfully completed", fine_tuned_model=name,
                         artifact=str(result.adapter), trained_tokens=result.trained_tokens):

@@ -234,10 +234,6 @@ class Limiter:
         """The rate-limit headers from the request's latest snapshot: no storage read."""
         return rate_limit_headers(self._windows(quota), time.time()) if quota else {}
 
-    def read_headers(self, principal: Principal) -> dict[str, str]:
-        """The headers for a request that kept no Quota: one storage read."""
-        return rate_limit_headers(self.windows(principal), time.time())
-
     def windows(self, principal: Principal) -> dict[str, Window]:
         """Where each limit stands now (one storage read, nothing counted): the dashboard's
         overview and the headers read the same numbers."""

@@ -208,3 +208,12 @@ async def settle(ticket: Ticket) -> None:
         return
     with anyio.CancelScope(shield=True):
         await ticket.limiter.run(ticket.settle)
+
+
+async def settle_unfinished(tickets: list[Ticket]) -> None:
+    """The safety net of every transport: tickets whose request ended before its route could
+    settle them (the client went away first) are settled as cancelled."""
+    for ticket in tickets:
+        if not ticket.done:
+            ticket.status = "cancelled"
+            await settle(ticket)

@@ -22,6 +22,7 @@ from bastion.tenancy.keys import Principal
 class PreparedEmbeddings:
     body: EmbeddingRequest
     deployment: Deployment
+    engine: SentenceTransformerEngine
     sequences: list[list[int]]
     id: str
 
@@ -75,7 +76,7 @@ async def prepare_embeddings(body: EmbeddingRequest, deployment: Deployment,
                     f"embed only its first {limit} tokens.",
                     param=param, code="context_length_exceeded")
             sequences[i] = seq[:limit]
-    prep = PreparedEmbeddings(body, deployment, sequences, new_id("emb"))
+    prep = PreparedEmbeddings(body, deployment, engine, sequences, new_id("emb"))
     cap = principal.limits.tokens_per_request
     if limiter.enabled and cap is not None and prep.prompt_tokens > cap:
         raise InvalidRequestError(
@@ -97,7 +98,7 @@ def _shorten(vectors: np.ndarray, dimensions: int | None, normalized: bool) -> n
 
 
 async def create_embeddings(prep: PreparedEmbeddings, ticket: Ticket) -> EmbeddingList:
-    engine = embedding_engine(prep.deployment)
+    engine = prep.engine
     async with metered(ticket, prep.prompt_tokens):
         vectors = await engine.embed(prep.sequences)
     vectors = _shorten(vectors, prep.body.dimensions, engine.normalizes)

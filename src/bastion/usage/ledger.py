@@ -40,6 +40,11 @@ class UsageRow:
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Idempotent inserts (a retried batch, or a retried request, never double-counts).
+        dialect = engine.dialect.name
+        self._insert = (sqlite_insert(UsageRecord).on_conflict_do_nothing() if dialect == "sqlite"
+                        else pg_insert(UsageRecord).on_conflict_do_nothing()
+                        if dialect == "postgresql" else insert(UsageRecord))
         self._rows: queue.SimpleQueue[UsageRow | None] = queue.SimpleQueue()
         self._flushed = threading.Condition()
         self._recorded = 0  # rows handed to the ledger so far
@@ -89,13 +94,7 @@ class Ledger:
 
     def _write(self, batch: list[UsageRow]) -> None:
         values = [asdict(r) for r in batch]
-        dialect = self.engine.dialect.name
-        if dialect == "sqlite":
-            stmt = sqlite_insert(UsageRecord).on_conflict_do_nothing()
-        elif dialect == "postgresql":
-            stmt = pg_insert(UsageRecord).on_conflict_do_nothing()
-        else:
-            stmt = insert(UsageRecord)
+        stmt = self._insert
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 with self.engine.begin() as conn:

@@ -4,11 +4,10 @@ then forgotten: the session keeps only its id."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import RedirectResponse, Response
 
 from bastion.errors import AuthenticationError
-from bastion.tenancy.keys import verify
+from bastion.api.deps import authenticate
 from bastion.web.deps import CheckedForm, CheckedLoginForm, Codec, sign_out
 from bastion.web.render import PageRoute, render
 from bastion.web.session import LOGIN_COOKIE, SessionCodec, WebSession
@@ -45,16 +44,10 @@ async def login_form(request: Request, codec: Codec) -> Response:
 @router.post("/dashboard/login", include_in_schema=False)
 async def login(request: Request, codec: Codec, form: CheckedLoginForm) -> Response:
     raw = str(form.get("api_key") or "").strip()
-    factory = request.app.state.sessions
-
-    def check() -> str:
-        if not raw or len(raw) > 512 or not raw.isascii() or not raw.isprintable():
-            raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-        with factory() as s:
-            return verify(s, raw).key_id
-
     try:
-        key_id = await run_in_threadpool(check)
+        if not raw:
+            raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
+        key_id = (await authenticate(request.app.state, raw))[0].key_id
     except AuthenticationError as exc:
         return login_page(request, codec, status=401, error=exc.message,
                           next_path=str(form.get("next") or ""))

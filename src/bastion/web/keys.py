@@ -22,7 +22,6 @@ def keys_page(request: Request, viewer: AdminViewer, *, status: int = 200, creat
               created_name: str = "", error: str = "", form: FormData | None = None) -> Response:
     org_id = viewer.principal.org_id
     with request.app.state.sessions.begin() as s:
-        orgs.require_org_admin(viewer.principal, org_id)
         keys = [view(r) for r in list_keys(s, viewer.principal, org_id)]
     return render(request, "keys.html", status=status, page="keys", keys=keys, created=created,
                   created_name=created_name, error=error, form=form,
@@ -57,7 +56,6 @@ def create(request: Request, viewer: AdminViewer, form: CheckedForm) -> Response
         return keys_page(request, viewer, status=400, error=explain(exc), form=form)
     org_id = viewer.principal.org_id
     with request.app.state.sessions.begin() as s:
-        orgs.require_org_admin(viewer.principal, org_id)
         orgs.get(s, viewer.principal, org_id)
         _, raw = create_key(s, org_id, body.name, permissions=list(body.permissions),
                             rate_limit=body.rate_limit)
@@ -68,6 +66,5 @@ def create(request: Request, viewer: AdminViewer, form: CheckedForm) -> Response
 def revoke(request: Request, key_id: str, viewer: AdminViewer, form: CheckedForm) -> Response:
     org_id = viewer.principal.org_id
     with request.app.state.sessions.begin() as s:
-        orgs.require_org_admin(viewer.principal, org_id)
         revoke_key(s, viewer.principal, org_id, key_id)
     return RedirectResponse("/dashboard/keys", status_code=303)

@@ -21,6 +21,7 @@ from bastion.api.deps import CatalogDep, LimiterDep, SettingsDep
 from bastion.api.models import card
 from bastion.errors import AuthenticationError, AuthorizationError
 from bastion.protocol.chat import ChatCompletion, ChatCompletionRequest
+from bastion.ratelimit.limiter import Quota
 from bastion.tenancy.keys import Principal, verify_id
 from bastion.web.deps import Codec, InferenceViewer, refuse_csrf, signed_out
 from bastion.web.render import PageRoute, render
@@ -57,16 +58,18 @@ async def session_key(request: Request, codec: Codec) -> Principal:
     factory = request.app.state.sessions
     key_id = session.key_id
 
-    def lookup() -> Principal:
-        with factory() as s:
-            return verify_id(s, key_id)
-
-    principal = await run_in_threadpool(lookup)
-    if not principal.can("inference"):
-        raise AuthorizationError("This API key lacks the 'inference' permission needed for "
-                                 "the playground.")
     limiter = request.app.state.limiter
-    request.state.quota = await limiter.run(limiter.count_request, principal)
+
+    def lookup() -> tuple[Principal, Quota]:
+        """The key and its request count in one worker call, as authenticate() does."""
+        with factory() as s:
+            principal = verify_id(s, key_id)
+        if not principal.can("inference"):
+            raise AuthorizationError("This API key lacks the 'inference' permission needed "
+                                     "for the playground.")
+        return principal, limiter.count_request(principal)
+
+    principal, request.state.quota = await run_in_threadpool(lookup)
     request.state.principal = principal  # rate-limit headers, as on /v1
     return principal
 

@@ -100,17 +100,14 @@ class LlamaCppEngine:
             raise EngineError("This model has no vision projector.",
                               error_type="invalid_request_error", code="model_not_supported")
         media: list[PromptMedia] = []
-        tokens = self._render(messages, media)
+        tokens = render_chat_tokens(
+            self.model, self.template, messages, media=media,
+            parts=lambda content, out: self._render_parts(content, out, media))
         if media and media[-1].offset + media[-1].n_tokens == len(tokens):
             # never happens with a chat template (the generation prompt follows), but the
             # scheduler needs text after the last image to sample the first token from
             raise EngineError("A prompt must not end with an image.")
         return Prompt(tokens=tokens, media=tuple(media))
-
-    def _render(self, messages: list[dict[str, Any]], media: list[PromptMedia] | None) -> list[int]:
-        parts = None if media is None else (lambda content, tokens: self._render_parts(
-            content, tokens, media))
-        return render_chat_tokens(self.model, self.template, messages, parts=parts, media=media)
 
     def _render_parts(self, parts: list[dict[str, Any]], tokens: list[int],
                       media: list[PromptMedia]) -> None:
