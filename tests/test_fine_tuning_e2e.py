@@ -119,7 +119,7 @@ def test_fine_tuned_model_learns_and_serves(srv: RunningServer, tmp_path: Path) 
 
 @pytest.mark.timeout(900)
 def test_full_fine_tuning_is_exported_as_a_whole_gguf(srv: RunningServer, tmp_path: Path) -> None:
-    org, key = make_tenant(srv.api, plan="dedicated", permissions=("training", "inference"))
+    org, key = make_tenant(srv.api, plan="dedicated", permissions=("training", "inference", "models"))
     sdk = openai.OpenAI(base_url=srv.api, api_key=key["key"], max_retries=0, timeout=300)
     train = sdk.files.create(file=open(write_jsonl(tmp_path / "t.jsonl", duck_examples(12)), "rb"),
                              purpose="fine-tune")
@@ -143,5 +143,12 @@ def test_full_fine_tuning_is_exported_as_a_whole_gguf(srv: RunningServer, tmp_pa
     assert (workdir / "model" / "model.gguf").exists()
     answer = ask(sdk, job.fine_tuned_model, HELD_OUT[1])
     assert "quack" in answer.lower(), answer
+    # deleting the fine-tuned model stops serving it; the job keeps its record, as on OpenAI
+    assert sdk.models.delete(job.fine_tuned_model).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        ask(sdk, job.fine_tuned_model, HELD_OUT[1])
+    assert job.fine_tuned_model not in [m.id for m in sdk.models.list().data]
+    assert sdk.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == job.fine_tuned_model
+    assert not (workdir / "model" / "model.gguf").exists()
     print(f"\nfull fine-tuning: validation loss {' -> '.join(f'{v:.3f}' for v in valid_losses)}; "
           f"{HELD_OUT[1]!r} -> {answer!r}")

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from bastion import __version__
 from bastion.api import (chat, completions, embeddings, files, fine_tuning, health, keys,
                          models, organizations, usage, ws)
-from bastion.catalog.finetuned import FineTunedModels
+from bastion.catalog.org_models import OrgModels
 from bastion.catalog.registry import load_catalog
 from bastion.files.store import BlobStore
 from bastion.finetune import embedded
@@ -55,9 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.ledger = Ledger(db)
         app.state.catalog = await run_in_threadpool(load_catalog, settings)
         app.state.blobs = BlobStore(settings.files_dir)
-        app.state.finetuned = FineTunedModels(app.state.catalog, app.state.sessions, settings)
-        await app.state.finetuned.sync()
-        sync_task = asyncio.create_task(app.state.finetuned.run(settings.worker_poll_seconds))
+        app.state.org_models = OrgModels(app.state.catalog, app.state.sessions, settings)
+        await app.state.org_models.sync()
+        sync_task = asyncio.create_task(app.state.org_models.run(settings.worker_poll_seconds))
         worker = embedded.start(settings) if settings.worker else None
         log.info("serving %s", ", ".join(d.id for d in app.state.catalog.visible(None))
                  or "no models")
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             sync_task.cancel()
+            await app.state.org_models.close()
             if worker is not None:
                 await run_in_threadpool(embedded.stop, worker)
             await run_in_threadpool(app.state.catalog.close)  # joins engine threads
@@ -88,5 +89,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     install_dashboard(app)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes,
-                       upload_paths=frozenset({"/v1/files"}))
+                       upload_paths=frozenset({"/v1/files", "/v1/models"}))
     return app

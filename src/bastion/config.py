@@ -80,6 +80,8 @@ class Settings(BaseSettings):
 
     # files and fine-tuning
     max_file_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest uploaded file")
+    max_model_bytes: int = Field(20 * 1024 ** 3, ge=1,
+                                 description="largest model upload (all its parts together)")
     fine_tune_max_tokens: int = Field(2048, ge=64, description="longest training example, in "
                                       "tokens (also capped by the base model's context)")
     worker: bool = Field(True, description="`bastion serve` also runs a fine-tuning worker")
@@ -101,6 +103,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Models uploaded through POST /v1/models, one directory each."""
+        return self.data_dir / "uploaded_models"
 
     @property
     def files_dir(self) -> Path:

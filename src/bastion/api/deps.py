@@ -90,15 +90,15 @@ InferenceKey = Annotated[Principal, Depends(require("inference"))]
 
 
 async def resolve_model(request: Request, name: str, principal: Principal) -> Deployment:
-    """The model `name` as this caller's organisation sees it. A fine-tuned model that another
-    replica's worker has just finished is looked up in the database before a 404."""
+    """The model `name` as this caller's organisation sees it. A model that another replica
+    has just uploaded, or its worker has just fine-tuned, is looked up in the database before
+    a 404."""
     catalog: Catalog = request.app.state.catalog
     try:
         return catalog.resolve(name, principal.org_id)
     except ModelNotFoundError:
-        if not name.startswith("ft:"):
-            raise
-    await request.app.state.finetuned.sync()
+        pass
+    await request.app.state.org_models.sync()
     return catalog.resolve(name, principal.org_id)
 
 

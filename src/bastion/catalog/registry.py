@@ -22,38 +22,54 @@ class Deployment:
     owned_by: str
     aliases: list[str] = field(default_factory=list)
     truncatable_dimensions: bool = False  # embedding models trained to be shortened
-    org_id: str | None = None  # a fine-tuned model: visible to this organisation only
+    org_id: str | None = None  # fine-tuned or uploaded: visible to this organisation only
+    source: str = "configured"  # "configured" by the server, "fine-tuned" or "uploaded"
 
     def visible_to(self, org_id: str | None) -> bool:
         return self.org_id is None or self.org_id == org_id
 
 
 class Catalog:
+    """Models keyed by (organisation, id): the server's own under None, an organisation's
+    uploads and fine-tunes under its id, so two organisations may each upload a 'my-model'
+    and neither ever learns of the other's."""
+
     def __init__(self) -> None:
-        self._deployments: dict[str, Deployment] = {}
+        self._deployments: dict[tuple[str | None, str], Deployment] = {}
         self._aliases: dict[str, str] = {}
 
     def add(self, deployment: Deployment) -> None:
-        if deployment.id in self._deployments or deployment.id in self._aliases:
+        key = (deployment.org_id, deployment.id)
+        if key in self._deployments or (None, deployment.id) in self._deployments \
+                or deployment.id in self._aliases:
             raise ValueError(f"model id {deployment.id!r} is configured twice")
-        self._deployments[deployment.id] = deployment
+        self._deployments[key] = deployment
         for alias in deployment.aliases:
             self.alias(alias, deployment.id)
 
     def alias(self, alias: str, target: str) -> None:
-        if alias in self._deployments:
+        if (None, alias) in self._deployments:
             raise ValueError(f"alias {alias!r} collides with a model id")
         self._aliases[alias] = target
 
+    def taken(self, name: str) -> bool:
+        """Whether a server-wide model or alias already answers to `name`."""
+        return (None, name) in self._deployments or name in self._aliases
+
     def resolve(self, name: str, org_id: str | None = None) -> Deployment:
         """Never falls back to another model: an unknown name is a 404, and so is another
-        organisation's fine-tuned model."""
-        dep = self._deployments.get(name) or self._deployments.get(self._aliases.get(name, ""))
-        if dep is None or not dep.visible_to(org_id):
+        organisation's fine-tuned or uploaded model."""
+        dep = self.get(name, org_id) or self._deployments.get((None, self._aliases.get(name, "")))
+        if dep is None:
             raise ModelNotFoundError(
                 f"The model '{name}' does not exist or you do not have access to it.",
                 param="model")
         return dep
+
+    def get(self, name: str, org_id: str | None = None) -> Deployment | None:
+        """By id only (no aliases): the organisation's own model first, then the server's."""
+        found = self._deployments.get((org_id, name)) if org_id is not None else None
+        return found or self._deployments.get((None, name))
 
     def aliases_of(self, model_id: str) -> list[str]:
         """Every other name that resolves to this model (for people choosing one)."""
@@ -65,13 +81,14 @@ class Catalog:
     def visible(self, org_id: str | None) -> list[Deployment]:
         return [d for d in self._deployments.values() if d.visible_to(org_id)]
 
-    def has(self, model_id: str) -> bool:
-        return model_id in self._deployments
+    def has(self, model_id: str, org_id: str | None = None) -> bool:
+        return (org_id, model_id) in self._deployments
 
-    def remove(self, model_id: str) -> Deployment | None:
-        dep = self._deployments.pop(model_id, None)
-        for alias in [a for a, t in self._aliases.items() if t == model_id]:
-            del self._aliases[alias]
+    def remove(self, model_id: str, org_id: str | None = None) -> Deployment | None:
+        dep = self._deployments.pop((org_id, model_id), None)
+        if org_id is None:
+            for alias in [a for a, t in self._aliases.items() if t == model_id]:
+                del self._aliases[alias]
         return dep
 
     def close(self) -> None:
@@ -105,7 +122,7 @@ def load_catalog(settings: Settings) -> Catalog:
                                    aliases=list(spec.aliases)))
         load_embedding_models(settings, catalog)
         for alias, target in settings.aliases.items():
-            if target in {d.id for d in catalog.all()} and alias not in {d.id for d in catalog.all()}:
+            if catalog.has(target) and not catalog.has(alias):
                 catalog.alias(alias, target)
     except BaseException:
         catalog.close()

@@ -1,10 +1,10 @@
-"""SQLAlchemy tables: organisations, API keys, usage, files and fine-tuning jobs."""
+"""SQLAlchemy tables: organisations, API keys, usage, files, fine-tuning jobs, uploaded models."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -112,6 +112,9 @@ class FineTuningJob(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     artifact: Mapped[str | None] = mapped_column(String(512), nullable=True)
     meta: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the caller's metadata
+    # set by DELETE /v1/models/{fine_tuned_model}: the job stays, its model is no longer served
+    model_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                              nullable=True)
 
 
 class FineTuningEvent(Base):
@@ -137,4 +140,20 @@ class FineTuningCheckpoint(Base):
     step: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict] = mapped_column(JSON)
     path: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CustomModel(Base):
+    """A model an organisation uploaded (POST /v1/models); its files live in `path`."""
+
+    __tablename__ = "custom_models"
+    __table_args__ = (UniqueConstraint("org_id", "model_id", name="uq_custom_models_org_model"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str] = mapped_column(String(128))
+    model_type: Mapped[str] = mapped_column(String(32))
+    format: Mapped[str] = mapped_column(String(16))  # "safetensors" or "gguf"
+    path: Mapped[str] = mapped_column(String(1024))
+    bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -12,7 +12,7 @@ TRAINABLE_ARCHITECTURES = ("gemma3",)
 
 def why_not_fine_tunable(dep: Deployment) -> str | None:
     """None when `dep` can be a base model, else the reason it cannot."""
-    if dep.org_id is not None:
+    if dep.source == "fine-tuned":
         return "it is itself a fine-tuned model (fine-tuning a fine-tuned model is not supported)"
     arch = getattr(dep.engine, "architecture", None)
     if getattr(dep.engine, "path", None) is None or arch is None:
@@ -29,7 +29,7 @@ def base_path(dep: Deployment) -> Path:
 
 def default_base(catalog: Catalog) -> Deployment | None:
     """The base used to check uploaded training data: the first fine-tunable model served."""
-    for dep in catalog.all():
+    for dep in catalog.visible(None):
         if why_not_fine_tunable(dep) is None:
             return dep
     return None

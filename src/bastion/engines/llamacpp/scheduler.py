@@ -27,7 +27,7 @@ from bastion.engines.base import (Delta, EngineError, Event, Finished, Generatio
 from bastion.engines.llamacpp import sampling
 from bastion.engines.llamacpp.model import LlamaModel
 from bastion.engines.llamacpp.vision import Projector
-from bastion.engines.llamacpp.text import StopMatcher, Utf8Stream
+from bastion.engines.text import StopMatcher, Utf8Stream
 
 log = logging.getLogger("bastion.scheduler")
 

@@ -1,0 +1,136 @@
+"""An organisation's own models in the catalog: every succeeded fine-tuning job's result (a LoRA
+adapter on its base, served by the same llama.cpp engine, continuous batching included) and
+every uploaded model (GGUF on llama.cpp, safetensors on PyTorch). Synced from the database, so
+a model trained by any worker or uploaded to any replica appears on every replica, and a
+deleted one disappears from all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from bastion.catalog.registry import Catalog, Deployment, engine_options
+from bastion.config import Settings
+from bastion.db.tables import CustomModel, FineTuningJob
+from bastion.engines.base import engine_class
+
+log = logging.getLogger("bastion.catalog")
+
+Wanted = dict[tuple[str, str], FineTuningJob | CustomModel]  # (org, model id) -> its record
+RETIRE_GRACE_S = 60.0  # requests already running on a deleted model may finish this long
+
+
+class OrgModels:
+    def __init__(self, catalog: Catalog, sessions: sessionmaker[Session],
+                 settings: Settings) -> None:
+        self.catalog = catalog
+        self.sessions = sessions
+        self.settings = settings
+        self.lock = asyncio.Lock()
+        self._failed: set[tuple[str, str]] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def _wanted(self) -> Wanted:
+        with self.sessions() as s:
+            jobs = s.scalars(select(FineTuningJob).where(
+                FineTuningJob.status == "succeeded", FineTuningJob.fine_tuned_model.is_not(None),
+                FineTuningJob.artifact.is_not(None), FineTuningJob.model_deleted_at.is_(None)))
+            wanted: Wanted = {(j.org_id, str(j.fine_tuned_model)): j for j in jobs}
+            for row in s.scalars(select(CustomModel)):
+                wanted[(row.org_id, row.model_id)] = row
+            return wanted
+
+    def load(self, record: FineTuningJob | CustomModel) -> Deployment:
+        """The engine for a record (slow: call off the event loop)."""
+        if isinstance(record, CustomModel):
+            path = Path(record.path)
+            if record.format == "gguf":
+                engine = engine_class("llamacpp")(path=path / "model.gguf", name=record.model_id,
+                                                  **engine_options(self.settings))
+            else:
+                engine = engine_class("torch")(path=path, name=record.model_id,
+                                               threads=self.settings.threads,
+                                               max_parallel=self.settings.parallel)
+            return Deployment(record.model_id, engine, owned_by=record.org_id,
+                              org_id=record.org_id, source="uploaded")
+        artifact = Path(str(record.artifact))
+        full = record.method == "full"  # a whole GGUF; a LoRA is an adapter on the base GGUF
+        engine = engine_class("llamacpp")(
+            path=artifact if full else Path(record.base_path), name=str(record.fine_tuned_model),
+            lora=None if full else artifact, **engine_options(self.settings))
+        return Deployment(str(record.fine_tuned_model), engine, owned_by=record.org_id,
+                          org_id=record.org_id, source="fine-tuned")
+
+    async def adopt(self, dep: Deployment) -> None:
+        """Serve a model loaded by this replica's upload handler (unless a sync beat it)."""
+        async with self.lock:
+            if self.catalog.has(dep.id, dep.org_id):
+                await run_in_threadpool(dep.engine.close)
+            else:
+                self.catalog.add(dep)
+
+    async def sync(self) -> None:
+        """Load new models and retire deleted ones (engines load off the event loop; the
+        catalog changes on it, so requests never see a half-changed catalog)."""
+        async with self.lock:
+            wanted = await run_in_threadpool(self._wanted)
+            for key, record in wanted.items():
+                org_id, name = key
+                if self.catalog.has(name, org_id) or key in self._failed:
+                    continue
+                try:
+                    dep = await run_in_threadpool(self.load, record)
+                except Exception:
+                    log.exception("could not load model %s of %s", name, org_id)
+                    self._failed.add(key)
+                    continue
+                self.catalog.add(dep)
+                log.info("serving %s model %s for %s", dep.source, name, org_id)
+            for dep in self.catalog.all():
+                if dep.source != "configured" and (str(dep.org_id), dep.id) not in wanted:
+                    self.retire(dep)
+
+    def retire(self, dep: Deployment) -> None:
+        """Take a deleted model out of the catalog at once (new requests get 404); close its
+        engine once the requests already running on it are done."""
+        if self.catalog.remove(dep.id, dep.org_id) is None:
+            return
+        log.info("retiring %s model %s of %s", dep.source, dep.id, dep.org_id)
+        task = asyncio.create_task(self._close_when_idle(dep))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _close_when_idle(self, dep: Deployment) -> None:
+        deadline = time.monotonic() + RETIRE_GRACE_S
+        while time.monotonic() < deadline:
+            stats = dep.engine.stats()
+            if not stats.get("running_sequences") and not stats.get("waiting_requests"):
+                break
+            await asyncio.sleep(0.2)
+        else:
+            dep.engine.abort_all(f"The model '{dep.id}' was deleted.")
+        await run_in_threadpool(dep.engine.close)
+
+    async def close(self) -> None:
+        """At shutdown: close what is still being retired (the catalog closes the rest)."""
+        for task in list(self._retiring):
+            task.cancel()
+        for task in list(self._retiring):
+            try:
+                await task
+            except BaseException:
+                pass
+
+    async def run(self, interval: float) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("model sync failed")
+            await asyncio.sleep(interval)
