@@ -321,3 +321,25 @@ def test_gguf_upload_as_fine_tuning_base_cannot_be_deleted_while_a_job_uses_it(
     assert client.models.delete("my-gemma").deleted is True
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("my-gemma")
+
+
+def test_concurrent_requests_n_and_logprobs(srv, tenant, uploaded) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = sdk(srv, tenant["key"])
+    ask = dict(model="custom-model", prompt="alpha bravo charlie", max_tokens=10, temperature=0)
+    alone = client.completions.create(**ask).choices[0].text
+    with ThreadPoolExecutor(4) as pool:  # streams advance together on the model's thread
+        together = list(pool.map(lambda _: client.completions.create(**ask).choices[0].text,
+                                 range(4)))
+    assert together == [alone] * 4
+    two = client.completions.create(model="custom-model", prompt="hello", max_tokens=6, n=2,
+                                    temperature=1.0, seed=3)
+    assert sorted(c.index for c in two.choices) == [0, 1]
+    if all(c.finish_reason == "length" for c in two.choices):
+        assert two.usage.completion_tokens == 12
+    assert 0 < two.usage.completion_tokens <= 12
+    lp = client.completions.create(**ask, logprobs=3).choices[0].logprobs
+    assert "".join(lp.tokens).replace(" ", "") == alone.replace(" ", "")
+    for token, top in zip(lp.tokens, lp.top_logprobs):
+        assert max(top.values()) == top[token]  # greedy picks the most likely token
