@@ -108,7 +108,9 @@ def test_training_key_uploads_a_file(page: Page, org: dict, tmp_path: Path) -> N
     expect(validation.locator(".badge")).to_have_text("valid")
     expect(validation).to_contain_text("12 examples")
     expect(validation).to_contain_text(f"checked with {MODEL}")
-    tokens = int(re.search(r"([\d,]+) tokens", validation.inner_text()).group(1).replace(",", ""))  # type: ignore[union-attr]
+    found = re.search(r"([\d,]+) tokens", validation.inner_text())
+    assert found is not None
+    tokens = int(found.group(1).replace(",", ""))
     assert tokens > 12 * 10  # every example is a dozen tokens or more
     # the API sees the same file
     got = org["sdk"].files.retrieve(file_id)
@@ -304,7 +306,8 @@ def test_job_page_draws_the_loss_curve(page: Page, org: dict, srv: RunningServer
     expect(page.locator("#loss-curve svg.narrow")).to_be_hidden()  # the phone's drawing
     line = svg.locator("polyline.line-a")
     expect(line).to_have_count(1)
-    points = [tuple(map(float, p.split(","))) for p in line.get_attribute("points").split()]  # type: ignore[union-attr]
+    points = [tuple(map(float, p.split(",")))
+              for p in (line.get_attribute("points") or "").split()]
     assert len(points) == len(TRAIN)
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     assert xs == sorted(xs) and len(set(xs)) == len(xs)  # one point per step, left to right
@@ -315,7 +318,7 @@ def test_job_page_draws_the_loss_curve(page: Page, org: dict, srv: RunningServer
     assert svg.locator("circle.line-b title").all_text_contents() == [
         f"validation loss, step {k}: {v:.4f}" for k, v in VALID.items()]
     # the validation point at step 3 lies between the training points of steps 2 and 4 in x
-    vx = [float(c.get_attribute("cx")) for c in svg.locator("circle.line-b").all()]  # type: ignore[arg-type]
+    vx = [float(c.get_attribute("cx") or "nan") for c in svg.locator("circle.line-b").all()]
     assert xs[1] < vx[1] < xs[3] and vx[0] < xs[0] and vx[2] == xs[5]
     expect(page.locator(".legend")).to_contain_text("training loss")
     expect(page.locator(".legend")).to_contain_text("validation loss")
@@ -409,6 +412,32 @@ def test_inference_key_cannot_reach_files_or_fine_tuning(browser: object, srv: R
         assert r.status == 403
         assert org["sdk"].fine_tuning.jobs.retrieve(job.id).status == "queued"
         assert "x.jsonl" not in [f.filename for f in org["sdk"].files.list().data]
+        assert org["sdk"].files.retrieve(train).id == train
+    finally:
+        p.context.close()
+        cancel_quietly(org, job.id)
+
+
+def test_another_organisations_jobs_and_files_are_not_found(browser: object, srv: RunningServer,
+                                                           org: dict, tmp_path: Path) -> None:
+    train = upload_sdk(org, write_jsonl(tmp_path / "t.jsonl", duck_examples(4)))
+    job = org["sdk"].fine_tuning.jobs.create(model=MODEL, training_file=train)
+    _, other = make_tenant(srv.api, permissions=("training",), name="Other Co")
+    p = sign_in(browser, srv, other["key"])
+    try:
+        p.goto("/dashboard/fine-tuning")
+        expect(p.locator("table.jobs")).to_contain_text("No fine-tuning jobs yet")
+        p.goto("/dashboard/files")
+        expect(p.locator("table.files")).to_contain_text("No files yet")
+        response = p.goto(f"/dashboard/fine-tuning/{job.id}")
+        assert response is not None and response.status == 404
+        expect(p.locator("main")).to_contain_text(f"No fine-tuning job '{job.id}'")
+        token = csrf_of(p)
+        r = p.request.post(f"/dashboard/fine-tuning/{job.id}/cancel", form={"csrf_token": token})
+        assert r.status == 404
+        r = p.request.post(f"/dashboard/files/{train}/delete", form={"csrf_token": token})
+        assert r.status == 404
+        assert org["sdk"].fine_tuning.jobs.retrieve(job.id).status == "queued"
         assert org["sdk"].files.retrieve(train).id == train
     finally:
         p.context.close()

@@ -174,10 +174,11 @@ def line_chart(lines: list[Line], *, title: str, x_name: str, y_name: str,
             out.append(f'<polyline class="line {line.css}" points="{pts}">'
                        f'<title>{escape(line.name)}</title></polyline>')
         dots = line.markers or len(line.points) <= 60 or len(line.points) == 1
+        radius = (4 if line.markers else 3) * font / 13
         for x, y in line.points:
             tip = f"{escape(line.name)}, {escape(x_name)} {x:g}: {y:.4f}"
             out.append(f'<circle class="{"dot" if dots else "hit-dot"} {line.css}" '
-                       f'cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{(4 if line.markers else 3) * font / 13:.1f}">'
+                       f'cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{radius:.1f}">'
                        f'<title>{tip}</title></circle>')
     out.append("</svg>")
     return Markup("".join(out))

@@ -60,10 +60,12 @@ def parse(form: FormData) -> JobCreate:
 
 
 def explain(exc: ValidationError) -> str:
+    """The first problem, named by the form's label rather than the request body's path."""
     first = exc.errors()[0]
     where = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
     names = {"model": "Base model", "training_file": "Training file", "suffix": "Suffix",
-             "validation_file": "Validation file", "n_epochs": "Epochs", "method": "Method", "type": "Method"}
+             "validation_file": "Validation file", "n_epochs": "Epochs", "method": "Method",
+             "type": "Method"}
     field = where[-1] if where else ""
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"{names.get(field, field or 'Form')}: {message}."
