@@ -6,17 +6,16 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
-from starlette.concurrency import run_in_threadpool
 
 from bastion.api.deps import CatalogDep, SessionsDep, SettingsDep, require
 from bastion.api.organizations import epoch
 from bastion.db.tables import File
-from bastion.errors import InvalidRequestError
 from bastion.files import records
+from bastion.files.intake import accept
 from bastion.files.store import BlobStore
 from bastion.files.upload import receive_upload
 from bastion.finetune.encode import file_checker
-from bastion.protocol.files import PURPOSES, FileDeleted, FileList, FileObject
+from bastion.protocol.files import FileDeleted, FileList, FileObject
 from bastion.tenancy.keys import Principal
 
 router = APIRouter()
@@ -38,36 +37,11 @@ async def create_file(request: Request, key: TrainingKey, sessions: SessionsDep,
     store = store_of(request)
     upload = await receive_upload(request, store, settings.max_file_bytes)
     try:
-        purpose = upload.fields.get("purpose")
-        if not purpose:
-            raise InvalidRequestError("Missing required parameter: 'purpose'.", param="purpose",
-                                      code="missing_required_parameter")
-        if purpose not in PURPOSES:
-            raise InvalidRequestError(f"Invalid value for 'purpose': {purpose!r}; expected one "
-                                      f"of {', '.join(PURPOSES)}.", param="purpose",
-                                      code="invalid_value")
-        part = upload.files.get("file")
-        if part is None:
-            raise InvalidRequestError("Missing required parameter: 'file' (a file part).",
-                                      param="file", code="missing_required_parameter")
-        summary = None
-        if purpose == "fine-tune":
-            check = file_checker(catalog, settings)
-            summary = (await run_in_threadpool(check, part.temp)).as_dict()
-        file_id = records.new_file_id()
-        storage_key = f"{key.org_id}/{file_id}"
-        await run_in_threadpool(store.commit, part.temp, storage_key)
-        try:
-            with sessions.begin() as s:
-                row = records.add(s, file_id=file_id, org_id=key.org_id,
-                                  filename=part.filename or "upload", purpose=purpose,
-                                  size=part.size, storage_key=storage_key, summary=summary)
-        except BaseException:
-            store.delete(storage_key)
-            raise
-        return view(row)
+        row = await accept(upload, org_id=key.org_id, store=store, sessions=sessions,
+                           checker=lambda: file_checker(catalog, settings))
     finally:
         upload.discard()
+    return view(row)
 
 
 @router.get("/v1/files", response_model=FileList)

@@ -119,6 +119,7 @@ def server_admin(viewer: CurrentViewer) -> Viewer:
 
 AdminViewer = Annotated[Viewer, Depends(can("admin"))]
 InferenceViewer = Annotated[Viewer, Depends(can("inference"))]
+TrainingViewer = Annotated[Viewer, Depends(can("training"))]  # admin keys pass too, as on /v1
 ServerAdminViewer = Annotated[Viewer, Depends(server_admin)]
 
 

@@ -38,7 +38,9 @@ def playground_page(request: Request, viewer: InferenceViewer) -> Response:
     wanted = request.query_params.get("model", "")
     selected = wanted if any(m.id == wanted for m in models) else (models[0].id if models else "")
     masked = viewer.key_prefix + "•" * 8
+    missing = wanted if wanted and selected != wanted else ""  # say so, never switch silently
     return render(request, "playground.html", page="playground", models=models, selected=selected,
+                  missing=missing,
                   masked_key=masked, base_url=str(request.base_url).rstrip("/") + "/v1",
                   limits=viewer.principal.limits)
 

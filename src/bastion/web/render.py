@@ -38,14 +38,15 @@ def _num(value: Any) -> str:
     return "—" if value is None else f"{value:,}"
 
 
-def _when(value: Any) -> str:
+def _when(value: Any, seconds: bool = False) -> str:
     if value is None:
         return "—"
     if isinstance(value, (int, float)):
         value = datetime.fromtimestamp(value, timezone.utc)
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC" if seconds
+                                                   else "%Y-%m-%d %H:%M UTC")
 
 
 def make_templates() -> Jinja2Templates:
