@@ -38,7 +38,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer
     mmproj = write_mmproj(tmp / "tiny-mmproj.gguf")
     srv = start_server(tmp, "--parallel", "4", "--threads", "1", "--no-worker",
                        "--model", str(models_cache() / "gemma-3-270m-q4_k_m.gguf"),
-                       "--mmproj", str(mmproj), "--alias", VLM)
+                       "--mmproj", str(mmproj), "--alias", VLM, embeddings=True)
     yield srv
     stop_server(srv)
 
@@ -91,6 +91,8 @@ def front(tmp_path_factory: pytest.TempPathFactory, upstream: RunningServer,
          "capabilities": ["chat", "vision"]},
         {"id": "ha-gemma", "urls": [replica.api, upstream.api], "api_key": key, "model": MODEL,
          "health_interval": 60},
+        {"id": "up-minilm", "urls": [upstream.api], "api_key": key, "model": "all-minilm-l6-v2",
+         "capabilities": ["embeddings"]},
         {"id": "dead", "urls": dead, "connect_timeout": 1},
         {"id": "wrong-key", "urls": [upstream.api], "api_key": "sk-bst-not-a-key-000000000",
          "model": MODEL}]
@@ -325,6 +327,24 @@ def test_image_checks_happen_at_the_front(front: RunningServer) -> None:
     assert err["code"] == "model_not_supported" and "does not support image input" in err["message"]
 
 
+# --- embeddings ------------------------------------------------------------------------------------
+def test_embeddings_through_an_upstream(front: RunningServer, upstream: RunningServer) -> None:
+    texts = ["A cat sat on the mat.", "Quarterly revenue grew by four percent."]
+    theirs = sdk(upstream).embeddings.create(model="all-minilm-l6-v2", input=texts,
+                                             encoding_format="float")
+    mine = sdk(front).embeddings.create(model="up-minilm", input=texts, encoding_format="float")
+    packed = sdk(front).embeddings.create(model="up-minilm", input=texts)  # the SDK's base64
+    assert mine.model == "up-minilm" and mine.usage == theirs.usage
+    for a, b, c in zip(mine.data, theirs.data, packed.data):
+        assert a.embedding == b.embedding == c.embedding
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk(front).chat.completions.create(model="up-minilm", messages=MSGS, max_tokens=4)
+    assert "embedding model" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk(front).embeddings.create(model="up-gemma", input="hello")
+    assert info.value.body["code"] == "model_not_supported"
+
+
 # --- llama.cpp's own server ------------------------------------------------------------------------
 def test_llama_cpp_server_upstream(front: RunningServer, llama_server: str | None) -> None:
     if llama_server is None:
@@ -343,3 +363,22 @@ def test_llama_cpp_server_upstream(front: RunningServer, llama_server: str | Non
     mine_c = sdk(front).completions.create(model="lc-gemma", **c_args)
     theirs_c = sdk(llama_server, "none").completions.create(model="gemma", **c_args)
     assert mine_c.choices[0].text == theirs_c.choices[0].text and mine_c.usage == theirs_c.usage
+
+
+def test_websocket_api_serves_an_upstream_model(front: RunningServer,
+                                                upstream: RunningServer) -> None:
+    from websockets.sync.client import connect
+
+    args: dict[str, Any] = dict(max_tokens=12, temperature=0)
+    want = sdk(upstream).chat.completions.create(model=MODEL, messages=MSGS, **args)
+    with connect(front.base_url.replace("http://", "ws://") + "/v1/ws") as ws:
+        ws.send(json.dumps({"type": "auth", "api_key": ADMIN_KEY}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "authenticated"
+        ws.send(json.dumps({"type": "inference", "model": "up-gemma", "messages": MSGS,
+                            "stream": True, **args}))
+        text = ""
+        while (m := json.loads(ws.recv(timeout=60)))["type"] == "token":
+            text += m["content"]
+    assert m["type"] == "done", m
+    assert text == want.choices[0].message.content
+    assert m["usage"] == want.usage.model_dump(exclude_none=True)

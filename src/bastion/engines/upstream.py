@@ -92,6 +92,14 @@ class UpstreamEngine:
     def close(self) -> None:
         """Nothing to join: stop() released the pool in the event loop."""
 
+    def abort_all(self, message: str) -> None:
+        """Past the drain timeout: nothing runs here to abort. The server then cancels the
+        requests still streaming, which closes their upstream connections (and so ends their
+        generation upstream)."""
+        busy = sum(r.busy for r in self.replicas)
+        if busy:
+            log.warning("%s: %d upstream request(s) still running at shutdown", self.name, busy)
+
     def stats(self) -> dict[str, int]:
         return {"replicas_up": sum(r.up for r in self.replicas),
                 "in_flight": sum(r.busy for r in self.replicas)}
