@@ -379,6 +379,10 @@ def test_websocket_api_serves_an_upstream_model(front: RunningServer,
         text = ""
         while (m := json.loads(ws.recv(timeout=60)))["type"] == "token":
             text += m["content"]
+        ws.send(json.dumps({"type": "inference", "model": "up-gemma", "messages": MSGS,
+                            "stream": False, **args}))
+        whole = json.loads(ws.recv(timeout=60))
     assert m["type"] == "done", m
     assert text == want.choices[0].message.content
     assert m["usage"] == want.usage.model_dump(exclude_none=True)
+    assert whole["type"] == "done" and whole["content"] == text, whole

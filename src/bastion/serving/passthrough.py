@@ -38,8 +38,8 @@ MESSAGE_TOKENS = 16
 PROMPT_TOKENS = 8  # BOS and the like around a completion prompt
 GUESS_FLOOR = 256  # max_tokens when an estimated prompt may already fill the context
 # Sent only when the client asked; the rest are Bastion's to keep (privacy: `user`).
-DROPPED = {"model", "max_tokens", "max_completion_tokens", "stream_options", "metadata",
-           "store", "user", "messages"}
+DROPPED = {"model", "max_tokens", "max_completion_tokens", "stream", "stream_options",
+           "metadata", "store", "user", "messages"}
 
 
 @dataclass
@@ -123,8 +123,6 @@ def _payload(body: ChatCompletionRequest | CompletionRequest, engine: Passthroug
              max_tokens: int) -> dict[str, Any]:
     payload = body.model_dump(exclude_unset=True, exclude=DROPPED)
     payload.update(model=engine.upstream_model, max_tokens=max_tokens)
-    if body.stream:  # usage comes from the upstream; stripped again if the client did not ask
-        payload["stream_options"] = {"include_usage": True}
     return payload
 
 
@@ -196,7 +194,7 @@ def _finish(reason: Any) -> str:
 
 async def complete(call: UpstreamCall, ticket: Ticket) -> ChatCompletion | Completion:
     async with metered(ticket, 0):
-        data = await call.engine.post(call.path, call.payload)
+        data = await call.engine.post(call.path, {**call.payload, "stream": False})
         _settle_usage(ticket, call, data.get("usage"), call.choices * call.max_tokens)
     choices = data.get("choices") if isinstance(data.get("choices"), list) else []
     common = {"id": call.id, "created": call.created, "model": call.deployment.id,
@@ -233,7 +231,9 @@ async def _relay(call: UpstreamCall, ticket: Ticket) -> AsyncIterator[dict[str, 
     generated = 0
     async with metered(ticket, 0):
         _settle_usage(ticket, call, None, 0)
-        async with aclosing(await call.engine.open_stream(call.path, call.payload)) as chunks:
+        # usage comes from the upstream, and is stripped again if the client did not ask
+        payload = {**call.payload, "stream": True, "stream_options": {"include_usage": True}}
+        async with aclosing(await call.engine.open_stream(call.path, payload)) as chunks:
             yield None
             async for chunk in chunks:
                 chunk.update(names)
