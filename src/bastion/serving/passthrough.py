@@ -194,6 +194,7 @@ def _finish(reason: Any) -> str:
 
 async def complete(call: UpstreamCall, ticket: Ticket) -> ChatCompletion | Completion:
     async with metered(ticket, 0):
+        _settle_usage(ticket, call, None, 0)  # what a request cut off here is billed
         data = await call.engine.post(call.path, {**call.payload, "stream": False})
         _settle_usage(ticket, call, data.get("usage"), call.choices * call.max_tokens)
     choices = data.get("choices") if isinstance(data.get("choices"), list) else []
