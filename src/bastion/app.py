@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     slot_lease_s=settings.slot_lease_seconds)
         app.state.ledger = Ledger(db)
         app.state.catalog = await run_in_threadpool(load_catalog, settings)
+        await app.state.catalog.start()
         app.state.blobs = BlobStore(settings.files_dir)
         app.state.org_models = OrgModels(app.state.catalog, app.state.sessions, settings)
         await app.state.org_models.sync()
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.org_models.close()
             if worker is not None:
                 await run_in_threadpool(embedded.stop, worker)
+            await app.state.catalog.stop()
             await run_in_threadpool(app.state.catalog.close)  # joins engine threads
             await run_in_threadpool(app.state.ledger.close)  # writes what is still queued
             app.state.limiter.close()

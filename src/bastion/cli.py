@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bastion.config import EmbeddingModelSpec, ModelSpec, Settings
+from bastion.config import EmbeddingModelSpec, ModelSpec, Settings, UpstreamSpec
 
 app = typer.Typer(help="Bastion: your own OpenAI-compatible AI platform.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
@@ -33,6 +33,27 @@ def _mmproj_path(paths: list[str], i: int) -> Path | None:
     return None if name in ("", "none") else Path(name)
 
 
+def _upstream(text: str) -> UpstreamSpec:
+    """ID=URL[,URL...] (replicas of one model), or a JSON object with every field of
+    UpstreamSpec (as in BASTION_UPSTREAMS). Prefer the environment for an api_key: a command
+    line is visible to every user of the machine."""
+    import json
+
+    from pydantic import ValidationError
+
+    try:
+        if text.lstrip().startswith("{"):
+            return UpstreamSpec.model_validate(json.loads(text))
+        model_id, sep, urls = text.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--upstream takes ID=URL[,URL...] or a JSON object "
+                                     f"(got {text!r})")
+        return UpstreamSpec(id=model_id.strip(), urls=[u.strip() for u in urls.split(",")
+                                                       if u.strip()])
+    except (ValueError, ValidationError) as exc:
+        raise typer.BadParameter(f"--upstream: {exc}") from None
+
+
 @app.command()
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
@@ -45,6 +66,7 @@ def serve(
     no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Do not serve the bundled Gemma model.")] = False,
     embedding_model: Annotated[Optional[list[Path]], typer.Option(help="Extra sentence-transformers directory to serve for /v1/embeddings (repeatable; its id is the directory name).")] = None,
     no_bundled_embeddings: Annotated[bool, typer.Option("--no-bundled-embeddings", help="Do not serve the bundled all-MiniLM-L6-v2 embedding model.")] = False,
+    upstream: Annotated[Optional[list[str]], typer.Option(help="A model that OpenAI-compatible servers serve (vLLM, llama.cpp server, another Bastion...): ID=URL[,URL...] for its replicas, or a JSON object of its settings (repeatable).")] = None,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Do not start a fine-tuning worker beside the server (run `bastion worker` elsewhere).")] = False,
     parallel: Annotated[Optional[int], typer.Option(help="Sequences decoded together per model.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Context window of each sequence.")] = None,
@@ -64,6 +86,7 @@ def serve(
         settings.serve_bundled_embeddings = False
     for path in embedding_model or []:
         settings.embedding_models.append(EmbeddingModelSpec(path=path))
+    settings.upstreams.extend(_upstream(text) for text in upstream or [])
     aliases = list(alias or [])
     templates = list(chat_template or [])
     projectors = list(mmproj or [])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,6 +31,40 @@ class EmbeddingModelSpec(BaseModel):
     truncatable_dimensions: bool = False  # trained Matryoshka-style: `dimensions` may shorten
 
 
+UpstreamCapability = Literal["chat", "completion", "embeddings", "vision"]
+
+
+class UpstreamSpec(BaseModel):
+    """A model served by other OpenAI-compatible servers (vLLM, TGI, llama.cpp server, Ollama,
+    another Bastion): Bastion keeps auth, limits and the ledger; the replicas generate."""
+
+    id: str = Field(min_length=1, max_length=256)  # the name Bastion's clients use
+    urls: list[str] = Field(min_length=1, description="replica base URLs, e.g. http://gpu1:8000/v1")
+    api_key: SecretStr | None = None  # sent upstream as a bearer token; never logged
+    model: str | None = None  # the upstream's own name for it (default: id)
+    aliases: list[str] = Field(default_factory=list)
+    capabilities: list[UpstreamCapability] = Field(default_factory=lambda: ["chat", "completion"])
+    context_length: int | None = Field(None, ge=16, description="default: the upstream's "
+                                       "max_model_len from /models (vLLM), else 4096")
+    tokenize: Literal["auto", "vllm", "none"] = Field("auto", description="how prompts are "
+                                                      "counted at admission: the upstream's "
+                                                      "vLLM-style /tokenize, or an upper bound")
+    image_tokens: int = Field(2048, ge=1, description="admission's estimate for one image")
+    owned_by: str = "upstream"
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(600.0, gt=0, description="longest wait for the next byte")
+    health_interval: float = Field(10.0, gt=0, description="seconds between health checks")
+    max_connections: int = Field(256, ge=1, description="per replica")
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"an upstream URL must start with http:// or https:// ({url!r})")
+        return [u.rstrip("/") for u in urls]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BASTION_", env_nested_delimiter="__")
 
@@ -45,6 +81,7 @@ class Settings(BaseSettings):
                                                               "all-minilm": "all-minilm-l6-v2"})
     serve_bundled_embeddings: bool = True
     embedding_models: list[EmbeddingModelSpec] = Field(default_factory=list)
+    upstreams: list[UpstreamSpec] = Field(default_factory=list)  # BASTION_UPSTREAMS as JSON
     embedding_window_ms: float = Field(2.0, ge=0, le=1000, description="how long an idle "
                                        "embedding worker waits for more requests to batch")
     embedding_max_batch: int = Field(64, ge=1, le=4096, description="inputs per forward pass")

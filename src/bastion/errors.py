@@ -192,3 +192,28 @@ class ConflictError(APIError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
+
+
+class UpstreamError(APIError):
+    """An upstream server's 4xx, relayed with its status and message (the client's to fix)."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, status: int, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status = status
+
+
+class BadGatewayError(APIError):
+    """An upstream server failed, refused this server's credentials or answered nonsense."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamUnavailableError(ServiceUnavailableError):
+    """No replica of an upstream model can be reached."""
+
+    code = "upstream_unavailable"

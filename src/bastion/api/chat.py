@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 from bastion.api.deps import (CatalogDep, InferenceKey, LimiterDep, SettingsDep, admit,
                               resolve_model)
 from bastion.protocol.chat import ChatCompletion, ChatCompletionRequest
-from bastion.serving.chat import complete_chat, prepare_chat, stream_chat
+from bastion.serving.chat import complete_chat, open_chat_stream, prepare_chat
 from bastion.serving.common import sse, unless_disconnected
 
 router = APIRouter()
@@ -22,5 +22,6 @@ async def create_chat_completion(body: ChatCompletionRequest, key: InferenceKey,
     prep = await prepare_chat(body, deployment, settings, key, limiter)
     ticket = await admit(request, key, prep.estimate, model=prep.deployment.id, response_id=prep.id)
     if body.stream:
-        return StreamingResponse(sse(stream_chat(prep, ticket)), media_type="text/event-stream")
+        return StreamingResponse(sse(await open_chat_stream(prep, ticket)),
+                                 media_type="text/event-stream")
     return await unless_disconnected(request, complete_chat(prep, ticket))

@@ -9,7 +9,7 @@ from bastion.api.deps import (CatalogDep, InferenceKey, LimiterDep, SettingsDep,
                               resolve_model)
 from bastion.protocol.completions import Completion, CompletionRequest
 from bastion.serving.common import sse, unless_disconnected
-from bastion.serving.completions import complete, prepare_completion, stream_completion
+from bastion.serving.completions import complete, open_completion_stream, prepare_completion
 
 router = APIRouter()
 
@@ -22,6 +22,6 @@ async def create_completion(body: CompletionRequest, key: InferenceKey, catalog:
     prep = await prepare_completion(body, deployment, settings, key, limiter)
     ticket = await admit(request, key, prep.estimate, model=prep.deployment.id, response_id=prep.id)
     if body.stream:
-        return StreamingResponse(sse(stream_completion(prep, ticket)),
+        return StreamingResponse(sse(await open_completion_stream(prep, ticket)),
                                  media_type="text/event-stream")
     return await unless_disconnected(request, complete(prep, ticket))

@@ -24,7 +24,7 @@ from bastion.errors import (APIError, AuthenticationError, InvalidRequestError,
                             ServiceUnavailableError, validation_error)
 from bastion.protocol.chat import ChatCompletionRequest
 from bastion.ratelimit.limiter import Quota, Ticket
-from bastion.serving.chat import prepare_chat, stream_chat
+from bastion.serving.chat import open_chat_stream, prepare_chat
 from bastion.serving.common import error_payload, settle_unfinished
 from bastion.tenancy.keys import Principal
 
@@ -199,7 +199,7 @@ class Connection:
             ticket = await open_ticket(self.state, quota, prep.estimate,
                                        model=prep.deployment.id, request_id=prep.id,
                                        endpoint="/v1/ws", held=held)
-            async for chunk in stream_chat(prep, ticket):
+            async for chunk in await open_chat_stream(prep, ticket):
                 for choice in chunk["choices"]:
                     index, content = choice["index"], choice["delta"].get("content")
                     if content:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.config import Settings
-from bastion.engines.base import Engine, engine_class
+from bastion.engines.base import Engine, PassthroughEngine, engine_class, is_passthrough
 from bastion.errors import ModelNotFoundError
 from bastion.catalog.bundled import (BUNDLED_EMBEDDINGS_ID, BUNDLED_ID, bundled_embeddings,
                                      bundled_gguf)
@@ -18,7 +18,7 @@ log = logging.getLogger("bastion.catalog")
 @dataclass
 class Deployment:
     id: str
-    engine: Engine
+    engine: Engine | PassthroughEngine
     owned_by: str
     aliases: list[str] = field(default_factory=list)
     truncatable_dimensions: bool = False  # embedding models trained to be shortened
@@ -91,6 +91,18 @@ class Catalog:
                 del self._aliases[alias]
         return dep
 
+    async def start(self) -> None:
+        """Engines with work in the event loop (an upstream's connection pool and health
+        checks) start here, in the app's lifespan."""
+        for dep in self._deployments.values():
+            if is_passthrough(dep.engine):
+                await dep.engine.start()  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        for dep in self._deployments.values():
+            if is_passthrough(dep.engine):
+                await dep.engine.stop()  # type: ignore[attr-defined]
+
     def close(self) -> None:
         for dep in self._deployments.values():
             dep.engine.close()
@@ -121,6 +133,7 @@ def load_catalog(settings: Settings) -> Catalog:
             catalog.add(Deployment(model_id, engine, owned_by=spec.owned_by,
                                    aliases=list(spec.aliases)))
         load_embedding_models(settings, catalog)
+        load_upstreams(settings, catalog)
         for alias, target in settings.aliases.items():
             if catalog.has(target) and not catalog.has(alias):
                 catalog.alias(alias, target)
@@ -150,3 +163,15 @@ def load_embedding_models(settings: Settings, catalog: Catalog) -> None:
         catalog.add(Deployment(model_id, SentenceTransformerEngine(spec.path, model_id, **common),
                                owned_by=spec.owned_by, aliases=list(spec.aliases),
                                truncatable_dimensions=spec.truncatable_dimensions))
+
+
+def load_upstreams(settings: Settings, catalog: Catalog) -> None:
+    """Models that OpenAI-compatible servers elsewhere serve, through the `upstream` engine
+    (found by entry point like any plugin); nothing connects before the lifespan starts."""
+    if not settings.upstreams:
+        return
+    engine_cls = engine_class("upstream")
+    for spec in settings.upstreams:
+        log.info("upstream model %s: %d replica(s)", spec.id, len(spec.urls))
+        catalog.add(Deployment(spec.id, engine_cls(spec), owned_by=spec.owned_by,
+                               aliases=list(spec.aliases)))

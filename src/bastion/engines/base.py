@@ -164,6 +164,38 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class PassthroughEngine(Protocol):
+    """An engine that takes OpenAI request bodies as they are (messages, not tokens): a server
+    elsewhere renders the prompt. serving/passthrough.py drives it; Bastion still checks,
+    counts, admits and bills every request in front of it."""
+
+    passthrough: bool  # True
+    capabilities: Capabilities
+    info: ModelInfo
+    upstream_model: str  # the upstream's own name for the model
+    image_tokens: int  # admission's estimate for one image
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    # The exact prompt length ({"messages": ...} or {"prompt": ...}), or None if unknown.
+    async def count_prompt(self, payload: dict[str, Any]) -> int | None: ...
+
+    async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    # Connects now (a refusal raises here); the iterator yields the stream's JSON chunks.
+    async def open_stream(self, path: str, payload: dict[str, Any]
+                          ) -> AsyncIterator[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+def is_passthrough(engine: object) -> bool:
+    return getattr(engine, "passthrough", False) is True
+
+
 def engine_class(name: str) -> type:
     """Find an engine by its entry-point name, as a plugin would be found."""
     for ep in entry_points(group=ENTRY_POINT_GROUP):

@@ -9,7 +9,8 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion.catalog.registry import Deployment
 from bastion.config import Settings
-from bastion.engines.base import Delta, Finished, GenerationRequest, PromptMedia, TokenLogprob
+from bastion.engines.base import (Delta, Finished, GenerationRequest, PromptMedia, TokenLogprob,
+                                  is_passthrough)
 from bastion.errors import InvalidRequestError
 from bastion.ids import new_id
 from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
@@ -17,7 +18,9 @@ from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
                                    TokenLogprobContent, TopLogprob)
 from bastion.protocol.common import Usage
 from bastion.ratelimit.limiter import Limiter, Ticket
+from bastion.serving import passthrough
 from bastion.serving.images import load_images
+from bastion.serving.passthrough import UpstreamCall
 from bastion.serving.common import (check_n, completion_budget, merge, metered,
                                     sampling_params, unsupported)
 from bastion.tenancy.keys import Principal
@@ -38,21 +41,27 @@ class PreparedChat:
 
 
 async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, settings: Settings,
-                       principal: Principal, limiter: Limiter) -> PreparedChat:
+                       principal: Principal, limiter: Limiter) -> PreparedChat | UpstreamCall:
+    """Checked, counted and budgeted; a passthrough engine's request is prepared by
+    serving/passthrough.py and runs there (complete_chat and open_chat_stream dispatch)."""
     engine = deployment.engine
     if not engine.capabilities.chat:
         raise unsupported(deployment, "chat completions")
     images = await load_images(body.messages, settings)  # every image is checked first
+    if images and not engine.capabilities.vision:
+        i, j = min(images)
+        raise InvalidRequestError(
+            f"The model '{deployment.id}' does not support image input; send text "
+            f"only, or choose a vision model.", param=f"messages[{i}].content[{j}]",
+            code="model_not_supported")
+    if is_passthrough(engine):
+        check_n(body.n, max_n=settings.max_n, slots=body.n)
+        return await passthrough.prepare_chat(body, deployment, settings, principal, limiter,
+                                              images)
     messages: list[dict[str, Any]] = []
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
         if any(key[0] == i for key in images):
-            if not engine.capabilities.vision:
-                j = min(key[1] for key in images if key[0] == i)
-                raise InvalidRequestError(
-                    f"The model '{deployment.id}' does not support image input; send text "
-                    f"only, or choose a vision model.", param=f"messages[{i}].content[{j}]",
-                    code="model_not_supported")
             parts = [{"type": "image", "image": images[(i, j)]} if isinstance(p, ImagePart)
                      else {"type": "text", "text": p.text}
                      for j, p in enumerate(m.content or [])]  # type: ignore[union-attr]
@@ -85,7 +94,9 @@ def _logprobs(items: list[TokenLogprob]) -> list[TokenLogprobContent]:
             for lp in items]
 
 
-async def complete_chat(prep: PreparedChat, ticket: Ticket) -> ChatCompletion:
+async def complete_chat(prep: PreparedChat | UpstreamCall, ticket: Ticket) -> ChatCompletion:
+    if isinstance(prep, UpstreamCall):
+        return await passthrough.complete(prep, ticket)  # type: ignore[return-value]
     n = prep.request.n
     texts = [""] * n
     lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
@@ -109,6 +120,15 @@ async def complete_chat(prep: PreparedChat, ticket: Ticket) -> ChatCompletion:
                           choices=choices,
                           usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
                                       total_tokens=prompt + completion))
+
+
+async def open_chat_stream(prep: PreparedChat | UpstreamCall,
+                           ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of a streamed chat, awaited before the response starts: an upstream connects
+    here, so its refusal (or no reachable replica) is an HTTP error, not an event."""
+    if isinstance(prep, UpstreamCall):
+        return await passthrough.open_stream(prep, ticket)
+    return stream_chat(prep, ticket)
 
 
 async def stream_chat(prep: PreparedChat, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:

@@ -10,13 +10,16 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion.catalog.registry import Deployment
 from bastion.config import Settings
-from bastion.engines.base import Delta, Finished, GenerationRequest, PromptLogprobs, TokenLogprob
+from bastion.engines.base import (Delta, Finished, GenerationRequest, PromptLogprobs,
+                                  TokenLogprob, is_passthrough)
 from bastion.errors import InvalidRequestError
 from bastion.ids import new_id
 from bastion.protocol.completions import (Completion, CompletionChoice, CompletionLogprobs,
                                           CompletionRequest)
 from bastion.protocol.common import Usage
 from bastion.ratelimit.limiter import Limiter, Ticket
+from bastion.serving import passthrough
+from bastion.serving.passthrough import UpstreamCall
 from bastion.serving.common import (check_n, check_token_ids, completion_budget, merge, metered,
                                     sampling_params, unsupported)
 from bastion.tenancy.keys import Principal
@@ -61,10 +64,16 @@ def _tokenize_all(engine: Any, body: CompletionRequest) -> tuple[list[list[int]]
 
 async def prepare_completion(body: CompletionRequest, deployment: Deployment,
                              settings: Settings, principal: Principal,
-                             limiter: Limiter) -> PreparedCompletion:
+                             limiter: Limiter) -> PreparedCompletion | UpstreamCall:
+    """Checked, tokenised and budgeted; a passthrough engine's request is prepared by
+    serving/passthrough.py and runs there (complete and open_completion_stream dispatch)."""
     engine = deployment.engine
     if not engine.capabilities.completion:
         raise unsupported(deployment, "completions")
+    if is_passthrough(engine):
+        check_n(body.n, max_n=settings.max_n, slots=body.n)
+        return await passthrough.prepare_completion(body, deployment, settings, principal,
+                                                    limiter)
     if body.suffix is not None and not engine.capabilities.infill:
         raise InvalidRequestError(
             f"The model '{deployment.id}' cannot use suffix: it has no fill-in-the-middle tokens.",
@@ -134,7 +143,9 @@ def _usage(prep: PreparedCompletion, completion: int) -> Usage:
                  total_tokens=prompt + completion)
 
 
-async def complete(prep: PreparedCompletion, ticket: Ticket) -> Completion:
+async def complete(prep: PreparedCompletion | UpstreamCall, ticket: Ticket) -> Completion:
+    if isinstance(prep, UpstreamCall):
+        return await passthrough.complete(prep, ticket)  # type: ignore[return-value]
     n = prep.body.n
     total = n * len(prep.requests)
     texts = [prep.echo_texts[k // n] if prep.body.echo else "" for k in range(total)]
@@ -158,6 +169,15 @@ async def complete(prep: PreparedCompletion, ticket: Ticket) -> Completion:
                for k in range(total)]
     return Completion(id=prep.id, created=prep.created, model=prep.deployment.id, choices=choices,
                       usage=_usage(prep, ticket.completion_tokens))
+
+
+async def open_completion_stream(prep: PreparedCompletion | UpstreamCall,
+                                 ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of a streamed completion, awaited before the response starts (see
+    open_chat_stream)."""
+    if isinstance(prep, UpstreamCall):
+        return await passthrough.open_stream(prep, ticket)
+    return stream_completion(prep, ticket)
 
 
 async def stream_completion(prep: PreparedCompletion,

@@ -9,12 +9,15 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from bastion.catalog.registry import Deployment
+from bastion.engines.base import is_passthrough
 from bastion.engines.embeddings import SentenceTransformerEngine
 from bastion.errors import InvalidRequestError
 from bastion.ids import new_id
 from bastion.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from bastion.ratelimit.limiter import Limiter, Ticket
+from bastion.serving import passthrough_embeddings
 from bastion.serving.common import check_token_ids, metered
+from bastion.serving.passthrough_embeddings import UpstreamEmbeddings
 from bastion.tenancy.keys import Principal
 
 
@@ -42,7 +45,12 @@ def embedding_engine(deployment: Deployment) -> SentenceTransformerEngine:
 
 
 async def prepare_embeddings(body: EmbeddingRequest, deployment: Deployment,
-                             principal: Principal, limiter: Limiter) -> PreparedEmbeddings:
+                             principal: Principal, limiter: Limiter
+                             ) -> PreparedEmbeddings | UpstreamEmbeddings:
+    """Checked and counted; an upstream model's request is prepared and run by
+    serving/passthrough_embeddings.py (create_embeddings dispatches)."""
+    if is_passthrough(deployment.engine) and deployment.engine.capabilities.embeddings:
+        return passthrough_embeddings.prepare(body, deployment, principal, limiter)
     engine = embedding_engine(deployment)
     if body.dimensions is not None and body.dimensions != engine.dimensions and not (
             deployment.truncatable_dimensions and body.dimensions < engine.dimensions):
@@ -97,7 +105,10 @@ def _shorten(vectors: np.ndarray, dimensions: int | None, normalized: bool) -> n
     return short.astype(np.float32)
 
 
-async def create_embeddings(prep: PreparedEmbeddings, ticket: Ticket) -> EmbeddingList:
+async def create_embeddings(prep: PreparedEmbeddings | UpstreamEmbeddings,
+                            ticket: Ticket) -> EmbeddingList:
+    if isinstance(prep, UpstreamEmbeddings):
+        return await passthrough_embeddings.create(prep, ticket)
     engine = prep.engine
     async with metered(ticket, prep.prompt_tokens):
         vectors = await engine.embed(prep.sequences)
