@@ -91,5 +91,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     install_dashboard(app)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes,
-                       upload_paths=frozenset({"/v1/files", "/v1/models"}))
+                       upload_paths=frozenset({"/v1/files", "/v1/models", "/dashboard/files",
+                                                    "/dashboard/models"}))
     return app

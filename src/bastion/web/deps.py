@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from bastion.errors import AuthenticationError, AuthorizationError, PayloadTooLargeError
+from bastion.files.upload import Upload
 from bastion.tenancy import orgs
 from bastion.tenancy.keys import Principal, own_key, verify_id
 from bastion.web.render import SignInRequired
@@ -119,6 +120,7 @@ def server_admin(viewer: CurrentViewer) -> Viewer:
 
 AdminViewer = Annotated[Viewer, Depends(can("admin"))]
 InferenceViewer = Annotated[Viewer, Depends(can("inference"))]
+ModelsViewer = Annotated[Viewer, Depends(can("models"))]
 TrainingViewer = Annotated[Viewer, Depends(can("training"))]  # admin keys pass too, as on /v1
 ServerAdminViewer = Annotated[Viewer, Depends(server_admin)]
 
@@ -153,3 +155,11 @@ async def checked_login_form(request: Request, codec: Codec) -> FormData:
 
 CheckedLoginForm = Annotated[FormData, Depends(checked_login_form)]
 CheckedForm = Annotated[FormData, Depends(checked_form)]
+
+
+def checked_upload(upload: Upload, request: Request, codec: SessionCodec) -> None:
+    """A multipart form carries its CSRF token among its fields: checked before the file is
+    validated or kept (only a signed-in session's request gets this far)."""
+    session = codec.read(request)
+    if session is None or not session.csrf_ok(upload.fields.get("csrf_token")):
+        raise refuse_csrf()

@@ -15,10 +15,10 @@ from bastion.api.files import store_of, view
 from bastion.errors import APIError, ConflictError
 from bastion.files import records
 from bastion.files.intake import accept
-from bastion.files.upload import Upload, receive_upload
+from bastion.files.upload import receive_upload
 from bastion.finetune.encode import file_checker
 from bastion.protocol.files import PURPOSES, FileObject
-from bastion.web.deps import CheckedForm, Codec, TrainingViewer, Viewer, refuse_csrf
+from bastion.web.deps import CheckedForm, Codec, TrainingViewer, Viewer, checked_upload
 from bastion.web.render import PageRoute, render
 
 router = APIRouter(route_class=PageRoute)
@@ -66,14 +66,6 @@ def list_page(request: Request, viewer: TrainingViewer) -> Response:
     if deleted.startswith("file-") and deleted.isascii() and len(deleted) <= 64:
         notice = f"Deleted {deleted}."
     return files_page(request, viewer, notice=notice, highlight=uploaded)
-
-
-def checked_upload(upload: Upload, request: Request, codec: Codec) -> None:
-    """A multipart form carries its CSRF token among its fields: checked before the file is
-    validated or kept (only a signed-in session's request gets this far)."""
-    session = codec.read(request)
-    if session is None or not session.csrf_ok(upload.fields.get("csrf_token")):
-        raise refuse_csrf()
 
 
 @router.post("/dashboard/files", include_in_schema=False)
