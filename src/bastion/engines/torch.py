@@ -8,7 +8,6 @@ sequences and UTF-8-safe text follow the llama.cpp engine's rules, so a client s
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import re
@@ -16,16 +15,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from bastion.engines.base import (Capabilities, Delta, EngineError, Event, Finished,
                                   GenerationRequest, ModelInfo, Prompt, SamplingParams,
                                   TokenLogprob, format_parameters)
 from bastion.engines.text import StopMatcher
+from bastion.engines.threaded import DONE, Sink, events_from_thread
 
 log = logging.getLogger("bastion.torch")
 
-DONE = object()
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 _MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
@@ -86,7 +85,7 @@ class _Seq:
 @dataclass(eq=False)
 class _Job:
     request: GenerationRequest
-    sink: Callable[[object], None]
+    sink: Sink
     seqs: list[_Seq] = field(default_factory=list)
     cancelled: bool = False
 
@@ -155,31 +154,14 @@ class TorchEngine:
 
     # --- generation ---------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[object] = asyncio.Queue()
+        def submit(sink: Sink) -> _Job:
+            job = _Job(request, sink)
+            self._commands.put(("submit", job))
+            return job
 
-        def sink(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(inbox.put_nowait, item)
-            except RuntimeError:
-                pass
-
-        job = _Job(request, sink)
-        self._commands.put(("submit", job))
-        done = False
-        try:
-            while True:
-                item = await inbox.get()
-                if item is DONE:
-                    done = True
-                    return
-                if isinstance(item, EngineError):
-                    done = True
-                    raise item
-                yield item  # type: ignore[misc]
-        finally:
-            if not done:
-                self._commands.put(("cancel", job))
+        async for event in events_from_thread(
+                submit, lambda job: self._commands.put(("cancel", job))):
+            yield event
 
     def stats(self) -> dict[str, int]:
         running = sum(len(j.seqs) for j in self._jobs)
@@ -268,7 +250,7 @@ class TorchEngine:
         seq.generated.append(token)
         text, hit = seq.stops.feed(seq.text.feed(token))
         if text or lp:
-            job.sink(Delta(index=seq.index, text=text, logprobs=lp, n_tokens=1))
+            job.sink([Delta(index=seq.index, text=text, logprobs=lp, n_tokens=1)])
         if hit:
             self._end(job, seq, "stop", flush=False)
         elif len(seq.generated) >= seq.params.max_tokens:
@@ -279,11 +261,11 @@ class TorchEngine:
             tail, hit = seq.stops.feed(seq.text.flush())
             tail += "" if hit else seq.stops.flush()
             if tail:
-                job.sink(Delta(index=seq.index, text=tail))
+                job.sink([Delta(index=seq.index, text=tail)])
         seq.finished = True
         seq.cache = None
-        job.sink(Finished(index=seq.index, finish_reason=reason,
-                          completion_tokens=len(seq.generated)))
+        job.sink([Finished(index=seq.index, finish_reason=reason,
+                           completion_tokens=len(seq.generated))])
 
     def _finish(self, job: _Job, error: EngineError | None = None) -> None:
         if job in self._jobs:

@@ -11,9 +11,10 @@ from bastion.engines.base import (MEDIA_TOKEN, Capabilities, DecodedImage, Engin
                                   GenerationRequest, ModelInfo, Prompt, PromptMedia,
                                   format_parameters)
 from bastion.engines.llamacpp.model import LlamaModel
-from bastion.engines.llamacpp.scheduler import DONE, Scheduler
+from bastion.engines.llamacpp.scheduler import Scheduler
 from bastion.engines.llamacpp.templates import ChatTemplate, pick_template
 from bastion.engines.llamacpp.vision import ImageChunk, Projector
+from bastion.engines.threaded import events_from_thread
 
 
 # Private-use code points: they never occur in chat templates, and mark where message text goes.
@@ -143,33 +144,11 @@ class LlamaCppEngine:
         return b"".join(self.model.piece(t) for t in tokens).decode("utf-8", "replace")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[object] = asyncio.Queue()
-
-        def sink(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(inbox.put_nowait, item)
-            except RuntimeError:  # the loop is gone; nobody is listening any more
-                pass
-
         if request.media:
             await self._encode(request)
-        job = self.scheduler.submit(request, sink)
-        done = False
-        try:
-            while True:
-                item = await inbox.get()
-                if item is DONE:
-                    done = True
-                    return
-                if isinstance(item, EngineError):
-                    done = True
-                    raise item
-                for event in item:  # type: ignore[attr-defined]
-                    yield event
-        finally:
-            if not done:  # the consumer went away: free the sequences at once
-                self.scheduler.cancel(job)
+        async for event in events_from_thread(
+                lambda sink: self.scheduler.submit(request, sink), self.scheduler.cancel):
+            yield event
 
     async def _encode(self, request: GenerationRequest) -> None:
         """Run the vision encoder over the request's images on a worker thread: only now,

@@ -20,7 +20,6 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
 
 from bastion.engines.base import (Delta, EngineError, Event, Finished, GenerationRequest,
                                   PromptLogprobs, PromptMedia, TokenLogprob)
@@ -28,12 +27,11 @@ from bastion.engines.llamacpp import sampling
 from bastion.engines.llamacpp.model import LlamaModel
 from bastion.engines.llamacpp.vision import Projector
 from bastion.engines.text import StopMatcher, Utf8Stream
+from bastion.engines.threaded import DONE, Sink
 
 log = logging.getLogger("bastion.scheduler")
 
-DONE = object()  # pushed to a sink after the last event of a request
 PROMPT_LOGPROB_CHUNK = 32  # prompt tokens scored per step, so echo+logprobs never stalls others
-Sink = Callable[[object], None]
 
 
 @dataclass(eq=False)
