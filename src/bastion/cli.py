@@ -73,8 +73,15 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for llama.cpp.")] = None,
 ) -> None:
     """Start the API server (the bundled model is assembled into the data directory once)."""
+    import faulthandler
+    import signal
+
     from bastion.app import create_app
     from bastion.server import serve as run
+
+    # `kill -USR1 <pid>` writes every thread's Python stack to the log: how an operator (or a
+    # test run) finds out where a stuck server is, without stopping it
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     settings = _settings(host=host, port=port, data_dir=data_dir, parallel=parallel,
                          context_per_sequence=context, threads=threads)
