@@ -89,7 +89,7 @@ def test_tokens_per_hour_exhausted_then_restored(limited) -> None:
     key = new_tenant(limited.api, "spark", limits={"tokens_per_hour": 120})
     client = openai.OpenAI(base_url=limited.api, api_key=key, max_retries=0)
     first = client.completions.with_raw_response.create(model=MODEL, prompt="Once upon a time",
-                                                        max_tokens=20, temperature=0)
+                                                        max_tokens=10, temperature=0)
     usage = first.parse().usage
     used = usage.total_tokens
     # the reservation was settled to the real usage
