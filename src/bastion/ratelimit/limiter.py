@@ -4,7 +4,9 @@ settles the reservation to the real usage when the request ends, however it ends
 A request makes at most three calls to the store (store.py): one at authentication, one at
 admission, one at settlement; each returns a snapshot that its `Quota` keeps, and the rate-limit
 headers are computed from the latest one without another read. An inference request may defer
-its count to admission (`deferred`), which then counts it in the same call: two calls in all.
+its count to admission (`deferred`), which then counts it in the same call: two calls in all,
+and with Redis only admission waits for its round trip (settlement is sent before the response
+and its reply read in the background).
 The calls are async and run on the event loop (with Redis, redis.asyncio), never in a worker
 thread. State is in memory by default, in Redis (BASTION_REDIS_URL) when replicas must share
 it. If Redis cannot be reached the limiter fails closed: requests get a 503 that says why,
@@ -235,12 +237,22 @@ class Limiter:
             return  # nothing was taken
         self._held.pop(ticket.member, None)
         delta = ticket.prompt_tokens + ticket.completion_tokens - ticket.reserved
+        delta = delta if ticket.window else 0
         try:
-            ticket.quota.update(await self.store.settle(
-                ticket.quota.query, ticket.member, ticket.window, delta if ticket.window else 0))
+            usage = await self.store.settle(ticket.quota.query, ticket.member, ticket.window,
+                                            delta)
         except Exception as exc:  # the lease runs out by itself; never fail the finished request
             log.warning("could not settle a request's limits (%s: %s); its slot's lease will "
                         "lapse", type(exc).__name__, exc)
+            return
+        snap = ticket.quota.snapshot
+        if usage is None and snap is not None:  # sent, reply not awaited: the admission's
+            # snapshot with this request's own settlement applied
+            was = snap.usage
+            usage = Usage(max(0, was.tokens_used + delta), was.tokens_reset_at,
+                          max(0, was.slots_in_use - bool(ticket.member)))
+        if usage is not None:
+            ticket.quota.update(usage)
 
     async def _renew_loop(self) -> None:
         while True:

@@ -23,6 +23,8 @@ is relative (ms until a reset), turned into epoch seconds on this host's clock.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import defaultdict
 from typing import Any
@@ -30,8 +32,11 @@ from typing import Any
 from limits.storage import storage_from_string
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 
 from bastion.ratelimit.store import RPM_WINDOW_S, Admission, Query, Requests, Snapshot, Usage
+
+log = logging.getLogger("bastion.ratelimit")
 
 _NOW = """
 local t = redis.call('TIME')
@@ -164,6 +169,7 @@ class RedisStore:
         self._admit = self.client.register_script(ADMIT)
         self._settle = self.client.register_script(SETTLE)
         self._renew = self.client.register_script(RENEW)
+        self._replies: set[asyncio.Task[None]] = set()  # releases whose reply is still due
 
     @staticmethod
     def _keys(org_id: str) -> tuple[str, str]:
@@ -202,10 +208,43 @@ class RedisStore:
         refused = {0: None, 1: "tokens", 2: "concurrency", 3: "requests"}[int(outcome)]
         return Admission(refused, usage, _text(window), requests)  # type: ignore[arg-type]
 
-    async def settle(self, q: Query, member: str, window: str, delta: int) -> Usage:
-        used, ttl, n = await self._settle(keys=list(self._keys(q.org_id)),
-                                          args=[member, window, delta, self.window_ms])
-        return Usage(int(used), time.time() + int(ttl) / 1000, int(n))
+    async def settle(self, q: Query, member: str, window: str, delta: int) -> Usage | None:
+        """Send the release and return once it is written to Redis's socket, before the
+        response's first byte: any request the response causes reaches Redis after it (it
+        must first be authenticated), so it finds the slot free. The reply is read in the
+        background: the round trip is off the request's path. None: the caller estimates the
+        usage after the release from its admission's snapshot."""
+        keys, args = list(self._keys(q.org_id)), [member, window, delta, self.window_ms]
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is None:  # a cluster client has a pool per node: wait for the reply instead
+            used, ttl, n = await self._settle(keys=keys, args=args)
+            return Usage(int(used), time.time() + int(ttl) / 1000, int(n))
+        conn = await pool.get_connection()
+        try:
+            await conn.send_command("EVALSHA", self._settle.sha, len(keys), *keys, *args)
+        except BaseException:
+            await pool.release(conn)  # send_command has disconnected it
+            raise
+        task = asyncio.create_task(self._reply(conn, keys, args))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+        return None
+
+    async def _reply(self, conn: Any, keys: list[str], args: list[Any]) -> None:
+        pool = self.client.connection_pool
+        try:
+            try:
+                await conn.read_response()
+            except NoScriptError:  # Redis lost its script cache (restart, SCRIPT FLUSH)
+                await pool.release(conn)
+                conn = None
+                await self._settle(keys=keys, args=args)  # loads the script and runs it
+        except Exception as exc:  # the lease runs out by itself
+            log.warning("could not settle a request's limits (%s: %s); its slot's lease will "
+                        "lapse", type(exc).__name__, exc)
+        finally:
+            if conn is not None:
+                await pool.release(conn)  # read_response disconnects it on an error
 
     async def renew(self, held: dict[str, str]) -> None:
         """held: member -> org id; one round trip for all of them."""
@@ -221,6 +260,8 @@ class RedisStore:
             await pipe.execute()
 
     async def close(self) -> None:
+        if self._replies:
+            await asyncio.wait(set(self._replies), timeout=5)
         await self.client.aclose()
 
 
