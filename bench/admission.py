@@ -79,7 +79,7 @@ async def timed(client: httpx.AsyncClient, method: str, path: str, body: dict | 
 
 async def interleaved(servers: dict[str, tuple[str, str]], method: str, path: str,
                       body: dict | None, n: int) -> dict[str, dict[str, float]]:
-    """Alternate single requests between the two servers, so that both see the same machine
+    """Alternate single requests between the servers, so that all see the same machine
     (this 2-core machine's speed drifts more between runs than admission costs)."""
     clients = {mode: httpx.AsyncClient(base_url=api, timeout=60,
                                        headers={"Authorization": f"Bearer {key}"})
@@ -89,8 +89,12 @@ async def interleaved(servers: dict[str, tuple[str, str]], method: str, path: st
     try:
         for c in clients.values():
             await c.request(method, path, json=body)
-        for _ in range(n):
-            for mode, c in clients.items():
+        modes = list(clients)
+        for i in range(n):
+            # each round starts with the next server: the first request of a round runs on a
+            # machine that has just been idle, and a fixed order biased the first server's rows
+            for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+                c = clients[mode]
                 t = time.perf_counter()
                 r = await c.request(method, path, json=body)
                 lat[mode].append((time.perf_counter() - t) * 1000)
