@@ -1,12 +1,13 @@
 """What admission, authentication and the ledger cost per request.
 
 Why: limits must be cheap enough to leave on. The same server build runs twice, side by side,
-and requests alternate between the two: once with limits on (a key with a requests-per-minute limit in an
-organisation whose plan limits concurrency and tokens per hour) and once with
-BASTION_RATE_LIMITS=false. Two endpoints are timed: GET /v1/models (authentication and the
-rate-limit headers) and POST /v1/completions with max_tokens=1 (authentication, admission,
-settlement and a ledger row, plus one decode step). In-process, Limiter.count_request + admit +
-settle + headers is timed on its own too.
+and requests alternate between the two: once with limits on (a key with a requests-per-minute
+limit in an organisation whose plan limits concurrency and tokens per hour) and once with
+BASTION_RATE_LIMITS=false. With --baseline, another version's pair runs alongside and the four
+alternate, so before and after see the same machine. Two endpoints are timed: GET /v1/models
+(authentication and the rate-limit headers) and POST /v1/completions with max_tokens=1
+(authentication, admission, settlement and a ledger row, plus one decode step). In-process,
+the limiter's admit (counting the request) + settle + headers is timed on its own too.
 """
 
 from __future__ import annotations
@@ -35,23 +36,24 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def in_process(n: int, storage_url: str | None = None) -> dict[str, float]:
-    """The limiter's own cost per request, without HTTP: its three store calls (with Redis,
-    three round trips) and the headers."""
+async def in_process(n: int, storage_url: str | None = None) -> dict[str, float]:
+    """The limiter's own cost per inference request, without HTTP: its store calls (the count
+    deferred into admission, then settlement: with Redis, two round trips) and the headers."""
     limiter = Limiter(storage_url)
+    await limiter.start()
     p = Principal(key_id="k", org_id="o", permissions=frozenset({"inference"}), rate_limit=10**6,
                   limits=effective_limits("spark", {"concurrent_requests": 10**4,
                                                     "tokens_per_hour": 10**12}))
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        quota = limiter.count_request(p)
-        ticket = limiter.admit(quota, 100)
+        quota = limiter.deferred(p)
+        ticket = await limiter.admit(quota, 100)
         ticket.completion_tokens = 50
-        ticket.settle()
+        await ticket.settle()
         limiter.headers(quota)
         times.append((time.perf_counter() - t) * 1e6)
-    limiter.close()
+    await limiter.close()
     return {"p50_us": pct(times, 50), "p99_us": pct(times, 99)}
 
 
@@ -77,7 +79,7 @@ async def timed(client: httpx.AsyncClient, method: str, path: str, body: dict | 
 
 async def interleaved(servers: dict[str, tuple[str, str]], method: str, path: str,
                       body: dict | None, n: int) -> dict[str, dict[str, float]]:
-    """Alternate single requests between the two servers, so that both see the same machine
+    """Alternate single requests between the servers, so that all see the same machine
     (this 2-core machine's speed drifts more between runs than admission costs)."""
     clients = {mode: httpx.AsyncClient(base_url=api, timeout=60,
                                        headers={"Authorization": f"Bearer {key}"})
@@ -87,8 +89,12 @@ async def interleaved(servers: dict[str, tuple[str, str]], method: str, path: st
     try:
         for c in clients.values():
             await c.request(method, path, json=body)
-        for _ in range(n):
-            for mode, c in clients.items():
+        modes = list(clients)
+        for i in range(n):
+            # each round starts with the next server: the first request of a round runs on a
+            # machine that has just been idle, and a fixed order biased the first server's rows
+            for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+                c = clients[mode]
                 t = time.perf_counter()
                 r = await c.request(method, path, json=body)
                 lat[mode].append((time.perf_counter() - t) * 1000)
@@ -97,7 +103,8 @@ async def interleaved(servers: dict[str, tuple[str, str]], method: str, path: st
         for c in clients.values():
             await c.aclose()
     return {mode: {"rps": 1000 / statistics.mean(xs), "p50_ms": pct(xs, 50),
-                   "p99_ms": pct(xs, 99), "errors": errors[mode]} for mode, xs in lat.items()}
+                   "p99_ms": pct(xs, 99), "errors": errors[mode], "lat": xs}
+            for mode, xs in lat.items()}
 
 
 def limited_key(api: str) -> str:
@@ -116,9 +123,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=600)
     ap.add_argument("--redis", action="store_true",
                     help="limits in a redis-server started for the run (default: in memory)")
+    ap.add_argument("--baseline", type=Path, metavar="SRC",
+                    help="also run another version's servers (its src/ directory, e.g. from "
+                         "`git archive <commit> src | tar -x -C /tmp/base`), limits on and off, "
+                         "interleaved with this version's in the same run")
     args = ap.parse_args()
     results: dict[str, dict] = {}
-    ip = in_process(20_000)
+    ip = asyncio.run(in_process(20_000))
     with tempfile.TemporaryDirectory() as tmp:
         redis = None
         on_env: dict[str, str] = {}
@@ -127,13 +138,19 @@ def main() -> None:
 
             redis, url = start_redis(Path(tmp))
             on_env = {"BASTION_REDIS_URL": url}
-            ip_redis = in_process(5_000, url)
-        on = start_server(Path(tmp) / "on", "--parallel", "8", env=on_env)
-        off = start_server(Path(tmp) / "off", "--parallel", "8",
-                           env={"BASTION_RATE_LIMITS": "false"})
+            ip_redis = asyncio.run(in_process(5_000, url))
+        versions = {"": {}}
+        if args.baseline:
+            versions["before: "] = {"PYTHONPATH": str(args.baseline.resolve())}
+        started = {}
+        for version, env in versions.items():
+            started[f"{version}limits on"] = start_server(
+                Path(tmp) / f"{version}on", "--parallel", "8", env={**env, **on_env})
+            started[f"{version}limits off"] = start_server(
+                Path(tmp) / f"{version}off", "--parallel", "8",
+                env={**env, "BASTION_RATE_LIMITS": "false"})
         try:
-            servers = {"limits on": (on.api, limited_key(on.api)),
-                       "limits off": (off.api, limited_key(off.api))}
+            servers = {mode: (srv.api, limited_key(srv.api)) for mode, srv in started.items()}
             for name, method, path, body in (
                     ("GET /v1/models", "GET", "/models", None),
                     ("POST /v1/completions max_tokens=1", "POST", "/completions",
@@ -142,27 +159,33 @@ def main() -> None:
                                                          args.requests)).items():
                     results[f"{name}, {mode}"] = row
         finally:
-            stop_server(on)
-            stop_server(off)
+            for srv in started.values():
+                stop_server(srv)
             if redis is not None:
                 redis.terminate()
                 redis.wait(10)
     storage = "Redis storage (redis-server on loopback)" if args.redis else "memory storage"
     print(f"{os.cpu_count()} CPUs, {args.requests} sequential requests per row, alternating "
-          f"between the two servers; {storage}\n")
+          f"between the {len(started)} servers; {storage}\n")
     print("| endpoint, mode | req/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
               f"{r['errors']} |")
-    print(f"\nin-process Limiter.count_request + admit + settle + headers (memory): p50 {ip['p50_us']:.1f} µs, "
+    print(f"\nin-process Limiter.admit (counting) + settle + headers (memory): p50 {ip['p50_us']:.1f} µs, "
           f"p99 {ip['p99_us']:.1f} µs")
     if args.redis:
-        print(f"in-process Limiter.count_request + admit + settle + headers (Redis): "
+        print(f"in-process Limiter.admit (counting) + settle + headers (Redis): "
               f"p50 {ip_redis['p50_us']:.1f} µs, p99 {ip_redis['p99_us']:.1f} µs")
-    for name in ("GET /v1/models", "POST /v1/completions max_tokens=1"):
-        a, b = results[f"{name}, limits on"], results[f"{name}, limits off"]
-        print(f"added by limits, {name}: p50 {a['p50_ms'] - b['p50_ms']:+.2f} ms, "
-              f"p99 {a['p99_ms'] - b['p99_ms']:+.2f} ms")
+    for version in versions:
+        for name in ("GET /v1/models", "POST /v1/completions max_tokens=1"):
+            a = results[f"{name}, {version}limits on"]
+            b = results[f"{name}, {version}limits off"]
+            # each round's on and off requests ran back to back: the median of their
+            # differences drifts less with the machine's load than a difference of medians
+            paired = [x - y for x, y in zip(a["lat"], b["lat"])]
+            print(f"{version}added by limits, {name}: p50 {a['p50_ms'] - b['p50_ms']:+.2f} ms, "
+                  f"p99 {a['p99_ms'] - b['p99_ms']:+.2f} ms; median of paired differences "
+                  f"{pct(paired, 50):+.2f} ms")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,30 @@ def test_requests_per_minute_and_headers(limited) -> None:
     assert exc.value.response.headers["X-RateLimit-Remaining"] == "0"
 
 
+def test_inference_refused_before_admission_is_still_counted(limited) -> None:
+    """An inference request counts at admission (one store call fewer); one that never gets
+    there (unknown model, invalid body) is counted when its response starts, with headers."""
+    key = new_tenant(limited.api, "seed", rate_limit=3)
+    auth = {"Authorization": f"Bearer {key}"}
+    unknown = httpx.post(limited.api + "/completions", headers=auth,
+                         json={"model": "nope", "prompt": "x", "max_tokens": 1})
+    assert unknown.status_code == 404
+    assert unknown.headers["x-ratelimit-remaining-requests"] == "2"
+    invalid = httpx.post(limited.api + "/chat/completions", headers=auth,
+                         json={"model": MODEL, "messages": "not a list"})
+    assert invalid.status_code == 400
+    assert invalid.headers["x-ratelimit-remaining-requests"] == "1"
+    ok = httpx.post(limited.api + "/completions", headers=auth,
+                    json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert ok.status_code == 200 and ok.headers["x-ratelimit-remaining-requests"] == "0"
+    refused = httpx.post(limited.api + "/completions", headers=auth,
+                         json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "requests_per_minute_exceeded"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["retry-after"]
+
+
 def test_disconnect_and_errors_release_slots(limited) -> None:
     key = new_tenant(limited.api, "spark", limits={"concurrent_requests": 1})
     auth = {"Authorization": f"Bearer {key}"}

@@ -169,3 +169,31 @@ def test_tokens_per_hour_is_exact_across_replicas(deployment) -> None:
     assert all(r.json()["usage"]["total_tokens"] == estimate for r in ok)
     assert {r.json()["error"]["code"] for r in refused} == {"tokens_per_hour_exceeded"}
     assert {r.headers["x-ratelimit-remaining-tokens"] for r in refused} == {"0"}
+
+
+def test_redis_stalls_mid_request_then_recovers(deployment) -> None:
+    """Redis stops answering (SIGSTOP: connections stay open, nothing comes back) while a
+    request holds a slot. The request still ends, its failed release is logged, not raised; the
+    next request gets the 503 within the socket timeouts instead of hanging; once Redis answers
+    again, the same replica serves again (its pooled connections are replaced), and the slot
+    that could not be released is freed by its lease if not by the late release."""
+    a, redis = deployment["a"], deployment["redis"]
+    auth = tenant(a.api, {"concurrent_requests": 1})
+    with httpx.stream("POST", f"{a.api}/completions", json=LONG, headers=auth, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+        redis.send_signal(signal.SIGSTOP)
+    try:
+        start = time.time()
+        refused = small(a.api, auth)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "rate_limiter_unavailable"
+        assert time.time() - start < 15, "a stalled Redis hung the request"
+    finally:
+        redis.send_signal(signal.SIGCONT)
+    deadline = time.time() + 15
+    while (r := small(a.api, auth)).status_code != 200:
+        assert r.status_code in (429, 503), r.text
+        assert time.time() < deadline, f"no recovery after Redis came back: {r.text}"
+        time.sleep(0.2)
+    assert "could not settle a request's limits" in a.log()

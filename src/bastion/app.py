@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     token_window_s=settings.token_window_seconds,
                                     enabled=settings.rate_limits,
                                     slot_lease_s=settings.slot_lease_seconds)
+        await app.state.limiter.start()
         app.state.ledger = Ledger(db)
         app.state.catalog = await run_in_threadpool(load_catalog, settings)
         await app.state.catalog.start()
@@ -72,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.catalog.stop()
             await run_in_threadpool(app.state.catalog.close)  # joins engine threads
             await run_in_threadpool(app.state.ledger.close)  # writes what is still queued
-            app.state.limiter.close()
+            await app.state.limiter.close()
             db.dispose()
 
     # No unauthenticated docs: every route but /health needs a key.

@@ -116,8 +116,11 @@ class Gatekeeper:
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start" and "principal" in state:
                 limiter = scope["app"].state.limiter
+                quota = state.get("quota")
+                if quota is not None and quota.pending:  # an inference request never admitted
+                    await limiter.count_pending(quota)
                 # from the request's latest snapshot (kept with the principal): no storage read
-                headers = limiter.headers(state.get("quota"))
+                headers = limiter.headers(quota)
                 present = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()
                          if k.lower().encode() not in present]

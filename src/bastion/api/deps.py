@@ -30,6 +30,20 @@ def get_catalog(request: Request) -> Catalog:
 
 
 async def current_principal(request: Request) -> Principal:
+    """The caller, counted against its key's requests per minute before the route runs."""
+    return await _bearer(request, defer=False)
+
+
+async def inference_principal(request: Request) -> Principal:
+    """The caller of an inference route, which must hold `inference`. Its count is deferred to
+    admission, which counts it in the same store call (with Redis: one round trip fewer); a
+    request that ends before admission is counted when its response starts (Gatekeeper)."""
+    principal = await _bearer(request, defer=True)
+    check_permission(principal, "inference")
+    return principal
+
+
+async def _bearer(request: Request, defer: bool) -> Principal:
     header = request.headers.get("authorization")
     if not header:
         raise AuthenticationError(
@@ -40,29 +54,34 @@ async def current_principal(request: Request) -> Principal:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError(
             "The Authorization header must be 'Bearer YOUR_API_KEY'.", code="invalid_api_key")
-    principal, quota = await authenticate(request.app.state, token, count=True)
+    principal, quota = await authenticate(request.app.state, token, count=True, defer=defer)
     request.state.quota = quota  # the response's rate-limit headers come from its snapshot
     request.state.principal = principal  # kept only once counted (a 429 carries its own)
     return principal
 
 
-async def authenticate(state: State, token: str, *, count: bool = False
+async def authenticate(state: State, token: str, *, count: bool = False, defer: bool = False
                        ) -> tuple[Principal, Quota | None]:
     """The caller behind a raw key, for every transport (HTTP header, WebSocket message).
-    With `count`, the request is also counted against the key's requests per minute in the
-    same worker thread as the lookup: with Redis that is the request's one round trip at
-    authentication, and its snapshot is what the rate-limit headers are computed from."""
+    The database lookup runs in a worker thread; with `count`, the request is then counted
+    against the key's requests per minute on the event loop (with Redis: one round trip,
+    whose snapshot the rate-limit headers are computed from). With `defer` as well, the count
+    is left to admission (Limiter.deferred)."""
     if len(token) > 512 or not token.isascii() or not token.isprintable():
         raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
     factory = state.sessions
     limiter: Limiter = state.limiter
 
-    def lookup() -> tuple[Principal, Quota | None]:
+    def lookup() -> Principal:
         with factory() as session:
-            principal = verify(session, token)
-        return principal, limiter.count_request(principal) if count else None
+            return verify(session, token)
 
-    return await run_in_threadpool(lookup)
+    principal = await run_in_threadpool(lookup)
+    if not count:
+        return principal, None
+    if defer:
+        return principal, limiter.deferred(principal)
+    return principal, await limiter.count_request(principal)
 
 
 CurrentKey = Annotated[Principal, Depends(current_principal)]
@@ -86,7 +105,7 @@ def require(permission: str) -> Callable[[Principal], Principal]:
     return check
 
 
-InferenceKey = Annotated[Principal, Depends(require("inference"))]
+InferenceKey = Annotated[Principal, Depends(inference_principal)]
 
 
 async def resolve_model(request: Request, name: str, principal: Principal) -> Deployment:
@@ -154,7 +173,7 @@ async def open_ticket(state: State, quota: Quota | Principal, estimate: int, *, 
 
     limiter: Limiter = state.limiter
     with anyio.CancelScope(shield=True):
-        ticket = await limiter.run(limiter.admit, quota, estimate)
+        ticket = await limiter.admit(quota, estimate)
         ticket.on_settle.append(bill)
         held.append(ticket)
     return ticket

@@ -3,19 +3,25 @@ settles the reservation to the real usage when the request ends, however it ends
 
 A request makes at most three calls to the store (store.py): one at authentication, one at
 admission, one at settlement; each returns a snapshot that its `Quota` keeps, and the rate-limit
-headers are computed from the latest one without another read. State is in memory by default,
-in Redis (BASTION_REDIS_URL) when replicas must share it. If Redis cannot be reached the
-limiter fails closed: requests get a 503 that says why, never unlimited service.
+headers are computed from the latest one without another read. An inference request may defer
+its count to admission (`deferred`), which then counts it in the same call: two calls in all,
+and with Redis only admission waits for its round trip (settlement is sent before the response
+and its reply read in the background).
+The calls are async and run on the event loop (with Redis, redis.asyncio), never in a worker
+thread. State is in memory by default, in Redis (BASTION_REDIS_URL) when replicas must share
+it. If Redis cannot be reached the limiter fails closed: requests get a 503 that says why,
+never unlimited service.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import itertools
 import logging
 import math
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
@@ -24,7 +30,7 @@ import anyio
 
 from bastion.errors import InvalidRequestError, RateLimitError, ServiceUnavailableError
 from bastion.ratelimit.headers import Window, rate_limit_headers
-from bastion.ratelimit.store import MemoryStore, Query, Snapshot, Store, Usage
+from bastion.ratelimit.store import MemoryStore, Query, Requests, Snapshot, Store, Usage
 from bastion.tenancy.keys import Principal
 
 log = logging.getLogger("bastion.ratelimit")
@@ -39,9 +45,12 @@ class Quota:
     principal: Principal
     query: Query
     snapshot: Snapshot | None = None  # None: nothing counted (limits off or unlimited)
+    pending: bool = False  # not counted yet: admission (or the response's start) counts it
 
-    def update(self, usage: Usage) -> None:
-        self.snapshot = Snapshot(self.snapshot.requests if self.snapshot else None, usage)
+    def update(self, usage: Usage, requests: Requests | None = None) -> None:
+        if requests is None and self.snapshot is not None:
+            requests = self.snapshot.requests
+        self.snapshot = Snapshot(requests, usage)
 
 
 @dataclass
@@ -64,11 +73,11 @@ class Ticket:
     def principal(self) -> Principal:
         return self.quota.principal
 
-    def settle(self) -> None:
+    async def settle(self) -> None:
         if self.done:
             return
         self.done = True
-        self.limiter._settle(self)
+        await self.limiter._settle(self)
         for callback in self.on_settle:
             callback(self)
 
@@ -88,27 +97,28 @@ class Limiter:
         self.storage = self.store.storage  # the `limits` storage, for other short-lived state
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}.{id(self):x}.{time.time_ns():x}"
-        self._lock = threading.Lock()
         self._held: dict[str, str] = {}  # slot member -> org id, renewed while running
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
-        if self.remote:
-            self._renewer = threading.Thread(target=self._renew_loop, args=(slot_lease_s / 3,),
-                                             name="slot-leases", daemon=True)
-            self._renewer.start()
+        self._renew_every = slot_lease_s / 3
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start renewing the leases of running requests' slots (Redis only), on this loop."""
+        if self.remote and self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_loop(), name="slot-leases")
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Call one of the limiter's methods from the event loop: in a worker thread when its
-        storage is remote (a network round trip must not hold up the loop), inline otherwise."""
+        """Call a blocking function of `storage` (the synchronous `limits` storage that other
+        short-lived state uses) from the event loop: in a worker thread when it is remote."""
         if self.remote:
             return await anyio.to_thread.run_sync(functools.partial(fn, *args))
         return fn(*args)
 
-    def close(self) -> None:
-        self._stop.set()
+    async def close(self) -> None:
         if self._renewer is not None:
-            self._renewer.join(timeout=5)
-        self.store.close()
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        await self.store.close()
 
     # --- what the caller may ask for ----------------------------------------------------------
     def max_tokens_for(self, principal: Principal, prompt_tokens: int, n: int,
@@ -136,43 +146,72 @@ class Limiter:
         return min(room, default)
 
     # --- the three steps of a request ---------------------------------------------------------
-    def count_request(self, principal: Principal) -> Quota:
+    async def count_request(self, principal: Principal) -> Quota:
         """Every authenticated request counts against its key's requests per minute; the same
         call reads what the response's rate-limit headers will need. Keep the Quota where the
         Gatekeeper finds it (request.state.quota): the headers then cost no storage read."""
         quota = self._quota(principal)
         if not self.enabled or not quota.query.counted:
             return quota
+        await self._count(quota)
+        return quota
+
+    def deferred(self, principal: Principal) -> Quota:
+        """A Quota whose count waits for admission, which counts it in its own store call (one
+        round trip fewer for an inference request). A request that ends before admission is
+        counted when its response starts (`count_pending`)."""
+        quota = self._quota(principal)
+        quota.pending = self.enabled and quota.query.counted
+        return quota
+
+    async def count_pending(self, quota: Quota) -> None:
+        """Count a deferred request that never reached admission; its response is already
+        decided, so a refusal is not raised, only reflected in the headers."""
+        if not quota.pending:
+            return
         try:
-            allowed, quota.snapshot = self.store.authenticate(quota.query, self._member())
+            await self._count(quota)
+        except (RateLimitError, ServiceUnavailableError):
+            pass  # over the limit or Redis gone: the headers say what is known
+
+    async def _count(self, quota: Quota) -> None:
+        quota.pending = False
+        try:
+            allowed, quota.snapshot = await self.store.authenticate(quota.query, self._member())
         except Exception as exc:
             raise self._unavailable(exc) from exc
         if not allowed:
-            assert quota.snapshot.requests is not None
-            raise RateLimitError(
-                f"Rate limit reached for requests per minute on this API key: "
-                f"{principal.rate_limit} per minute.", code="requests_per_minute_exceeded",
-                retry_after=quota.snapshot.requests.reset_at - time.time(),
-                headers=self.headers(quota))
-        return quota
+            raise self._too_many_requests(quota)
 
-    def admit(self, quota: Quota | Principal, estimate: int) -> Ticket:
+    def _too_many_requests(self, quota: Quota) -> RateLimitError:
+        assert quota.snapshot is not None and quota.snapshot.requests is not None
+        return RateLimitError(
+            f"Rate limit reached for requests per minute on this API key: "
+            f"{quota.principal.rate_limit} per minute.", code="requests_per_minute_exceeded",
+            retry_after=quota.snapshot.requests.reset_at - time.time(),
+            headers=self.headers(quota))
+
+    async def admit(self, quota: Quota | Principal, estimate: int) -> Ticket:
         """Take a slot and reserve `estimate` tokens, or raise a 429 naming the limit. The store
         checks and reserves in one atomic step, so a refused request costs nothing and two
-        replicas cannot both take the last room. Pass the request's Quota (from count_request)
-        so that its headers follow; a bare Principal works too, with a Quota of its own."""
+        replicas cannot both take the last room. Pass the request's Quota (from count_request
+        or deferred) so that its headers follow; a deferred one is counted in the same step. A
+        bare Principal works too, with a Quota of its own."""
         if isinstance(quota, Principal):
             quota = self._quota(quota)
-        q = quota.query
-        if not self.enabled or (not q.tokens_per_hour and q.concurrency is None):
+        q, count = quota.query, quota.pending
+        if not self.enabled or (not count and not q.tokens_per_hour and q.concurrency is None):
             return Ticket(self, quota, reserved=0)
         member = self._member()
+        quota.pending = False
         try:
-            result = self.store.admit(q, estimate, member)
+            result = await self.store.admit(q, estimate, member, count)
         except Exception as exc:
             raise self._unavailable(exc) from exc
-        quota.update(result.usage)
+        quota.update(result.usage, result.requests)
         now = time.time()
+        if result.refused == "requests":
+            raise self._too_many_requests(quota)
         if result.refused == "tokens":
             left = max(0, (q.tokens_per_hour or 0) - result.usage.tokens_used)
             raise RateLimitError(
@@ -189,31 +228,39 @@ class Limiter:
         if q.concurrency is None:
             member = ""
         else:
-            with self._lock:
-                self._held[member] = q.org_id
+            self._held[member] = q.org_id
         return Ticket(self, quota, reserved=estimate if q.tokens_per_hour else 0,
                       member=member, window=result.window)
 
-    def _settle(self, ticket: Ticket) -> None:
+    async def _settle(self, ticket: Ticket) -> None:
         if not ticket.member and not ticket.window:
             return  # nothing was taken
-        with self._lock:
-            self._held.pop(ticket.member, None)
+        self._held.pop(ticket.member, None)
         delta = ticket.prompt_tokens + ticket.completion_tokens - ticket.reserved
+        delta = delta if ticket.window else 0
         try:
-            ticket.quota.update(self.store.settle(ticket.quota.query, ticket.member,
-                                                  ticket.window, delta if ticket.window else 0))
-        except Exception:  # the lease runs out by itself; never fail the finished request
-            log.exception("could not settle a request's limits")
+            usage = await self.store.settle(ticket.quota.query, ticket.member, ticket.window,
+                                            delta)
+        except Exception as exc:  # the lease runs out by itself; never fail the finished request
+            log.warning("could not settle a request's limits (%s: %s); its slot's lease will "
+                        "lapse", type(exc).__name__, exc)
+            return
+        snap = ticket.quota.snapshot
+        if usage is None and snap is not None:  # sent, reply not awaited: the admission's
+            # snapshot with this request's own settlement applied
+            was = snap.usage
+            usage = Usage(max(0, was.tokens_used + delta), was.tokens_reset_at,
+                          max(0, was.slots_in_use - bool(ticket.member)))
+        if usage is not None:
+            ticket.quota.update(usage)
 
-    def _renew_loop(self, every: float) -> None:
-        while not self._stop.wait(every):
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._renew_every)
             try:
-                with self._lock:
-                    held = dict(self._held)
-                self.store.renew(held)
-            except Exception:
-                log.warning("could not renew concurrency leases", exc_info=True)
+                await self.store.renew(dict(self._held))
+            except Exception as exc:
+                log.warning("could not renew concurrency leases (%s: %s)", type(exc).__name__, exc)
 
     def _member(self) -> str:
         """A name unique across replicas, for one request's entry or slot."""
@@ -234,14 +281,14 @@ class Limiter:
         """The rate-limit headers from the request's latest snapshot: no storage read."""
         return rate_limit_headers(self._windows(quota), time.time()) if quota else {}
 
-    def windows(self, principal: Principal) -> dict[str, Window]:
+    async def windows(self, principal: Principal) -> dict[str, Window]:
         """Where each limit stands now (one storage read, nothing counted): the dashboard's
         overview and the headers read the same numbers."""
         quota = self._quota(principal)
         if not self.enabled or not quota.query.counted:
             return {}
         try:
-            quota.snapshot = self.store.peek(quota.query)
+            quota.snapshot = await self.store.peek(quota.query)
         except Exception as exc:
             raise self._unavailable(exc) from exc
         return self._windows(quota)

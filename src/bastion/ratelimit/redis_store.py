@@ -1,4 +1,5 @@
-"""Rate-limit state in Redis, shared by every replica: one Lua script per step of a request.
+"""Rate-limit state in Redis, shared by every replica: one Lua script per step of a request,
+called with redis.asyncio on the event loop.
 
 Why Lua and not the `limits` library's storage API, which the memory store uses: that API works
 one counter at a time (hit a moving window, increment a fixed window, read its expiry), each
@@ -7,8 +8,8 @@ one atomic operation. Built on it, a completion cost about a dozen round trips (
 "is there room for these tokens?" followed by "reserve them" was a race between replicas: two of
 them could both see room for the last reservation and overshoot the hour's budget. A script runs
 atomically inside Redis, so each step is one round trip and no other replica can act between its
-check and its write. The connection still comes from `limits` (its RedisStorage, built from the
-URL), so the URL forms it accepts are the ones Bastion accepts.
+check and its write. The connection still comes from `limits` (its async RedisStorage on
+redis-py, built from the URL), so the URL forms it accepts are the ones Bastion accepts.
 
 Layout, all keys of one organisation in one hash slot ({org} tag, for Redis Cluster):
   bastion:{org}:rpm:<key>  sorted set, one member per request of the last minute, scored by ms
@@ -22,13 +23,20 @@ is relative (ms until a reset), turned into epoch seconds on this host's clock.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import defaultdict
 from typing import Any
 
 from limits.storage import storage_from_string
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 
 from bastion.ratelimit.store import RPM_WINDOW_S, Admission, Query, Requests, Snapshot, Usage
+
+log = logging.getLogger("bastion.ratelimit")
 
 _NOW = """
 local t = redis.call('TIME')
@@ -45,51 +53,58 @@ local function tokens(key, window_ms)
 end
 """
 
+# The key's requests per minute: prune, then count this request if there is room (and `add`).
+# -> allowed (1/0), requests remaining, ms until the oldest counted request leaves the window
+_RPM = """
+local function rpm(key, limit, member, add)
+  if limit <= 0 then return 1, 0, 0 end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - %(rpm_ms)d)
+  local n = redis.call('ZCARD', key)
+  local allowed = 1
+  if n >= limit then
+    allowed = 0
+  elseif add then
+    redis.call('ZADD', key, now, member)
+    redis.call('PEXPIRE', key, %(rpm_ms)d)
+    n = n + 1
+  end
+  local reset = %(rpm_ms)d
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if oldest[2] then reset = tonumber(oldest[2]) + %(rpm_ms)d - now end
+  return allowed, limit - n, reset
+end
+""" % {"rpm_ms": RPM_WINDOW_S * 1000}
+
 # KEYS: rpm, tokens, slots. ARGV: rpm limit (0: none), member, token window ms, count slots (0/1),
 # count this request (1) or only look (0)
 # -> {allowed, rpm remaining, ms until rpm reset, tokens used, ms until token reset, slots}
-AUTHENTICATE = _NOW + _TOKENS + """
-local allowed, remaining, reset = 1, 0, 0
-local limit = tonumber(ARGV[1])
-if limit > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - %(rpm_ms)d)
-  local n = redis.call('ZCARD', KEYS[1])
-  if n >= limit then
-    allowed = 0
-  elseif ARGV[5] == '1' then
-    redis.call('ZADD', KEYS[1], now, ARGV[2])
-    redis.call('PEXPIRE', KEYS[1], %(rpm_ms)d)
-    n = n + 1
-  end
-  remaining = limit - n
-  reset = %(rpm_ms)d
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if oldest[2] then reset = tonumber(oldest[2]) + %(rpm_ms)d - now end
-end
+AUTHENTICATE = _NOW + _TOKENS + _RPM + """
+local allowed, remaining, reset = rpm(KEYS[1], tonumber(ARGV[1]), ARGV[2], ARGV[5] == '1')
 local used, ttl = tokens(KEYS[2], tonumber(ARGV[3]))
 local slots = 0
 if ARGV[4] == '1' then slots = redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') end
 return {allowed, remaining, reset, used, ttl, slots}
-""" % {"rpm_ms": RPM_WINDOW_S * 1000}
+"""
 
-# KEYS: tokens, slots. ARGV: tokens per hour (-1: none), estimate, concurrency (-1: none),
-# member, lease ms, token window ms
-# -> {0 admitted | 1 no tokens | 2 no slot, tokens used, ms until token reset, slots, window id}
-ADMIT = _NOW + _TOKENS + """
+# KEYS: tokens, slots, rpm. ARGV: tokens per hour (-1: none), estimate, concurrency (-1: none),
+# member, lease ms, token window ms, rpm limit (0: none or already counted)
+# -> {0 admitted | 1 no tokens | 2 no slot | 3 no requests left this minute, tokens used,
+#     ms until token reset, slots, window id, rpm remaining, ms until rpm reset}
+ADMIT = _NOW + _TOKENS + _RPM + """
 local tph, estimate, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local lease, window_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
+local allowed, remaining, reset = rpm(KEYS[3], tonumber(ARGV[7]), ARGV[4], true)
 local n = 0
 if cap >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   n = redis.call('ZCARD', KEYS[2])
 end
 local used, ttl, id = 0, window_ms, ''
-if tph >= 0 then
-  used, ttl, id = tokens(KEYS[1], window_ms)
-  if used + estimate > tph then return {1, used, ttl, n, ''} end
-end
+if tph >= 0 then used, ttl, id = tokens(KEYS[1], window_ms) end
+if allowed == 0 then return {3, used, ttl, n, '', remaining, reset} end
+if tph >= 0 and used + estimate > tph then return {1, used, ttl, n, '', remaining, reset} end
 if cap >= 0 then
-  if n >= cap then return {2, used, ttl, n, ''} end
+  if n >= cap then return {2, used, ttl, n, '', remaining, reset} end
   redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], lease * 4 + 1000)
   n = n + 1
@@ -106,7 +121,7 @@ if tph >= 0 then
   end
   used = used + estimate
 end
-return {0, used, ttl, n, id}
+return {0, used, ttl, n, id, remaining, reset}
 """
 
 # KEYS: tokens, slots. ARGV: member, window id, token delta (negative: a refund), token window ms
@@ -133,69 +148,121 @@ return 0
 
 
 class RedisStore:
-    """The three steps of a request as three scripts; a connection error propagates, and the
-    limiter turns it into a 503 (fail closed)."""
+    """The steps of a request as scripts run on the event loop (redis.asyncio): no worker
+    thread per round trip. A connection error propagates, and the limiter turns it into a 503
+    (fail closed)."""
 
     def __init__(self, url: str, token_window_s: int, slot_lease_s: float) -> None:
-        # 2 s timeouts: an unreachable Redis must fail requests closed, not hang them
-        self.storage = storage_from_string(url, socket_timeout=2, socket_connect_timeout=2)
-        self.client: Any = self.storage.get_connection()  # type: ignore[attr-defined]
+        # 2 s timeouts: an unreachable Redis must fail requests closed, not hang them. One
+        # immediate retry, no backoff: a pooled connection that Redis dropped (a restart) is
+        # replaced at once, and a Redis that is down costs a request one failed reconnect.
+        options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
+        aio = storage_from_string(f"async+{url}", implementation="redispy",
+                                  retry=Retry(NoBackoff(), 1), **options)
+        self.client: Any = aio.bridge.get_connection()  # type: ignore[attr-defined]
+        # the synchronous storage of the same URL, for other short-lived state used from worker
+        # threads (dashboard sign-outs); it connects only when first used
+        self.storage = storage_from_string(url, **options)
         self.window_ms = token_window_s * 1000
         self.lease_ms = int(slot_lease_s * 1000)
         self._authenticate = self.client.register_script(AUTHENTICATE)
         self._admit = self.client.register_script(ADMIT)
         self._settle = self.client.register_script(SETTLE)
         self._renew = self.client.register_script(RENEW)
+        self._replies: set[asyncio.Task[None]] = set()  # releases whose reply is still due
 
     @staticmethod
     def _keys(org_id: str) -> tuple[str, str]:
         return f"bastion:{{{org_id}}}:tokens", f"bastion:{{{org_id}}}:slots"
 
-    def authenticate(self, q: Query, member: str) -> tuple[bool, Snapshot]:
-        return self._look(q, member, count=True)
+    @staticmethod
+    def _rpm_key(q: Query) -> str:
+        return f"bastion:{{{q.org_id}}}:rpm:{q.key_id}"
 
-    def peek(self, q: Query) -> Snapshot:
-        return self._look(q, "", count=False)[1]
+    async def authenticate(self, q: Query, member: str) -> tuple[bool, Snapshot]:
+        return await self._look(q, member, count=True)
 
-    def _look(self, q: Query, member: str, count: bool) -> tuple[bool, Snapshot]:
+    async def peek(self, q: Query) -> Snapshot:
+        return (await self._look(q, "", count=False))[1]
+
+    async def _look(self, q: Query, member: str, count: bool) -> tuple[bool, Snapshot]:
         tokens, slots = self._keys(q.org_id)
-        allowed, remaining, reset, used, ttl, n = self._authenticate(
-            keys=[f"bastion:{{{q.org_id}}}:rpm:{q.key_id}", tokens, slots],
+        allowed, remaining, reset, used, ttl, n = await self._authenticate(
+            keys=[self._rpm_key(q), tokens, slots],
             args=[q.rpm or 0, member, self.window_ms, int(q.concurrency is not None),
                   int(count)])
         now = time.time()
         requests = Requests(int(remaining), now + int(reset) / 1000) if q.rpm else None
         return bool(allowed), Snapshot(requests, Usage(int(used), now + int(ttl) / 1000, int(n)))
 
-    def admit(self, q: Query, estimate: int, member: str) -> Admission:
-        outcome, used, ttl, n, window = self._admit(
-            keys=list(self._keys(q.org_id)),
+    async def admit(self, q: Query, estimate: int, member: str, count: bool) -> Admission:
+        rpm = (q.rpm or 0) if count else 0
+        outcome, used, ttl, n, window, remaining, reset = await self._admit(
+            keys=[*self._keys(q.org_id), self._rpm_key(q)],
             args=[-1 if not q.tokens_per_hour else q.tokens_per_hour, estimate,
                   -1 if q.concurrency is None else q.concurrency, member, self.lease_ms,
-                  self.window_ms])
-        usage = Usage(int(used), time.time() + int(ttl) / 1000, int(n))
-        refused = {0: None, 1: "tokens", 2: "concurrency"}[int(outcome)]
-        return Admission(refused, usage, _text(window))  # type: ignore[arg-type]
+                  self.window_ms, rpm])
+        now = time.time()
+        usage = Usage(int(used), now + int(ttl) / 1000, int(n))
+        requests = Requests(int(remaining), now + int(reset) / 1000) if rpm else None
+        refused = {0: None, 1: "tokens", 2: "concurrency", 3: "requests"}[int(outcome)]
+        return Admission(refused, usage, _text(window), requests)  # type: ignore[arg-type]
 
-    def settle(self, q: Query, member: str, window: str, delta: int) -> Usage:
-        used, ttl, n = self._settle(keys=list(self._keys(q.org_id)),
-                                    args=[member, window, delta, self.window_ms])
-        return Usage(int(used), time.time() + int(ttl) / 1000, int(n))
+    async def settle(self, q: Query, member: str, window: str, delta: int) -> Usage | None:
+        """Send the release and return once it is written to Redis's socket, before the
+        response's first byte: any request the response causes reaches Redis after it (it
+        must first be authenticated), so it finds the slot free. The reply is read in the
+        background: the round trip is off the request's path. None: the caller estimates the
+        usage after the release from its admission's snapshot."""
+        keys, args = list(self._keys(q.org_id)), [member, window, delta, self.window_ms]
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is None:  # a cluster client has a pool per node: wait for the reply instead
+            used, ttl, n = await self._settle(keys=keys, args=args)
+            return Usage(int(used), time.time() + int(ttl) / 1000, int(n))
+        conn = await pool.get_connection()
+        try:
+            await conn.send_command("EVALSHA", self._settle.sha, len(keys), *keys, *args)
+        except BaseException:
+            await pool.release(conn)  # send_command has disconnected it
+            raise
+        task = asyncio.create_task(self._reply(conn, keys, args))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+        return None
 
-    def renew(self, held: dict[str, str]) -> None:
+    async def _reply(self, conn: Any, keys: list[str], args: list[Any]) -> None:
+        pool = self.client.connection_pool
+        try:
+            try:
+                await conn.read_response()
+            except NoScriptError:  # Redis lost its script cache (restart, SCRIPT FLUSH)
+                await pool.release(conn)
+                conn = None
+                await self._settle(keys=keys, args=args)  # loads the script and runs it
+        except Exception as exc:  # the lease runs out by itself
+            log.warning("could not settle a request's limits (%s: %s); its slot's lease will "
+                        "lapse", type(exc).__name__, exc)
+        finally:
+            if conn is not None:
+                await pool.release(conn)  # read_response disconnects it on an error
+
+    async def renew(self, held: dict[str, str]) -> None:
         """held: member -> org id; one round trip for all of them."""
         if not held:
             return
         by_org: dict[str, list[str]] = defaultdict(list)
         for member, org_id in held.items():
             by_org[org_id].append(member)
-        pipe = self.client.pipeline(transaction=False)
-        for org_id, members in by_org.items():
-            self._renew(keys=[self._keys(org_id)[1]], args=[self.lease_ms, *members], client=pipe)
-        pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for org_id, members in by_org.items():
+                await self._renew(keys=[self._keys(org_id)[1]], args=[self.lease_ms, *members],
+                                  client=pipe)
+            await pipe.execute()
 
-    def close(self) -> None:
-        self.client.close()
+    async def close(self) -> None:
+        if self._replies:
+            await asyncio.wait(set(self._replies), timeout=5)
+        await self.client.aclose()
 
 
 def _text(value: bytes | str) -> str:

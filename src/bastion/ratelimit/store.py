@@ -1,17 +1,25 @@
-"""Where rate-limit state lives, behind one small protocol with three calls per request.
+"""Where rate-limit state lives, behind one small async protocol with at most three calls per
+request.
 
 A request touches its limits at most three times, each one call to the store (one round trip
 when the store is Redis): `authenticate` (count the request against its key's requests per
 minute and read everything the rate-limit headers need), `admit` (atomically check tokens per
 hour and concurrency, then take a slot and reserve the tokens) and `settle` (release the slot and
 refund what was reserved but not used, if the reservation's token window is still the live one).
-Each call returns a fresh snapshot, so the response headers are computed from the last one
-without another read.
+An inference request folds the first into the second (`admit(..., count=True)`), so it makes
+two. Each call returns a fresh snapshot, so the response headers are computed from the last one
+without another read; `RedisStore.settle` is the exception: it returns once its release is
+written to Redis and reads the reply in the background (None: the limiter applies the
+request's own settlement to the admission's snapshot), which takes its round trip off the
+request's path.
 
-`MemoryStore` keeps counters in the `limits` library's MemoryStorage (moving window for requests
-per minute, a fixed-window counter for tokens per hour) and concurrency slots in a dict, all
-under one lock, so that a check and the reservation that follows it are one atomic step within
-the process. `RedisStore` (redis_store.py) does the same in Redis for several replicas.
+The protocol is async so that Redis round trips run on the event loop (redis.asyncio) instead of
+hopping to a worker thread and back for each one. `MemoryStore` keeps counters in the `limits`
+library's MemoryStorage (moving window for requests per minute, a fixed-window counter for
+tokens per hour) and concurrency slots in a dict; its methods never await, so each runs to
+completion on the loop without a thread hop, and a check and the reservation that follows it
+are one atomic step within the process (the lock guards against callers on other threads).
+`RedisStore` (redis_store.py) does the same in Redis for several replicas.
 """
 
 from __future__ import annotations
@@ -67,18 +75,20 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Admission:
-    refused: Literal["tokens", "concurrency"] | None
+    refused: Literal["requests", "tokens", "concurrency"] | None
     usage: Usage
     window: str  # identity of the token window the reservation was counted in ("" if none)
+    requests: Requests | None = None  # the key's window, when admit also counted the request
 
 
 class Store(Protocol):
-    def authenticate(self, q: Query, member: str) -> tuple[bool, Snapshot]: ...
-    def peek(self, q: Query) -> Snapshot: ...
-    def admit(self, q: Query, estimate: int, member: str) -> Admission: ...
-    def settle(self, q: Query, member: str, window: str, delta: int) -> Usage: ...
-    def renew(self, held: dict[str, str]) -> None: ...
-    def close(self) -> None: ...
+    async def authenticate(self, q: Query, member: str) -> tuple[bool, Snapshot]: ...
+    async def peek(self, q: Query) -> Snapshot: ...
+    async def admit(self, q: Query, estimate: int, member: str, count: bool) -> Admission: ...
+    # None: the release was sent and its reply is not awaited (the caller estimates the usage)
+    async def settle(self, q: Query, member: str, window: str, delta: int) -> Usage | None: ...
+    async def renew(self, held: dict[str, str]) -> None: ...
+    async def close(self) -> None: ...
 
 
 class MemoryStore:
@@ -90,17 +100,20 @@ class MemoryStore:
         self._slots: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
-    def authenticate(self, q: Query, member: str) -> tuple[bool, Snapshot]:
+    async def authenticate(self, q: Query, member: str) -> tuple[bool, Snapshot]:
         with self._lock:
-            allowed, requests = True, None
-            if q.rpm:
-                key = f"rpm/{q.key_id}"
-                allowed = self.storage.acquire_entry(key, q.rpm, RPM_WINDOW_S)
-                oldest, count = self.storage.get_moving_window(key, q.rpm, RPM_WINDOW_S)
-                requests = Requests(max(0, q.rpm - count), oldest + RPM_WINDOW_S)
+            allowed, requests = self._count(q)
             return allowed, Snapshot(requests, self._usage(q))
 
-    def peek(self, q: Query) -> Snapshot:
+    def _count(self, q: Query) -> tuple[bool, Requests | None]:
+        if not q.rpm:
+            return True, None
+        key = f"rpm/{q.key_id}"
+        allowed = self.storage.acquire_entry(key, q.rpm, RPM_WINDOW_S)
+        oldest, count = self.storage.get_moving_window(key, q.rpm, RPM_WINDOW_S)
+        return allowed, Requests(max(0, q.rpm - count), oldest + RPM_WINDOW_S)
+
+    async def peek(self, q: Query) -> Snapshot:
         """Where the limits stand, counting nothing (the dashboard's view)."""
         with self._lock:
             requests = None
@@ -111,24 +124,27 @@ class MemoryStore:
                 requests = Requests(max(0, q.rpm - count), reset)
             return Snapshot(requests, self._usage(q))
 
-    def admit(self, q: Query, estimate: int, member: str) -> Admission:
+    async def admit(self, q: Query, estimate: int, member: str, count: bool) -> Admission:
         with self._lock:  # check and reserve are one step: no other admission in between
+            allowed, requests = self._count(q) if count else (True, None)
             usage = self._usage(q)
+            if not allowed:
+                return Admission("requests", usage, "", requests)
             if q.tokens_per_hour and usage.tokens_used + estimate > q.tokens_per_hour:
-                return Admission("tokens", usage, "")
+                return Admission("tokens", usage, "", requests)
             held = self._slots.setdefault(q.org_id, set())
             if q.concurrency is not None:
                 if len(held) >= q.concurrency:
-                    return Admission("concurrency", usage, "")
+                    return Admission("concurrency", usage, "", requests)
                 held.add(member)
             window = ""
             if q.tokens_per_hour:
                 key = f"tokens/{q.org_id}"
                 self.storage.incr(key, self.window_s, estimate)
                 window = repr(self.storage.get_expiry(key))  # a window is known by its end
-            return Admission(None, self._usage(q), window)
+            return Admission(None, self._usage(q), window, requests)
 
-    def settle(self, q: Query, member: str, window: str, delta: int) -> Usage:
+    async def settle(self, q: Query, member: str, window: str, delta: int) -> Usage:
         with self._lock:
             held = self._slots.get(q.org_id)
             if held is not None:
@@ -143,10 +159,10 @@ class MemoryStore:
                 self.storage.incr(key, self.window_s, max(delta, -self.storage.get(key)))
             return self._usage(q)
 
-    def renew(self, held: dict[str, str]) -> None:
+    async def renew(self, held: dict[str, str]) -> None:
         """Nothing to renew: a process's own memory cannot outlive it."""
 
-    def close(self) -> None:
+    async def close(self) -> None:
         pass
 
     def _usage(self, q: Query) -> Usage:

@@ -202,12 +202,12 @@ async def metered(ticket: Ticket, prompt_tokens: int) -> AsyncIterator[Meter]:
 
 
 async def settle(ticket: Ticket) -> None:
-    """Settle a ticket; with a remote (Redis) limiter the round trips run off the event loop,
-    shielded so that the cancellation that ended the request cannot skip them."""
+    """Settle a ticket, shielded so that the cancellation that ended the request cannot skip
+    its store call."""
     if ticket.done:
         return
     with anyio.CancelScope(shield=True):
-        await ticket.limiter.run(ticket.settle)
+        await ticket.settle()
 
 
 async def settle_unfinished(tickets: list[Ticket]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import anyio
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -36,8 +37,9 @@ class Gauge:
 
 
 def gauges(limiter: Limiter, viewer: CurrentViewer) -> list[Gauge]:
+    """From the page's worker thread: the limiter's read runs on the event loop."""
     limits = viewer.principal.limits
-    windows = limiter.windows(viewer.principal)
+    windows = anyio.from_thread.run(limiter.windows, viewer.principal)
     out = []
     for name, field, unit, window in (
             ("Concurrent requests", limits.concurrent_requests, "running", "concurrency"),

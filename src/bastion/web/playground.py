@@ -21,7 +21,6 @@ from bastion.api.deps import CatalogDep, LimiterDep, SettingsDep
 from bastion.api.models import card
 from bastion.errors import AuthenticationError, AuthorizationError
 from bastion.protocol.chat import ChatCompletion, ChatCompletionRequest
-from bastion.ratelimit.limiter import Quota
 from bastion.tenancy.keys import Principal, verify_id
 from bastion.web.deps import Codec, InferenceViewer, refuse_csrf, signed_out
 from bastion.web.render import PageRoute, render
@@ -62,16 +61,16 @@ async def session_key(request: Request, codec: Codec) -> Principal:
 
     limiter = request.app.state.limiter
 
-    def lookup() -> tuple[Principal, Quota]:
-        """The key and its request count in one worker call, as authenticate() does."""
+    def lookup() -> Principal:
         with factory() as s:
-            principal = verify_id(s, key_id)
-        if not principal.can("inference"):
-            raise AuthorizationError("This API key lacks the 'inference' permission needed "
-                                     "for the playground.")
-        return principal, limiter.count_request(principal)
+            return verify_id(s, key_id)
 
-    principal, request.state.quota = await run_in_threadpool(lookup)
+    principal = await run_in_threadpool(lookup)
+    if not principal.can("inference"):
+        raise AuthorizationError("This API key lacks the 'inference' permission needed "
+                                 "for the playground.")
+    # counted at admission, as on /v1's inference routes (or when the response starts)
+    request.state.quota = limiter.deferred(principal)
     request.state.principal = principal  # rate-limit headers, as on /v1
     return principal
 
