@@ -35,6 +35,7 @@ class OrgModels:
         self.lock = asyncio.Lock()
         self._failed: set[tuple[str, str]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._retired: list[Deployment] = []  # out of the catalog, engine not yet closed
 
     def _wanted(self) -> Wanted:
         with self.sessions() as s:
@@ -102,6 +103,7 @@ class OrgModels:
         if self.catalog.remove(dep.id, dep.org_id) is None:
             return
         log.info("retiring %s model %s of %s", dep.source, dep.id, dep.org_id)
+        self._retired.append(dep)
         task = asyncio.create_task(self._close_when_idle(dep))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -115,17 +117,18 @@ class OrgModels:
             await asyncio.sleep(0.2)
         else:
             dep.engine.abort_all(f"The model '{dep.id}' was deleted.")
+        self._retired.remove(dep)
         await run_in_threadpool(dep.engine.close)
 
     async def close(self) -> None:
-        """At shutdown: close what is still being retired (the catalog closes the rest)."""
+        """At shutdown: stop waiting for retired models to go idle and close them now (the
+        catalog closes the rest)."""
         for task in list(self._retiring):
             task.cancel()
-        for task in list(self._retiring):
-            try:
-                await task
-            except BaseException:
-                pass
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        for dep in self._retired:
+            await run_in_threadpool(dep.engine.close)
+        self._retired.clear()
 
     async def run(self, interval: float) -> None:
         while True:
