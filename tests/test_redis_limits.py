@@ -173,7 +173,7 @@ def test_tokens_per_hour_is_exact_across_replicas(deployment) -> None:
 
 def test_redis_stalls_mid_request_then_recovers(deployment) -> None:
     """Redis stops answering (SIGSTOP: connections stay open, nothing comes back) while a
-    request holds a slot. The request still ends, its failed release is logged, not raised; the
+    request holds a slot. The request still ends, a failed release is logged, not raised; the
     next request gets the 503 within the socket timeouts instead of hanging; once Redis answers
     again, the same replica serves again (its pooled connections are replaced), and the slot
     that could not be released is freed by its lease if not by the late release."""
@@ -196,4 +196,6 @@ def test_redis_stalls_mid_request_then_recovers(deployment) -> None:
         assert r.status_code in (429, 503), r.text
         assert time.time() < deadline, f"no recovery after Redis came back: {r.text}"
         time.sleep(0.2)
-    assert "could not settle a request's limits" in a.log()
+    # Whether the stalled release failed (logged as one warning line) or went through once
+    # Redis woke depends on how long the refused request took; either way the slot is free
+    # again (asserted above) and nothing raised (stop_server asserts there is no traceback).
