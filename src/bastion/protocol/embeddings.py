@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import base64
+from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -67,3 +68,15 @@ class EmbeddingList(BaseModel):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
+
+    @classmethod
+    def of(cls, vectors: Iterable[Any], *, encoding_format: str, model: str,
+           prompt_tokens: int) -> "EmbeddingList":
+        """float32 numpy rows on the wire: lists of floats, or base64 of little-endian float32
+        (the SDK's default), which decode to the same vectors."""
+        as_base64 = encoding_format == "base64"
+        data = [Embedding(index=i, embedding=(base64.b64encode(v.astype("<f4").tobytes()).decode()
+                                              if as_base64 else v.tolist()))
+                for i, v in enumerate(vectors)]
+        return cls(data=data, model=model,
+                   usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))

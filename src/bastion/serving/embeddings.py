@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +12,7 @@ from bastion.engines.base import is_passthrough
 from bastion.engines.embeddings import SentenceTransformerEngine
 from bastion.errors import InvalidRequestError
 from bastion.ids import new_id
-from bastion.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from bastion.protocol.embeddings import EmbeddingList, EmbeddingRequest
 from bastion.ratelimit.limiter import Limiter, Ticket
 from bastion.serving import passthrough_embeddings
 from bastion.serving.common import check_token_ids, metered
@@ -113,10 +112,5 @@ async def create_embeddings(prep: PreparedEmbeddings | UpstreamEmbeddings,
     async with metered(ticket, prep.prompt_tokens):
         vectors = await engine.embed(prep.sequences)
     vectors = _shorten(vectors, prep.body.dimensions, engine.normalizes)
-    as_base64 = prep.body.encoding_format == "base64"
-    data = [Embedding(index=i, embedding=(base64.b64encode(v.astype("<f4").tobytes()).decode()
-                                          if as_base64 else v.tolist()))
-            for i, v in enumerate(vectors)]
-    return EmbeddingList(data=data, model=prep.deployment.id,
-                         usage=EmbeddingUsage(prompt_tokens=prep.prompt_tokens,
-                                              total_tokens=prep.prompt_tokens))
+    return EmbeddingList.of(vectors, encoding_format=prep.body.encoding_format,
+                            model=prep.deployment.id, prompt_tokens=prep.prompt_tokens)

@@ -5,7 +5,6 @@ server has those; base64 is encoded here when the client asked) and bills the up
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ from bastion.catalog.registry import Deployment
 from bastion.engines.base import PassthroughEngine
 from bastion.errors import BadGatewayError, InvalidRequestError
 from bastion.ids import new_id
-from bastion.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from bastion.protocol.embeddings import EmbeddingList, EmbeddingRequest
 from bastion.ratelimit.limiter import Limiter, Ticket
 from bastion.serving.common import metered
 from bastion.tenancy.keys import Principal
@@ -70,10 +69,5 @@ async def create(prep: UpstreamEmbeddings, ticket: Ticket) -> EmbeddingList:
     if len(vectors) != len(prep.body.inputs()):
         raise BadGatewayError(f"The upstream server of '{prep.deployment.id}' sent "
                               f"{len(vectors)} vectors for {len(prep.body.inputs())} inputs.")
-    as_base64 = prep.body.encoding_format == "base64"
-    out = [Embedding(index=i, embedding=(base64.b64encode(v.astype("<f4").tobytes()).decode()
-                                         if as_base64 else v.tolist()))
-           for i, v in enumerate(vectors)]
-    return EmbeddingList(data=out, model=prep.deployment.id,
-                         usage=EmbeddingUsage(prompt_tokens=ticket.prompt_tokens,
-                                              total_tokens=ticket.prompt_tokens))
+    return EmbeddingList.of(vectors, encoding_format=prep.body.encoding_format,
+                            model=prep.deployment.id, prompt_tokens=ticket.prompt_tokens)

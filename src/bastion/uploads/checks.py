@@ -97,7 +97,7 @@ def safetensors_header(path: Path) -> dict[str, TensorInfo]:
 
 def read_config(path: Path) -> Any:
     """A transformers config of an architecture transformers itself implements."""
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
@@ -117,8 +117,7 @@ def read_config(path: Path) -> Any:
                   f"transformers supports (for example llama, mistral, qwen2, gemma3_text, "
                   f"gpt2).", param="config", code="unsupported_architecture")
     try:
-        return AutoConfig.from_pretrained(str(path.parent), local_files_only=True,
-                                          trust_remote_code=False)
+        return CONFIG_MAPPING[model_type].from_dict(raw)
     except Exception as exc:
         raise bad(f"config.json is not a valid {model_type} config: {exc}",
                   param="config") from None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +76,7 @@ def place(upload: Upload, target: Path) -> Placed:
                     f"a safetensors model needs its config.json and tokenizer.json.",
                     param=name, code="missing_required_parameter")
         tensors = checks.safetensors_header(weights)
-        staging = weights.with_suffix(".dir")
-        staging.mkdir()
-        try:
-            shutil.copyfile(upload.files["config"].temp, staging / "config.json")
-            config = checks.read_config(staging / "config.json")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        config = checks.read_config(upload.files["config"].temp)
         checks.check_shapes(config, tensors)
         checks.check_tokenizer(upload.files["tokenizer"].temp, config)
         parts["model.safetensors"] = weights
