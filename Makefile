@@ -9,11 +9,30 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-install: $(BIN)/python
-	$(BIN)/pip install -e .
+# llama-cpp-python compiles llama.cpp for this CPU (-march=native), but without Intel AMX:
+# where the CPU reports AMX and the kernel or hypervisor does not enable it, llama.cpp's AMX
+# matrix multiply dies of a general-protection fault on the first token. The wheel is built
+# once per CPU (the folder's name holds a hash of its flags) and installed from there; pip's
+# own wheel cache could not tell a wheel built with these flags from one built without.
+LLAMA_VERSION := 0.3.36
+CPU_KEY       := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-10)
+LLAMA_WHEELS  := $(HOME)/.cache/bastion/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(CPU_KEY)
+NO_AMX        := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE   := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 
-install-test: $(BIN)/python system-test-deps
-	$(BIN)/pip install -e ".[test]"
+$(LLAMA_WHEELS)/.built: | $(BIN)/python
+	mkdir -p $(LLAMA_WHEELS)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel --no-deps --no-cache-dir \
+	  -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	$(BIN)/pip install --no-deps --force-reinstall --no-index --find-links $(LLAMA_WHEELS) \
+	  llama-cpp-python==$(LLAMA_VERSION)
+	touch $@
+
+install: $(BIN)/python $(LLAMA_WHEELS)/.built
+	$(BIN)/pip install --find-links $(LLAMA_WHEELS) -e .
+
+install-test: $(BIN)/python system-test-deps $(LLAMA_WHEELS)/.built
+	$(BIN)/pip install --find-links $(LLAMA_WHEELS) -e ".[test]"
 
 # The tests start their own redis-server and PostgreSQL and drive the dashboard in Debian's
 # chromium (through Playwright, never `playwright install`); install them where we may (root
@@ -36,8 +55,8 @@ test: install-test
 	  echo "--- the same suite on PostgreSQL ---"; BASTION_TEST_DB=postgres $(BIN)/python -m pytest; \
 	else echo "PostgreSQL is not installed: the PostgreSQL pass is skipped"; fi
 
-bench: $(BIN)/python
-	$(BIN)/pip install -e ".[bench]"
+bench: $(BIN)/python $(LLAMA_WHEELS)/.built
+	$(BIN)/pip install --find-links $(LLAMA_WHEELS) -e ".[bench]"
 	$(BIN)/python bench/serving.py
 
 clean:

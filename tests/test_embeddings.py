@@ -84,7 +84,7 @@ def test_concurrent_requests_batch_to_the_same_vectors(client: openai.OpenAI, se
     np.testing.assert_allclose(one_by_one, together, atol=2e-5)
     health = httpx.get(f"{server.base_url}/health").json()
     stats = health["models"][EMBED]
-    assert stats["batches_done"] < stats["sequences_done"]  # requests shared forward passes
+    assert stats["forward_passes"] < stats["sequences_done"]  # requests shared forward passes
 
 
 def test_token_arrays(client: openai.OpenAI, reference) -> None:

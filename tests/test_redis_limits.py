@@ -98,6 +98,25 @@ def test_replicas_share_slots_and_request_rates(deployment) -> None:
     assert small(a.api, rpm).status_code == 429
 
 
+def test_gets_are_counted_while_their_route_runs(deployment) -> None:
+    """A GET's count overlaps its route (Limiter.count_meanwhile); its response still waits
+    for the count, and over the rate it is the 429, not the route's answer."""
+    a, b = deployment["a"], deployment["b"]
+    auth = tenant(a.api, {"concurrent_requests": 10}, rate_limit=3)
+    seen = []
+    for srv in (a, b, a):
+        r = httpx.get(f"{srv.api}/models", headers=auth)
+        assert r.status_code == 200 and r.json()["object"] == "list"
+        seen.append(int(r.headers["x-ratelimit-remaining-requests"]))
+    assert seen == [2, 1, 0]
+    for path in ("/models", "/files/file-does-not-exist"):
+        r = httpx.get(f"{b.api}{path}", headers=auth)
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "requests_per_minute_exceeded"
+        assert int(r.headers["Retry-After"]) >= 1 and r.headers["X-RateLimit-Remaining"] == "0"
+    assert small(a.api, auth).status_code == 429  # the GETs used up the minute's requests
+
+
 def test_dead_replica_loses_its_slots_after_the_lease(deployment) -> None:
     a, b = deployment["a"], deployment["b"]
     auth = tenant(a.api, {"concurrent_requests": 1})
@@ -126,6 +145,8 @@ def test_redis_down_fails_closed(deployment) -> None:
     err = r.json()["error"]
     assert err["type"] == "server_error" and err["code"] == "rate_limiter_unavailable"
     assert "rate limiter's storage cannot be reached" in err["message"]
+    r = httpx.get(f"{a.api}/models", headers=auth)  # counted while its route ran: same reply
+    assert r.status_code == 503 and r.json()["error"]["code"] == "rate_limiter_unavailable"
 
 
 def test_long_request_keeps_its_slot(deployment) -> None:

@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = make_engine(settings.resolved_database_url)
+        app.state.db = db
         app.state.sessions = session_factory(db)
         # one replica at a time: two starting together on a fresh database would both
         # create the schema and a default organisation
@@ -77,8 +78,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             db.dispose()
 
     # No unauthenticated docs: every route but /health needs a key.
+    # No OpenTelemetry: nothing leaves the machine, and FastAPI's check for a configured
+    # provider otherwise runs on every request.
     app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+                  redoc_url=None, openapi_url=None,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.settings = settings
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)

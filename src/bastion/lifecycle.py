@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable
 
 
 from bastion.errors import (APIError, InvalidRequestError, PayloadTooLargeError,
-                            ServiceUnavailableError)
+                            ServiceUnavailableError, error_response)
 from bastion.serving.common import settle_unfinished
 
 log = logging.getLogger("bastion.lifecycle")
@@ -112,11 +112,22 @@ class Gatekeeper:
             return await receive()
 
         state = scope.setdefault("state", {})
+        refused = False  # the route's response was replaced by the count's refusal
 
         async def send_with_limits(message: Message) -> None:
+            nonlocal refused
+            if refused:
+                return  # the rest of the route's response, which its refusal replaced
             if message["type"] == "http.response.start" and "principal" in state:
                 limiter = scope["app"].state.limiter
                 quota = state.get("quota")
+                if (counting := state.pop("counting", None)) is not None:
+                    try:  # a GET counted while its route ran (Limiter.count_meanwhile)
+                        await counting
+                    except APIError as err:  # over its rate, or Redis gone: that is the reply
+                        refused = True
+                        await error_response(err)(scope, receive, send)
+                        return
                 if quota is not None and quota.pending:  # an inference request never admitted
                     await limiter.count_pending(quota)
                 # from the request's latest snapshot (kept with the principal): no storage read
@@ -131,6 +142,8 @@ class Gatekeeper:
         try:
             await self.app(scope, replay, send_with_limits)
         finally:
+            if (counting := state.pop("counting", None)) is not None:  # no response started
+                await asyncio.gather(counting, return_exceptions=True)
             await settle_unfinished(state.get("tickets", []))
             self.lifecycle.leave()
 

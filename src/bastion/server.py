@@ -44,7 +44,9 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    # h11, not httptools even where it is installed: httptools answers a header it dislikes
+    # (a key with a DEL byte) with a plain-text 400 before the app can give its own 401
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http="h11",
                             timeout_graceful_shutdown=5, access_log=False,
                             ws_max_size=app.state.settings.max_body_bytes)
     DrainingServer(config, app, drain_timeout).run()

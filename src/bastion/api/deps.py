@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import time
 from datetime import datetime, timezone
 from typing import Annotated, Callable
 
 import anyio
 from fastapi import Depends, Request
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
@@ -18,7 +21,9 @@ from bastion.config import Settings
 from bastion.ratelimit.limiter import Limiter, Quota, Ticket
 from bastion.usage.ledger import UsageRow
 from bastion.errors import AuthenticationError, AuthorizationError, ModelNotFoundError
-from bastion.tenancy.keys import Principal, verify
+from bastion.tenancy.keys import Principal, lookup, touch
+
+log = logging.getLogger("bastion.api")
 
 
 def get_settings(request: Request) -> Settings:
@@ -30,7 +35,10 @@ def get_catalog(request: Request) -> Catalog:
 
 
 async def current_principal(request: Request) -> Principal:
-    """The caller, counted against its key's requests per minute before the route runs."""
+    """The caller, counted against its key's requests per minute. A GET or HEAD (no side
+    effects) runs while the count is on its way: its response waits for it (Gatekeeper) and
+    is replaced by the 429 if the key was over its rate; with Redis, the round trip overlaps
+    the route instead of preceding it. Other methods are counted before the route runs."""
     return await _bearer(request, defer=False)
 
 
@@ -54,34 +62,60 @@ async def _bearer(request: Request, defer: bool) -> Principal:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError(
             "The Authorization header must be 'Bearer YOUR_API_KEY'.", code="invalid_api_key")
-    principal, quota = await authenticate(request.app.state, token, count=True, defer=defer)
+    principal = await authenticate(request.app.state, token)
+    limiter: Limiter = request.app.state.limiter
+    if defer:
+        quota = limiter.deferred(principal)
+    elif request.method in ("GET", "HEAD"):
+        quota, request.state.counting = await limiter.count_meanwhile(principal)
+    else:
+        quota = await limiter.count_request(principal)
     request.state.quota = quota  # the response's rate-limit headers come from its snapshot
     request.state.principal = principal  # kept only once counted (a 429 carries its own)
     return principal
 
 
-async def authenticate(state: State, token: str, *, count: bool = False, defer: bool = False
-                       ) -> tuple[Principal, Quota | None]:
-    """The caller behind a raw key, for every transport (HTTP header, WebSocket message).
-    The database lookup runs in a worker thread; with `count`, the request is then counted
-    against the key's requests per minute on the event loop (with Redis: one round trip,
-    whose snapshot the rate-limit headers are computed from). With `defer` as well, the count
-    is left to admission (Limiter.deferred)."""
+async def authenticate(state: State, token: str) -> Principal:
+    """The caller behind a raw key, for every transport (HTTP header, WebSocket message);
+    counting the request is the caller's business (the limiter)."""
     if len(token) > 512 or not token.isascii() or not token.isprintable():
         raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-    factory = state.sessions
-    limiter: Limiter = state.limiter
+    db: Engine = state.db
 
-    def lookup() -> Principal:
-        with factory() as session:
-            return verify(session, token)
+    def find() -> tuple[Principal, bool]:
+        with db.connect() as conn:  # no ORM Session: see tenancy/keys.py
+            return lookup(conn, token)
 
-    principal = await run_in_threadpool(lookup)
-    if not count:
-        return principal, None
-    if defer:
-        return principal, limiter.deferred(principal)
-    return principal, await limiter.count_request(principal)
+    def record_use(key_id: str) -> None:
+        with db.connect() as conn:
+            touch(conn, key_id)
+
+    # SQLite answers from its page cache in less time than the hop to a worker thread takes
+    # (and a read never waits for a writer in WAL mode); a networked database is asked from a
+    # thread. The once-a-minute write of the key's last use goes to a thread either way.
+    if db.dialect.name == "sqlite":
+        principal, stale = find()
+    else:
+        principal, stale = await run_in_threadpool(find)
+    if stale:
+        background(record_use, principal.key_id)
+    return principal
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+def background(fn: Callable[..., None], *args: object) -> None:
+    """Run a blocking write in a worker thread without waiting for it; a failure is logged."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    _background.add(future)
+
+    def done(f: asyncio.Future[None]) -> None:
+        _background.discard(f)
+        if not f.cancelled() and f.exception() is not None:
+            log.warning("background write failed: %s", f.exception())
+
+    future.add_done_callback(done)
 
 
 CurrentKey = Annotated[Principal, Depends(current_principal)]

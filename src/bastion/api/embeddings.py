@@ -19,4 +19,7 @@ async def create_embedding(body: EmbeddingRequest, key: InferenceKey, catalog: C
     prep = await prepare_embeddings(body, catalog.resolve(body.model, key.org_id), key, limiter)
     ticket = await admit(request, key, prep.prompt_tokens, model=prep.deployment.id,
                          response_id=prep.id)
-    return await unless_disconnected(request, create_embeddings(prep, ticket))
+    result = await unless_disconnected(request, create_embeddings(prep, ticket))
+    if isinstance(result, EmbeddingList):  # serialised once, in Rust, and not validated again
+        return Response(result.model_dump_json(), media_type="application/json")
+    return result

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -22,9 +22,17 @@ log = logging.getLogger("bastion.db")
 WAITING = "waiting for another process to finish migrating the database"
 
 
+# Request handlers reach the database from worker threads (anyio's pool has 40): a pool
+# smaller than that made concurrent requests open, set up and close a connection each.
+POOL = {"pool_size": 40, "max_overflow": 10}
+POSTGRES_POOL = {"pool_size": 10, "max_overflow": 20}  # within max_connections=100 for 3 replicas
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        in_memory = make_url(url).database in (None, "", ":memory:")  # one shared connection
+        engine = create_engine(url, connect_args={"check_same_thread": False},
+                               **({} if in_memory else POOL))
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -35,7 +43,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **POSTGRES_POOL)
 
 
 @contextmanager

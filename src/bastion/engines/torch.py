@@ -97,6 +97,7 @@ class TorchEngine:
 
         if threads:
             torch.set_num_threads(threads)
+        self.threads = threads
         self.path = path
         self.name = name
         self.model, self.tokenizer = load_causal_lm(path)
@@ -179,6 +180,8 @@ class TorchEngine:
     def _run(self) -> None:
         import torch
 
+        if self.threads:  # per thread: the embedding engine's workers set theirs
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while not self._stopping:
                 self._take_commands(block=not self._jobs)

@@ -156,6 +156,20 @@ class Limiter:
         await self._count(quota)
         return quota
 
+    async def count_meanwhile(self, principal: Principal
+                              ) -> tuple[Quota, asyncio.Task[None] | None]:
+        """count_request, started rather than awaited, for a route without side effects:
+        whoever sends the response awaits the task first (it raises the 429 or 503 that the
+        response then becomes: Gatekeeper). The memory store has no round trip to overlap:
+        it counts at once, and a refusal is raised here."""
+        quota = self._quota(principal)
+        if not self.enabled or not quota.query.counted:
+            return quota, None
+        if not self.remote:
+            await self._count(quota)
+            return quota, None
+        return quota, asyncio.ensure_future(self._count(quota))
+
     def deferred(self, principal: Principal) -> Quota:
         """A Quota whose count waits for admission, which counts it in its own store call (one
         round trip fewer for an inference request). A request that ends before admission is

@@ -19,6 +19,8 @@ from bastion.serving.common import check_token_ids, metered
 from bastion.serving.passthrough_embeddings import UpstreamEmbeddings
 from bastion.tenancy.keys import Principal
 
+INLINE_TOKENIZE_CHARS = 4096
+
 
 @dataclass
 class PreparedEmbeddings:
@@ -63,7 +65,11 @@ async def prepare_embeddings(body: EmbeddingRequest, deployment: Deployment,
     texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
     sequences: list[list[int]] = [x if isinstance(x, list) else [] for x in inputs]
     if texts:
-        ids = await run_in_threadpool(engine.tokenize_many, [t for _, t in texts])
+        strings = [t for _, t in texts]
+        # a few sentences tokenise in tens of microseconds: less than the hop to a worker
+        # thread, which only pays off for long inputs that would hold the event loop
+        ids = (engine.tokenize_many(strings) if sum(map(len, strings)) <= INLINE_TOKENIZE_CHARS
+               else await run_in_threadpool(engine.tokenize_many, strings))
         for (i, _), tokens in zip(texts, ids):
             sequences[i] = tokens
     single = len(inputs) == 1 and not isinstance(body.input, list)

@@ -6,8 +6,10 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, Row, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from bastion.db.tables import ApiKey, Organization, utcnow
@@ -47,43 +49,73 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def verify(session: Session, raw: str) -> Principal:
+# Only the columns a Principal needs, as plain rows: this runs on every request, and loading
+# ORM entities into a Session cost several times the query itself.
+_PRINCIPAL_COLUMNS = select(
+    ApiKey.id, ApiKey.org_id, ApiKey.key_hash, ApiKey.permissions, ApiKey.is_server_admin,
+    ApiKey.rate_limit, ApiKey.revoked_at, ApiKey.last_used_at, Organization.plan,
+    Organization.limits_override, Organization.deleted_at).join(Organization)
+_BY_HASH = _PRINCIPAL_COLUMNS.where(ApiKey.key_hash == bindparam("digest"))
+_BY_ID = _PRINCIPAL_COLUMNS.where(ApiKey.id == bindparam("key_id"))
+
+Db = Session | Connection  # a Session, or a bare Connection where no ORM object is needed
+
+
+def verify(db: Db, raw: str) -> Principal:
     """The caller behind a raw key, or an AuthenticationError saying precisely why not."""
+    principal, stale = lookup(db, raw)
+    if stale:
+        touch(db, principal.key_id)
+    return principal
+
+
+def lookup(db: Db, raw: str) -> tuple[Principal, bool]:
+    """verify() without its write: the caller, and whether its key's last use is due to be
+    recorded (touch). A read only, so that it may run where a write could wait for a lock."""
     digest = hash_key(raw)
-    found = session.execute(select(ApiKey, Organization).join(Organization)
-                            .where(ApiKey.key_hash == digest)).first()
-    if found is None or not hmac.compare_digest(found[0].key_hash, digest):
+    found = db.execute(_BY_HASH, {"digest": digest}).first()
+    if found is None or not hmac.compare_digest(found.key_hash, digest):
         raise AuthenticationError("Incorrect API key provided. You can find your API keys in the "
                                   "dashboard or create one with `bastion keys create`.",
                                   code="invalid_api_key")
-    return _principal(session, *found)
+    return _principal(found), _stale(found.last_used_at)
 
 
-def verify_id(session: Session, key_id: str) -> Principal:
+def verify_id(db: Db, key_id: str) -> Principal:
     """The caller behind a key already verified once (a dashboard session holds its id, never
     the key): refused the same way as verify() once the key is revoked or its org deleted."""
-    found = session.execute(select(ApiKey, Organization).join(Organization)
-                            .where(ApiKey.id == key_id)).first()
+    found = db.execute(_BY_ID, {"key_id": key_id}).first()
     if found is None:
         raise AuthenticationError("This API key no longer exists.", code="invalid_api_key")
-    return _principal(session, *found)
+    principal = _principal(found)
+    if _stale(found.last_used_at):
+        touch(db, principal.key_id)
+    return principal
 
 
-def _principal(session: Session, row: ApiKey, org: Organization) -> Principal:
+def touch(db: Db, key_id: str) -> None:
+    """Record that the key was used now (at most once a minute per key: see _stale)."""
+    db.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=utcnow()))
+    db.commit()
+
+
+def _stale(last: datetime | None) -> bool:
+    if last is None:
+        return True
+    now = utcnow()
+    last = last if last.tzinfo else last.replace(tzinfo=now.tzinfo)
+    return (now - last).total_seconds() > LAST_USED_RESOLUTION_S
+
+
+def _principal(row: Row[Any]) -> Principal:
     if row.revoked_at is not None:
         raise AuthenticationError("This API key has been revoked.", code="api_key_revoked")
-    if org.deleted_at is not None:
+    if row.deleted_at is not None:
         raise AuthenticationError("This API key's organization has been deleted.",
                                   code="organization_deleted")
-    now = utcnow()
-    last = row.last_used_at
-    if last is None or (now - (last if last.tzinfo else last.replace(tzinfo=now.tzinfo))
-                        ).total_seconds() > LAST_USED_RESOLUTION_S:
-        row.last_used_at = now  # written at most once a minute per key
-        session.commit()
     return Principal(key_id=row.id, org_id=row.org_id, permissions=frozenset(row.permissions),
                      is_server_admin=row.is_server_admin, rate_limit=row.rate_limit,
-                     limits=effective_limits(org.plan, org.limits_override))
+                     limits=effective_limits(row.plan, row.limits_override))
 
 
 def own_key(session: Session, principal: Principal) -> ApiKey:

@@ -47,7 +47,7 @@ async def login(request: Request, codec: Codec, form: CheckedLoginForm) -> Respo
     try:
         if not raw:
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-        key_id = (await authenticate(request.app.state, raw))[0].key_id
+        key_id = (await authenticate(request.app.state, raw)).key_id
     except AuthenticationError as exc:
         return login_page(request, codec, status=401, error=exc.message,
                           next_path=str(form.get("next") or ""))
