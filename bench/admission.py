@@ -4,9 +4,11 @@ Why: limits must be cheap enough to leave on. The same server build runs twice, 
 and requests alternate between the two: once with limits on (a key with a requests-per-minute
 limit in an organisation whose plan limits concurrency and tokens per hour) and once with
 BASTION_RATE_LIMITS=false. With --baseline, another version's pair runs alongside and the four
-alternate, so before and after see the same machine. Two endpoints are timed: GET /v1/models
-(authentication and the rate-limit headers) and POST /v1/completions with max_tokens=1
-(authentication, admission, settlement and a ledger row, plus one decode step). In-process,
+alternate, so before and after see the same machine. Three endpoints are timed: GET /v1/models
+(authentication and the rate-limit headers), POST /v1/embeddings of one token and POST
+/v1/completions with max_tokens=1 (authentication, admission, settlement and a ledger row,
+around a few ms of model). With --concurrency N, every server is loaded by N clients at once
+instead of one request at a time. In-process,
 the limiter's admit (counting the request) + settle + headers is timed on its own too.
 """
 
@@ -29,6 +31,18 @@ from conftest import ADMIN_KEY, MODEL, start_server, stop_server  # noqa: E402
 from bastion.ratelimit.limiter import Limiter  # noqa: E402
 from bastion.tenancy.keys import Principal  # noqa: E402
 from bastion.tenancy.plans import effective_limits  # noqa: E402
+
+
+# A cheap endpoint without admission, the cheapest inference request (one token to embed:
+# authentication, admission, settlement and a ledger row around a few ms of model), and a
+# completion of one token (the same around a decode step).
+ENDPOINTS = (
+    ("GET /v1/models", "GET", "/models", None),
+    ("POST /v1/embeddings, 1 token", "POST", "/embeddings",
+     {"model": "all-minilm-l6-v2", "input": "hi"}),
+    ("POST /v1/completions max_tokens=1", "POST", "/completions",
+     {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "temperature": 0}),
+)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -107,6 +121,38 @@ async def interleaved(servers: dict[str, tuple[str, str]], method: str, path: st
             for mode, xs in lat.items()}
 
 
+async def concurrent(servers: dict[str, tuple[str, str]], method: str, path: str,
+                     body: dict | None, n: int, clients: int) -> dict[str, dict[str, float]]:
+    """Every server under `clients` concurrent clients at once, each sending n // clients
+    requests: the servers share the machine as the sequential mode's alternation makes them,
+    and the limiter's store (Redis) is kept busy, as on a server with traffic, instead of
+    being woken from idle for every request."""
+    async def one(api: str, key: str) -> tuple[list[float], int, float]:
+        lat: list[float] = []
+        errors = 0
+        async with httpx.AsyncClient(base_url=api, timeout=60,
+                                     headers={"Authorization": f"Bearer {key}"},
+                                     limits=httpx.Limits(max_connections=clients)) as c:
+            await c.request(method, path, json=body)
+
+            async def worker() -> None:
+                nonlocal errors
+                for _ in range(n // clients):
+                    t = time.perf_counter()
+                    r = await c.request(method, path, json=body)
+                    lat.append((time.perf_counter() - t) * 1000)
+                    errors += r.status_code != 200
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(clients)))
+            return lat, errors, time.perf_counter() - start
+
+    runs = await asyncio.gather(*(one(api, key) for api, key in servers.values()))
+    return {mode: {"rps": len(lat) / wall, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+                   "errors": errors, "lat": sorted(lat)}
+            for mode, (lat, errors, wall) in zip(servers, runs)}
+
+
 def limited_key(api: str) -> str:
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     org = httpx.post(f"{api}/organizations", headers=admin,
@@ -123,6 +169,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=600)
     ap.add_argument("--redis", action="store_true",
                     help="limits in a redis-server started for the run (default: in memory)")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="clients per server; above 1 all servers are loaded at once "
+                         "(default 1: one request at a time, alternating between servers)")
     ap.add_argument("--baseline", type=Path, metavar="SRC",
                     help="also run another version's servers (its src/ directory, e.g. from "
                          "`git archive <commit> src | tar -x -C /tmp/base`), limits on and off, "
@@ -145,18 +194,18 @@ def main() -> None:
         started = {}
         for version, env in versions.items():
             started[f"{version}limits on"] = start_server(
-                Path(tmp) / f"{version}on", "--parallel", "8", env={**env, **on_env})
+                Path(tmp) / f"{version}on", "--parallel", "8", env={**env, **on_env},
+                embeddings=True)
             started[f"{version}limits off"] = start_server(
                 Path(tmp) / f"{version}off", "--parallel", "8",
-                env={**env, "BASTION_RATE_LIMITS": "false"})
+                env={**env, "BASTION_RATE_LIMITS": "false"}, embeddings=True)
         try:
             servers = {mode: (srv.api, limited_key(srv.api)) for mode, srv in started.items()}
-            for name, method, path, body in (
-                    ("GET /v1/models", "GET", "/models", None),
-                    ("POST /v1/completions max_tokens=1", "POST", "/completions",
-                     {"model": MODEL, "prompt": "Hi", "max_tokens": 1, "temperature": 0})):
-                for mode, row in asyncio.run(interleaved(servers, method, path, body,
-                                                         args.requests)).items():
+            for name, method, path, body in ENDPOINTS:
+                run = (interleaved(servers, method, path, body, args.requests)
+                       if args.concurrency == 1 else
+                       concurrent(servers, method, path, body, args.requests, args.concurrency))
+                for mode, row in asyncio.run(run).items():
                     results[f"{name}, {mode}"] = row
         finally:
             for srv in started.values():
@@ -165,8 +214,11 @@ def main() -> None:
                 redis.terminate()
                 redis.wait(10)
     storage = "Redis storage (redis-server on loopback)" if args.redis else "memory storage"
-    print(f"{os.cpu_count()} CPUs, {args.requests} sequential requests per row, alternating "
-          f"between the {len(started)} servers; {storage}\n")
+    how = (f"{args.requests} sequential requests per row, alternating between the "
+           f"{len(started)} servers" if args.concurrency == 1 else
+           f"{args.requests} requests per row from {args.concurrency} concurrent clients per "
+           f"server, all {len(started)} servers loaded at once")
+    print(f"{os.cpu_count()} CPUs, {how}; {storage}\n")
     print("| endpoint, mode | req/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
@@ -177,15 +229,19 @@ def main() -> None:
         print(f"in-process Limiter.admit (counting) + settle + headers (Redis): "
               f"p50 {ip_redis['p50_us']:.1f} µs, p99 {ip_redis['p99_us']:.1f} µs")
     for version in versions:
-        for name in ("GET /v1/models", "POST /v1/completions max_tokens=1"):
+        for name, *_ in ENDPOINTS:
             a = results[f"{name}, {version}limits on"]
             b = results[f"{name}, {version}limits off"]
-            # each round's on and off requests ran back to back: the median of their
-            # differences drifts less with the machine's load than a difference of medians
-            paired = [x - y for x, y in zip(a["lat"], b["lat"])]
-            print(f"{version}added by limits, {name}: p50 {a['p50_ms'] - b['p50_ms']:+.2f} ms, "
-                  f"p99 {a['p99_ms'] - b['p99_ms']:+.2f} ms; median of paired differences "
-                  f"{pct(paired, 50):+.2f} ms")
+            line = (f"{version}added by limits, {name}: p50 {a['p50_ms'] - b['p50_ms']:+.2f} ms, "
+                    f"p99 {a['p99_ms'] - b['p99_ms']:+.2f} ms")
+            if args.concurrency == 1:
+                # each round's on and off requests ran back to back: the median of their
+                # differences drifts less with the machine's load than a difference of medians
+                paired = [x - y for x, y in zip(a["lat"], b["lat"])]
+                line += f"; median of paired differences {pct(paired, 50):+.2f} ms"
+            else:
+                line += f"; req/s {a['rps'] / b['rps'] - 1:+.1%}"
+            print(line)
 
 
 if __name__ == "__main__":
