@@ -142,7 +142,9 @@ def reference_first_logprobs(model_path: Path, mmproj: Path, prompt: Prompt) -> 
     """Log-probabilities of the first generated token from a plain sequential evaluation: a
     fresh llama_context with one sequence, text decoded with llama_batch_get_one, each image
     with libmtmd's helper. None of the scheduler's batching, positions or slots are used."""
-    model = lc.llama_model_load_from_file(str(model_path).encode(), lc.llama_model_default_params())
+    mparams = lc.llama_model_default_params()
+    mparams.use_extra_bufts = False  # the engine's weight layout (LlamaModel): the same kernels
+    model = lc.llama_model_load_from_file(str(model_path).encode(), mparams)
     cp = lc.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch = 512, 256, 256
     cp.n_threads = cp.n_threads_batch = THREADS

@@ -1,8 +1,8 @@
 """Sentence-transformers embeddings, with requests that arrive together run as one batch.
 
 Requests are tokenised by the caller (so that limits and usage are exact before any model time
-is spent) and queued as token ids; one worker thread takes everything queued, waits a short
-window for more when it was idle, sorts the sequences by length and cuts them into forward
+is spent) and queued as token ids; a worker thread takes everything queued (a second one helps
+while the first is busy), waits a short window for more when it was idle, sorts the sequences by length and cuts them into forward
 passes that weigh padding against the cost of one more pass (engines/batching.py), and runs the
 model's own pipeline (transformer, pooling, normalisation) on each. A client that goes away
 before its turn costs nothing: its future is cancelled and skipped.
@@ -120,9 +120,12 @@ class SentenceTransformerEngine:
         self._workers = [threading.Thread(target=self._run, args=(i == 0,),
                                           name=f"embed-{name}-{i}", daemon=True)
                          for i in range(self.workers)]
+        self._failed: Exception | None = None
         for worker in self._workers:
             worker.start()
         self._ready.wait()
+        if self._failed is not None:
+            raise EngineError(f"the embedding model at {path} could not run: {self._failed}")
 
     # --- what a request needs before it queues ---------------------------------------------------
     def tokenize_many(self, texts: list[str]) -> list[list[int]]:
@@ -153,6 +156,10 @@ class SentenceTransformerEngine:
             torch.set_num_threads(self.threads_per_worker)  # measured as under load
             try:
                 self.overhead_tokens = self.calibrate()
+            except Exception as exc:  # the model cannot run: the constructor says so
+                self._failed = exc
+                self._closing = True
+                return
             finally:
                 self._ready.set()
         while True:

@@ -45,6 +45,12 @@ class LlamaModel:
         _init_backend()
         mparams = lc.llama_model_default_params()
         mparams.vocab_only = vocab_only
+        # No repacked weight layouts ("extra buffer types"): with them, rows of one batch went
+        # through different kernels (tiles of rows, then the rest), so two identical greedy
+        # sequences in one step could round apart and diverge (n=2 at temperature 0 wrote
+        # two different stories on an AVX-512 build). Measured here without them: decode
+        # 2-4 % slower at 1-16 sequences (within this machine's noise), prefill the same.
+        mparams.use_extra_bufts = False
         self.model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load the GGUF model at {path}")
