@@ -1,8 +1,8 @@
 """Sentence-transformers embeddings, with requests that arrive together run as one batch.
 
 Requests are tokenised by the caller (so that limits and usage are exact before any model time
-is spent) and queued as token ids; a worker thread takes everything queued (a second one helps
-while the first is busy), waits a short window for more when it was idle, sorts the sequences by length and cuts them into forward
+is spent) and queued as token ids; a worker thread takes everything queued (helpers take the
+next batches while it is busy), waits a short window for more when it was idle, sorts the sequences by length and cuts them into forward
 passes that weigh padding against the cost of one more pass (engines/batching.py), and runs the
 model's own pipeline (transformer, pooling, normalisation) on each. A client that goes away
 before its turn costs nothing: its future is cancelled and skipped.
@@ -59,17 +59,15 @@ class SentenceTransformerEngine:
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.modules import Normalize
 
-        # Two workers: the first takes every batch, with all the threads when it runs alone;
-        # the helper takes the next batch only while the first is busy, and then each uses half
-        # (on 2 cores, one each: 412 sentences/s against 316 for one worker with 2 threads on
-        # the same passes, since neither waits at a parallel region's barrier for a thread
-        # that the event loop displaced). Each sets its own count: PyTorch keeps it per thread.
-        # No other thread runs the model here: once one thread has run parallel regions,
-        # another thread's took twice as long (5.5 ms against 12.4 for one sentence).
-        total = threads or torch.get_num_threads()
-        self.threads = total
-        self.workers = 2 if total >= 2 else 1
-        self.threads_per_worker = max(1, total // self.workers)
+        # Workers of one thread each (up to 4, never more than `threads`): the first takes
+        # every batch; helpers take the next ones only while it is busy. One thread each
+        # because PyTorch and llama.cpp share one OpenMP runtime (both load libgomp.so.1): once
+        # a torch worker had run a parallel region of its own, llama.cpp's decoding in the same
+        # process fell from 43 to 27 tokens/s (and a second torch thread's passes took 12.4 ms
+        # instead of 5.5): with more OpenMP threads than cores, libgomp stops spinning at its
+        # barriers. Single-threaded, torch never starts one. On 2 cores two such workers also
+        # embed more than one worker with two threads (412 against 316 sentences/s).
+        self.workers = max(1, min(threads or torch.get_num_threads(), 4))
         self._torch = torch
         self.name = name
         try:
@@ -114,7 +112,6 @@ class SentenceTransformerEngine:
         self._probe = self.tokenizer("a", add_special_tokens=False)["input_ids"][0]
         self.overhead_tokens = 0.0  # set by the first worker before it serves (calibrate)
         self._first_busy = threading.Event()
-        self._helper_busy = False
         self._closing = False
         self._ready = threading.Event()
         self._workers = [threading.Thread(target=self._run, args=(i == 0,),
@@ -151,9 +148,8 @@ class SentenceTransformerEngine:
 
     # --- the workers -----------------------------------------------------------------------------
     def _run(self, first: bool) -> None:
-        torch = self._torch
+        self._torch.set_num_threads(1)  # per thread: see __init__
         if first:
-            torch.set_num_threads(self.threads_per_worker)  # measured as under load
             try:
                 self.overhead_tokens = self.calibrate()
             except Exception as exc:  # the model cannot run: the constructor says so
@@ -182,8 +178,6 @@ class SentenceTransformerEngine:
                 continue
             if first:
                 self._first_busy.set()
-            else:
-                self._helper_busy = True
             try:
                 self._encode(live, first)
             except Exception as exc:  # the model failed: every waiting request hears why
@@ -194,8 +188,6 @@ class SentenceTransformerEngine:
             finally:
                 if first:
                     self._first_busy.clear()
-                else:
-                    self._helper_busy = False
 
     def _take(self, first: bool) -> _Job | None:
         """The next job, or None to stop. The helper waits while the first worker is idle."""
@@ -205,7 +197,7 @@ class SentenceTransformerEngine:
             if not self._first_busy.wait(0.1):
                 continue
             try:  # never a blocking get: one that outlasted the first worker's batch would
-                # take a lone client's next request away from it (and its threads)
+                # take a lone client's next request away from it
                 job = self._queue.get_nowait()
             except queue.Empty:
                 time.sleep(0.001)
@@ -214,9 +206,6 @@ class SentenceTransformerEngine:
                 return job
             self._queue.put(None)  # the first worker's
         return None
-
-    def _threads_for(self, first: bool) -> int:
-        return self.threads if first and not self._helper_busy else self.threads_per_worker
 
     def _encode(self, jobs: list[_Job], first: bool) -> None:
         """All the jobs' sequences sorted by length and cut into passes (engines/batching.py),
@@ -230,9 +219,6 @@ class SentenceTransformerEngine:
                              self.max_batch_tokens)
         for start, end in passes:
             chunk = items[start:end]
-            threads = self._threads_for(first)
-            if self._torch.get_num_threads() != threads:
-                self._torch.set_num_threads(threads)
             vectors = self._forward([jobs[j].sequences[i] for _, j, i in chunk])
             with self._counting:
                 self._passes_done += 1

@@ -9,6 +9,7 @@ sequences and UTF-8-safe text follow the llama.cpp engine's rules, so a client s
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import threading
@@ -180,8 +181,9 @@ class TorchEngine:
     def _run(self) -> None:
         import torch
 
-        if self.threads:  # per thread: the embedding engine's workers set theirs
-            torch.set_num_threads(self.threads)
+        # per thread, and explicitly: the embedding engine's single-threaded workers change
+        # the default that new threads start with
+        torch.set_num_threads(self.threads or os.cpu_count() or 1)
         with torch.inference_mode():
             while not self._stopping:
                 self._take_commands(block=not self._jobs)
