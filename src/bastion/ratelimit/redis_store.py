@@ -173,6 +173,11 @@ class RedisStore:
         self._idle: list[Any] = []  # the store's own connections (_call), most recent last
         self._pool: Any = getattr(self.client, "connection_pool", None)  # None: a cluster
 
+    def _connection(self) -> Any:
+        """One of the store's own connections (connected on first use); give it back to
+        `_idle` once its reply is read, or disconnect it."""
+        return self._idle.pop() if self._idle else self._pool.make_connection()
+
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run a script on a connection of the store's own: redis-py's client path (its pool's
         lock and bookkeeping, the retry wrapper) cost about as much as the round trip itself
@@ -183,7 +188,7 @@ class RedisStore:
         if self._pool is None:  # a cluster client: its own routing, per call
             return await script(keys=keys, args=args)
         for attempt in (0, 1):
-            conn = self._idle.pop() if self._idle else self._pool.make_connection()
+            conn = self._connection()
             try:
                 await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
             except (ConnectionError, OSError):
@@ -253,7 +258,7 @@ class RedisStore:
         if self._pool is None:  # a cluster client has a pool per node: wait for the reply
             used, ttl, n = await self._settle(keys=keys, args=args)
             return Usage(int(used), time.time() + int(ttl) / 1000, int(n))
-        conn = self._idle.pop() if self._idle else self._pool.make_connection()
+        conn = self._connection()
         try:
             await conn.send_command("EVALSHA", self._settle.sha, len(keys), *keys, *args)
         except BaseException:

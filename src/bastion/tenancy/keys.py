@@ -32,7 +32,7 @@ class Principal:
     permissions: frozenset[str] = field(default_factory=frozenset)
     is_server_admin: bool = False
     rate_limit: int | None = None
-    limits: Limits = PLANS["spark"]  # the smallest plan unless verify() says otherwise
+    limits: Limits = PLANS["spark"]  # the smallest plan unless lookup() says otherwise
 
     def can(self, permission: str) -> bool:
         return self.is_server_admin or "admin" in self.permissions or permission in self.permissions
@@ -61,17 +61,10 @@ _BY_ID = _PRINCIPAL_COLUMNS.where(ApiKey.id == bindparam("key_id"))
 Db = Session | Connection  # a Session, or a bare Connection where no ORM object is needed
 
 
-def verify(db: Db, raw: str) -> Principal:
-    """The caller behind a raw key, or an AuthenticationError saying precisely why not."""
-    principal, stale = lookup(db, raw)
-    if stale:
-        touch(db, principal.key_id)
-    return principal
-
-
 def lookup(db: Db, raw: str) -> tuple[Principal, bool]:
-    """verify() without its write: the caller, and whether its key's last use is due to be
-    recorded (touch). A read only, so that it may run where a write could wait for a lock."""
+    """The caller behind a raw key, or an AuthenticationError saying precisely why not; and
+    whether its key's last use is due to be recorded (touch). A read only, so that it may run
+    where a write could wait for a lock."""
     digest = hash_key(raw)
     found = db.execute(_BY_HASH, {"digest": digest}).first()
     if found is None or not hmac.compare_digest(found.key_hash, digest):
@@ -83,7 +76,7 @@ def lookup(db: Db, raw: str) -> tuple[Principal, bool]:
 
 def verify_id(db: Db, key_id: str) -> Principal:
     """The caller behind a key already verified once (a dashboard session holds its id, never
-    the key): refused the same way as verify() once the key is revoked or its org deleted."""
+    the key): refused the same way as lookup() once the key is revoked or its org deleted."""
     found = db.execute(_BY_ID, {"key_id": key_id}).first()
     if found is None:
         raise AuthenticationError("This API key no longer exists.", code="invalid_api_key")

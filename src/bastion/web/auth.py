@@ -1,5 +1,5 @@
-"""Sign in by pasting an API key, sign out. The key is verified by the API's own verify() and
-then forgotten: the session keeps only its id."""
+"""Sign in by pasting an API key, sign out. The key is verified by the API's own
+authenticate() and then forgotten: the session keeps only its id."""
 
 from __future__ import annotations
 
