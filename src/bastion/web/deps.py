@@ -4,7 +4,7 @@ permission checks that answer with a 403 page, and the CSRF check every form pos
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Callable
+from typing import Annotated, Awaitable, Callable
 
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
@@ -49,7 +49,7 @@ class CsrfError(AuthorizationError):
     code = "csrf_failed"
 
 
-def get_codec(request: Request) -> SessionCodec:
+async def get_codec(request: Request) -> SessionCodec:
     """Made on first use: the secret lives in the data directory, which the lifespan creates."""
     state = request.app.state
     codec = getattr(state, "web_codec", None)
@@ -100,10 +100,10 @@ async def load_viewer(request: Request, codec: Codec) -> Viewer:
 CurrentViewer = Annotated[Viewer, Depends(load_viewer)]
 
 
-def can(permission: str) -> Callable[[Viewer], Viewer]:
+def can(permission: str) -> Callable[[Viewer], Awaitable[Viewer]]:
     """A page only keys holding `permission` may open (by link or by typing its URL)."""
 
-    def check(viewer: CurrentViewer) -> Viewer:
+    async def check(viewer: CurrentViewer) -> Viewer:
         if not viewer.can(permission):
             raise AuthorizationError(f"Your API key lacks the '{permission}' permission this "
                                      f"page needs. Sign in with a key that has it.")
@@ -112,7 +112,7 @@ def can(permission: str) -> Callable[[Viewer], Viewer]:
     return check
 
 
-def server_admin(viewer: CurrentViewer) -> Viewer:
+async def server_admin(viewer: CurrentViewer) -> Viewer:
     if not viewer.is_server_admin:
         raise AuthorizationError("Only the server administrator can manage organisations.")
     return viewer
