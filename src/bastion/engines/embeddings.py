@@ -1,14 +1,14 @@
 """Sentence-transformers embeddings, with requests that arrive together run as one batch.
 
 Requests are tokenised by the caller (so that limits and usage are exact before any model time
-is spent) and queued as token ids. A feeder thread takes everything queued (helpers take the
-next batches while it is busy), waits a short window for more when it was idle, sorts the
-sequences by length, cuts them into forward passes that weigh padding against the cost of one
-more pass (engines/batching.py), and hands them to its own model process
-(engines/embedding_process.py), which runs the model's pipeline (transformer, pooling,
-normalisation). A client that goes away before its turn costs nothing: its future is cancelled
-and skipped.
-"""
+is spent) and queued as token ids. A feeder thread that finds no planned pass left takes
+everything queued (after a short window when all were idle), sorts the sequences by length and
+cuts them into forward passes that weigh padding against the cost of one more pass
+(engines/batching.py). Every feeder takes passes from that one plan and runs each on its own
+model process (engines/embedding_process.py), which runs the model's pipeline (transformer,
+pooling, normalisation): one batch sorted as a whole pads less than a batch per process (10 %
+more sentences/s under 64 clients). A client that goes away before its turn costs nothing: its
+future is cancelled and skipped."""
 
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ log = logging.getLogger("bastion.engines.embeddings")
 class _Job:
     sequences: list[list[int]]
     future: asyncio.Future[np.ndarray]
+
+
+@dataclass
+class _Batch:
+    """Jobs taken together; their sequences sorted by length: (padded length, job, index)."""
+
+    jobs: list[_Job]
+    items: list[tuple[int, int, int]]
+    out: list[np.ndarray]  # each job's vectors, filled in as passes finish
+    left: list[int]  # each job's sequences still to embed
 
 
 def _deliver(loop: asyncio.AbstractEventLoop,
@@ -64,18 +74,20 @@ class SentenceTransformerEngine:
                  window_s: float = 0.002, max_batch: int = 64,
                  max_batch_tokens: int = 16384) -> None:
         # Model processes of one thread each (up to 4, never more than `threads`), each fed by
-        # one thread here: the first takes every batch; helpers take the next ones only while
-        # it is busy. One thread each: on 2 cores two single-threaded workers embedded more
-        # than one with two threads (412 against 316 sentences/s), and an idle OpenMP team
-        # spinning at its barriers takes cores from llama.cpp's decoding.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        self.workers = max(1, min(threads or cores or 1, 4))
+        # one thread here from one shared list of passes. One thread each: on 2 cores two
+        # single-threaded processes embedded more than one with two threads (412 against 316
+        # sentences/s), and an idle OpenMP team spinning at its barriers takes cores from
+        # llama.cpp's decoding.
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.workers = max(1, min(threads or len(cores) or os.cpu_count() or 1, 4))
+        pin = len(cores) >= self.workers  # one core each, where there are enough
         self.name = name
         self._processes: list[ModelProcess] = []
         try:  # all load at once; each reports what it loaded, or why it could not
             for i in range(self.workers):
                 self._processes.append(ModelProcess(path, f"embed-{name}-{i}", 1,
-                                                    calibrate=i == 0))
+                                                    calibrate=i == 0,
+                                                    core=cores[i] if pin else None))
             infos = [p.ready() for p in self._processes]
         except BaseException:
             for p in self._processes:
@@ -99,10 +111,12 @@ class SentenceTransformerEngine:
         self.max_batch_tokens = max_batch_tokens
         self._pending: deque[_Job] = deque()  # appended on the event loop, taken by feeders
         self._arrived = threading.Event()
+        self._passes: deque[tuple[_Batch, int, int]] = deque()  # planned, not yet taken
+        self._planning = threading.Lock()  # the passes, the batches' progress, the counters
+        self._busy = 0  # feeders running a pass
         self._sequences_done = 0
         self._batches_done = 0  # batches collected from the queue
         self._passes_done = 0  # forward passes they were cut into
-        self._counting = threading.Lock()  # the feeders' counters
         # A copy of the Rust tokenizer (tokenize_many): transformers switches truncation and
         # padding on the shared one per call, and must not cut a too-long input silently here.
         self._fast = None
@@ -110,9 +124,8 @@ class SentenceTransformerEngine:
             self._fast = copy.deepcopy(backend)
             self._fast.no_truncation()
             self._fast.no_padding()
-        self._first_busy = threading.Event()
         self._closing = False
-        self._feeders = [threading.Thread(target=self._run, args=(process, i == 0),
+        self._feeders = [threading.Thread(target=self._run, args=(process,),
                                           name=f"embed-{name}-{i}", daemon=True)
                          for i, process in enumerate(self._processes)]
         for feeder in self._feeders:
@@ -139,81 +152,82 @@ class SentenceTransformerEngine:
         return await future  # cancelled (the client left): the feeder skips it
 
     # --- the feeders -----------------------------------------------------------------------------
-    def _run(self, process: ModelProcess, first: bool) -> None:
+    def _run(self, process: ModelProcess) -> None:
         while not self._closing:
-            if not self._wait_for_jobs(first):
-                continue
-            if len(self._pending) < self.max_batch:
-                time.sleep(self.window_s)  # for the requests arriving together with this one
-            jobs: list[_Job] = []
-            rows = 0
-            while self._pending and rows < self.max_batch:
-                job = self._pending.popleft()
-                if not job.future.cancelled():
-                    jobs.append(job)
-                    rows += len(job.sequences)
-            if not jobs:
-                continue
-            if first:
-                self._first_busy.set()
-            try:
-                self._encode(process, jobs, first)
-            except Exception as exc:  # the model failed: every waiting request hears why
-                log.exception("embedding batch failed")
-                error = exc if isinstance(exc, EngineError) else EngineError(
-                    f"The embedding model failed: {exc}")
-                _deliver(jobs[0].future.get_loop(), [(j.future, error) for j in jobs])
-            finally:
-                if first:
-                    self._first_busy.clear()
+            work = self._next_pass()
+            if work is not None:
+                self._run_pass(process, *work)
 
-    def _wait_for_jobs(self, first: bool) -> bool:
-        """Whether jobs are waiting. The first feeder sleeps until a request arrives; a helper
-        looks only while the first is busy, and never blocks on the queue: a wait that
-        outlasted the first feeder's batch would take a lone client's next request from it."""
-        if first:
-            self._arrived.clear()  # before looking, so that an arrival after the look wakes us
-            if self._pending:
-                return True
+    def _next_pass(self) -> tuple[_Batch, int, int] | None:
+        """The next planned pass; or, when none is left, a new batch of everything waiting,
+        planned into passes that every feeder then takes from (so that one batch sorted by
+        length feeds all the model processes); None when there is nothing to do yet."""
+        with self._planning:
+            if self._passes:
+                return self._passes.popleft()
+        self._arrived.clear()  # before looking, so that an arrival after the look wakes us
+        if not self._pending:
             self._arrived.wait(0.5)
-            return False
-        if not self._first_busy.wait(0.1):
-            return False
-        if self._pending:
-            return True
-        time.sleep(0.001)
-        return False
+            return None
+        if len(self._pending) < self.max_batch and not self._busy:
+            time.sleep(self.window_s)  # idle until now: for requests arriving together
+        with self._planning:
+            if not self._passes:
+                self._plan()
+            return self._passes.popleft() if self._passes else None
 
-    def _encode(self, process: ModelProcess, jobs: list[_Job], first: bool) -> None:
-        """All the jobs' sequences sorted by length and cut into passes (engines/batching.py),
-        shortest first; each job gets its vectors as soon as its last sequence is done, so its
-        client can send its next request while the rest of the batch runs."""
+    def _plan(self) -> None:
+        """Everything waiting (up to max_batch sequences), sorted by length and cut into passes
+        that weigh padding against the cost of one more pass (engines/batching.py), shortest
+        first. Called with _planning held."""
+        jobs: list[_Job] = []
+        rows = 0
+        while self._pending and rows < self.max_batch:
+            job = self._pending.popleft()
+            if not job.future.cancelled():
+                jobs.append(job)
+                rows += len(job.sequences)
+        if not jobs:
+            return
         items = sorted((len(s) + self._specials, j, i)
                        for j, job in enumerate(jobs) for i, s in enumerate(job.sequences))
-        out = [np.empty((len(job.sequences), self.dimensions), dtype=np.float32) for job in jobs]
-        left = [len(job.sequences) for job in jobs]
-        passes = plan_passes([n for n, _, _ in items], self.overhead_tokens, self.max_batch,
-                             self.max_batch_tokens)
-        results = process.run([[jobs[j].sequences[i] for _, j, i in items[start:end]]
-                               for start, end in passes])
-        loop = jobs[0].future.get_loop()
-        for vectors, (start, end) in zip(results, passes):  # results first: see run()
-            with self._counting:
-                self._passes_done += 1
-            if first and end == len(items):  # idle before the last replies go out, so that
-                self._first_busy.clear()  # the requests they prompt come back to this feeder
-            if vectors is None:
-                continue  # its jobs fail with the error that run() raises after the last pass
-            done: list[tuple[asyncio.Future[np.ndarray], np.ndarray | Exception]] = []
-            for row, (_, j, i) in enumerate(items[start:end]):
-                out[j][i] = vectors[row]
-                left[j] -= 1
-                if not left[j]:
-                    done.append((jobs[j].future, out[j]))
-            _deliver(loop, done)
-        with self._counting:
-            self._sequences_done += len(items)
-            self._batches_done += 1
+        batch = _Batch(jobs, items, [np.empty((len(job.sequences), self.dimensions),
+                                              dtype=np.float32) for job in jobs],
+                       [len(job.sequences) for job in jobs])
+        for start, end in plan_passes([n for n, _, _ in items], self.overhead_tokens,
+                                      self.max_batch, self.max_batch_tokens):
+            self._passes.append((batch, start, end))
+        self._batches_done += 1
+
+    def _run_pass(self, process: ModelProcess, batch: _Batch, start: int, end: int) -> None:
+        """One pass on this feeder's model process; each job gets its vectors as soon as its
+        last sequence is done, so its client can send its next request while the rest of the
+        batch runs."""
+        chunk = batch.items[start:end]
+        jobs = batch.jobs
+        with self._planning:
+            self._busy += 1
+        try:
+            vectors = process.run([jobs[j].sequences[i] for _, j, i in chunk])
+            failure: Exception | None = None
+        except Exception as exc:
+            log.exception("embedding pass failed")
+            failure = exc if isinstance(exc, EngineError) else EngineError(
+                f"The embedding model failed: {exc}")
+        done: list[tuple[asyncio.Future[np.ndarray], np.ndarray | Exception]] = []
+        with self._planning:
+            self._busy -= 1
+            self._passes_done += 1
+            self._sequences_done += len(chunk)
+            for row, (_, j, i) in enumerate(chunk):
+                if failure is None:
+                    batch.out[j][i] = vectors[row]
+                batch.left[j] -= 1
+                if failure is not None:
+                    done.append((jobs[j].future, failure))
+                elif not batch.left[j]:
+                    done.append((jobs[j].future, batch.out[j]))
+        _deliver(jobs[0].future.get_loop(), done)
 
     # --- the engine protocol -------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
