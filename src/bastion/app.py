@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(app.state.catalog.close)  # joins engine threads
             await run_in_threadpool(app.state.ledger.close)  # writes what is still queued
             await app.state.limiter.close()
+            app.state.key_lookup.close()
             db.dispose()
 
     # No unauthenticated docs: every route but /health needs a key.

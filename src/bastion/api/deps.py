@@ -87,10 +87,9 @@ async def authenticate(state: State, token: str) -> Principal:
         with db.connect() as conn:
             touch(conn, key_id)
 
-    # SQLite answers from its page cache in less time than the hop to a worker thread takes
-    # (and a read never waits for a writer in WAL mode); a networked database is asked from a
-    # thread. The once-a-minute write of the key's last use goes to a thread either way.
-    if db.dialect.name == "sqlite":
+    # inline with SQLite, in a thread with a networked database (see KeyLookup); the
+    # once-a-minute write of the key's last use goes to a thread either way
+    if find.inline:
         principal, stale = find(token)
     else:
         principal, stale = await run_in_threadpool(find, token)
