@@ -91,11 +91,31 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+EXPIRE_EVERY_S = 1.0
+
+
+class _MemoryStorage(MemoryStorage):
+    """`limits`' MemoryStorage, dropping expired entries at most once a second. Its own
+    schedule starts a new Timer thread whenever the last one has run (10 ms later), so with
+    requests more than 10 ms apart every request started a thread and waited for it to be
+    scheduled: 250 µs at p50 per admission in process, and 0.6 ms per request added through
+    HTTP on 2 busy cores, against 37 µs back to back. Counters still expire exactly (they are
+    checked when read), and a moving window's entries are counted by time, not by presence."""
+
+    _next_expiry = 0.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # the base class's private hook
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRE_EVERY_S
+            super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
+
+
 class MemoryStore:
     """Limits of one process, in `limits`' MemoryStorage (in process: about 30 µs a request)."""
 
     def __init__(self, token_window_s: int) -> None:
-        self.storage = MemoryStorage()
+        self.storage = _MemoryStorage()
         self.window_s = token_window_s
         self._slots: dict[str, set[str]] = {}
         self._lock = threading.Lock()
