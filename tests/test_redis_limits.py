@@ -149,6 +149,22 @@ def test_redis_down_fails_closed(deployment) -> None:
     assert r.status_code == 503 and r.json()["error"]["code"] == "rate_limiter_unavailable"
 
 
+def test_a_released_slot_is_free_for_the_next_request(deployment) -> None:
+    """With Redis a release is written after the response's last byte, not before its first:
+    still before the server reads what the client sends next, so back-to-back requests on a
+    plan of one slot all get in, on either replica, streamed or not (24 in a row)."""
+    a, b = deployment["a"], deployment["b"]
+    auth = tenant(a.api, {"concurrent_requests": 1})
+    for i in range(12):
+        srv = (a, b)[i % 2]
+        assert small(srv.api, auth).status_code == 200, i
+        with httpx.stream("POST", f"{srv.api}/completions", headers=auth, timeout=60,
+                          json={"model": MODEL, "prompt": "x", "max_tokens": 2,
+                                "stream": True}) as r:
+            assert r.status_code == 200, i
+            assert [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
+
+
 def test_long_request_keeps_its_slot(deployment) -> None:
     """A lease is renewed for as long as its request runs, well past the set's own expiry."""
     a, b = deployment["a"], deployment["b"]

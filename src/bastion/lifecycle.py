@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from bastion.errors import (APIError, InvalidRequestError, PayloadTooLargeError,
                             ServiceUnavailableError, error_response)
-from bastion.serving.common import settle_unfinished
+from bastion.serving.common import release_settled, settle_unfinished
 
 log = logging.getLogger("bastion.lifecycle")
 Scope = dict[str, Any]
@@ -137,6 +137,8 @@ class Gatekeeper:
                          if k.lower().encode() not in present]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                await release_settled(state.get("tickets", []))  # after the last byte
 
         self.lifecycle.enter()
         try:
@@ -145,6 +147,7 @@ class Gatekeeper:
             if (counting := state.pop("counting", None)) is not None:  # no response started
                 await asyncio.gather(counting, return_exceptions=True)
             await settle_unfinished(state.get("tickets", []))
+            await release_settled(state.get("tickets", []))
             self.lifecycle.leave()
 
     def _too_large(self, size: int) -> PayloadTooLargeError:

@@ -180,9 +180,12 @@ async def admit(request: Request, principal: Principal, estimate: int, *, model:
         request_id = f"idem:{hashlib.sha256(idem.encode()).hexdigest()[:32]}:{body}"
     if not hasattr(request.state, "tickets"):
         request.state.tickets = []
-    return await open_ticket(request.app.state, getattr(request.state, "quota", None) or principal,
-                             estimate, model=model, request_id=request_id,
-                             endpoint=request.url.path, held=request.state.tickets)
+    ticket = await open_ticket(request.app.state,
+                               getattr(request.state, "quota", None) or principal, estimate,
+                               model=model, request_id=request_id, endpoint=request.url.path,
+                               held=request.state.tickets)
+    ticket.after_response = True  # the Gatekeeper writes its release (Redis) after the response
+    return ticket
 
 
 async def open_ticket(state: State, quota: Quota | Principal, estimate: int, *, model: str,

@@ -24,7 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 import anyio
 
@@ -68,6 +68,11 @@ class Ticket:
     status: str = "ok"
     done: bool = False
     on_settle: list[Callable[["Ticket"], None]] = field(default_factory=list)
+    # An HTTP request's ticket: with Redis, its release is written after the response's last
+    # byte (the Gatekeeper calls `release`), not before its first. Still before the server
+    # reads anything the client sends next, so the client's next request finds the slot free.
+    after_response: bool = False
+    release: Callable[[], Awaitable[object]] | None = None
 
     @property
     def principal(self) -> Principal:
@@ -252,15 +257,20 @@ class Limiter:
         self._held.pop(ticket.member, None)
         delta = ticket.prompt_tokens + ticket.completion_tokens - ticket.reserved
         delta = delta if ticket.window else 0
-        try:
-            usage = await self.store.settle(ticket.quota.query, ticket.member, ticket.window,
-                                            delta)
-        except Exception as exc:  # the lease runs out by itself; never fail the finished request
-            log.warning("could not settle a request's limits (%s: %s); its slot's lease will "
-                        "lapse", type(exc).__name__, exc)
-            return
+        usage: Usage | None = None
+        if ticket.after_response and self.remote:  # written by release_settled()
+            ticket.release = functools.partial(self.store.settle, ticket.quota.query,
+                                               ticket.member, ticket.window, delta)
+        else:
+            try:
+                usage = await self.store.settle(ticket.quota.query, ticket.member,
+                                                ticket.window, delta)
+            except Exception as exc:  # the lease runs out by itself; never fail the request
+                log.warning("could not settle a request's limits (%s: %s); its slot's lease "
+                            "will lapse", type(exc).__name__, exc)
+                return
         snap = ticket.quota.snapshot
-        if usage is None and snap is not None:  # sent, reply not awaited: the admission's
+        if usage is None and snap is not None:  # sent or due, reply not awaited: the admission's
             # snapshot with this request's own settlement applied
             was = snap.usage
             usage = Usage(max(0, was.tokens_used + delta), was.tokens_reset_at,

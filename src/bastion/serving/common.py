@@ -210,6 +210,21 @@ async def settle(ticket: Ticket) -> None:
         await ticket.settle()
 
 
+async def release_settled(tickets: list[Ticket]) -> None:
+    """Write the releases that settled HTTP tickets left for after the response (with Redis:
+    Ticket.after_response). Called by the Gatekeeper once the response's last byte is sent,
+    before the server can read the client's next request, and again whatever else happened."""
+    for ticket in tickets:
+        if (release := ticket.release) is not None:
+            ticket.release = None
+            with anyio.CancelScope(shield=True):
+                try:
+                    await release()
+                except Exception as exc:  # the lease runs out by itself
+                    log.warning("could not release a request's slot (%s: %s); its lease will "
+                                "lapse", type(exc).__name__, exc)
+
+
 async def settle_unfinished(tickets: list[Ticket]) -> None:
     """The safety net of every transport: tickets whose request ended before its route could
     settle them (the client went away first) are settled as cancelled."""
