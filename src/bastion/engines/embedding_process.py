@@ -72,6 +72,8 @@ class ModelProcess:
     def run(self, sequences: list[list[int]]) -> np.ndarray:
         """One forward pass's vectors, or EngineError. A process that died (killed, out of
         memory) is replaced before its EngineError is raised, so that the next pass runs."""
+        if self._conn is None:  # the last restart did not load: try again
+            self.restart()
         assert self._conn is not None
         try:
             self._conn.send(sequences)
@@ -89,7 +91,11 @@ class ModelProcess:
     def restart(self) -> None:
         self.kill()
         self.start()
-        self.ready()
+        try:
+            self.ready()
+        except EngineError:
+            self.kill()  # the next run() tries again
+            raise
 
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
