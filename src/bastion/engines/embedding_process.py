@@ -34,9 +34,9 @@ START_TIMEOUT_S = 300.0
 class ModelProcess:
     """One model process; `run` is called by one server thread at a time."""
 
-    def __init__(self, path: Path, label: str, threads: int, calibrate: bool,
-                 core: int | None = None) -> None:
-        self.path, self.label, self.threads, self.calibrate = path, label, threads, calibrate
+    def __init__(self, path: Path, label: str, first: bool, core: int | None = None) -> None:
+        # first: the one that calibrates and sends the tokenizer (the others' would be the same)
+        self.path, self.label, self.first = path, label, first
         self.core = core  # the CPU it is pinned to, if any
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -46,8 +46,8 @@ class ModelProcess:
         """Spawned, never forked: the server holds llama.cpp, PyTorch and threads already."""
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(target=serve, args=(theirs, str(self.path), self.threads,
-                                                        self.calibrate, self.core),
+        self._process = ctx.Process(target=serve, args=(theirs, str(self.path), self.first,
+                                                        self.core),
                                     name=self.label, daemon=True)
         self._process.start()
         theirs.close()  # so that its death reads as EOF here
@@ -167,7 +167,6 @@ class Model:
             "max_seq_length": int(self.model.max_seq_length),
             "specials": len(self.prefix) + len(self.suffix),
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "tokenizer": self.tokenizer,
         }
 
     def forward(self, sequences: list[list[int]]) -> np.ndarray:
@@ -208,8 +207,7 @@ class Model:
         return min(256.0, max(4.0, (small - short * per_token) / per_token))
 
 
-def serve(conn: Connection, path: str, threads: int, calibrate: bool,
-          core: int | None) -> None:
+def serve(conn: Connection, path: str, first: bool, core: int | None) -> None:
     """The model process's whole life. Ctrl-C and SIGTERM are the server's to handle: it
     finishes its requests, then closes this process (or dies, and the pipe's EOF ends it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -219,11 +217,12 @@ def serve(conn: Connection, path: str, threads: int, calibrate: bool,
     try:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)  # one thread per process: see engines/embeddings.py
         model = Model(Path(path))
         model.forward([[model.probe]])  # the first pass pays for lazy initialisation
         info = dict(model.info)
-        info["overhead_tokens"] = model.calibrate() if calibrate else None
+        if first:
+            info.update(tokenizer=model.tokenizer, overhead_tokens=model.calibrate())
     except Exception as exc:
         conn.send(("failed", str(exc)))
         return

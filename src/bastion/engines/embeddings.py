@@ -85,8 +85,7 @@ class SentenceTransformerEngine:
         self._processes: list[ModelProcess] = []
         try:  # all load at once; each reports what it loaded, or why it could not
             for i in range(self.workers):
-                self._processes.append(ModelProcess(path, f"embed-{name}-{i}", 1,
-                                                    calibrate=i == 0,
+                self._processes.append(ModelProcess(path, f"embed-{name}-{i}", first=i == 0,
                                                     core=cores[i] if pin else None))
             infos = [p.ready() for p in self._processes]
         except BaseException:

@@ -92,25 +92,25 @@ class KeyLookup:
             self._own.close()  # back to the pool, which the engine's dispose() then closes
             self._own = None
 
+    def _fetch(self, conn: Any, params: Any) -> Any:
+        cursor = conn.cursor()
+        try:
+            cursor.execute(self.sql, params)
+            return cursor.fetchone()
+        finally:
+            cursor.close()  # ends the statement, and with it SQLite's read
+
     def __call__(self, raw: str) -> tuple[Principal, bool]:
         digest = hash_key(raw)
         params = (digest,) if self.positional else {"digest": digest}
         if self.inline:
             if self._own is None:
                 self._own = self.engine.raw_connection()
-            cursor = self._own.cursor()
-            try:
-                cursor.execute(self.sql, params)
-                values = cursor.fetchone()
-            finally:
-                cursor.close()  # ends the statement, and with it the read
+            values = self._fetch(self._own, params)
         else:
             conn = self.engine.raw_connection()
             try:
-                cursor = conn.cursor()
-                cursor.execute(self.sql, params)
-                values = cursor.fetchone()
-                cursor.close()
+                values = self._fetch(conn, params)
             finally:
                 conn.close()  # back to the pool, which rolls back what the driver began
         found = None if values is None else self.Row(
