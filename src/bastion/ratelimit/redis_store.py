@@ -1,5 +1,5 @@
 """Rate-limit state in Redis, shared by every replica: one Lua script per step of a request,
-called with redis.asyncio on the event loop.
+called on the event loop over one pipelined connection (redis_pipe.py).
 
 Why Lua and not the `limits` library's storage API, which the memory store uses: that API works
 one counter at a time (hit a moving window, increment a fixed window, read its expiry), each
@@ -9,7 +9,8 @@ one atomic operation. Built on it, a completion cost about a dozen round trips (
 them could both see room for the last reservation and overshoot the hour's budget. A script runs
 atomically inside Redis, so each step is one round trip and no other replica can act between its
 check and its write. The connection still comes from `limits` (its async RedisStorage on
-redis-py, built from the URL), so the URL forms it accepts are the ones Bastion accepts.
+redis-py, built from the URL, opens and authenticates it), so the URL forms it accepts are the
+ones Bastion accepts.
 
 Layout, all keys of one organisation in one hash slot ({org} tag, for Redis Cluster):
   bastion:{org}:rpm:<key>  sorted set, one member per request of the last minute, scored by ms
@@ -24,6 +25,7 @@ is relative (ms until a reset), turned into epoch seconds on this host's clock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -32,8 +34,9 @@ from typing import Any
 from limits.storage import storage_from_string
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, NoScriptError
+from redis.exceptions import NoScriptError
 
+from bastion.ratelimit.redis_pipe import RedisPipe
 from bastion.ratelimit.store import RPM_WINDOW_S, Admission, Query, Requests, Snapshot, Usage
 
 log = logging.getLogger("bastion.ratelimit")
@@ -148,9 +151,9 @@ return 0
 
 
 class RedisStore:
-    """The steps of a request as scripts run on the event loop (redis.asyncio): no worker
-    thread per round trip. A connection error propagates, and the limiter turns it into a 503
-    (fail closed)."""
+    """The steps of a request as scripts run on the event loop: no worker thread per round
+    trip. A connection error or a Redis that stops answering (2 s) propagates, and the limiter
+    turns it into a 503 (fail closed)."""
 
     def __init__(self, url: str, token_window_s: int, slot_lease_s: float) -> None:
         # 2 s timeouts: an unreachable Redis must fail requests closed, not hang them. One
@@ -169,47 +172,20 @@ class RedisStore:
         self._admit = self.client.register_script(ADMIT)
         self._settle = self.client.register_script(SETTLE)
         self._renew = self.client.register_script(RENEW)
-        self._replies: set[asyncio.Task[None]] = set()  # releases whose reply is still due
-        self._idle: list[Any] = []  # the store's own connections (_call), most recent last
-        self._pool: Any = getattr(self.client, "connection_pool", None)  # None: a cluster
-
-    def _connection(self) -> Any:
-        """One of the store's own connections (connected on first use); give it back to
-        `_idle` once its reply is read, or disconnect it."""
-        return self._idle.pop() if self._idle else self._pool.make_connection()
+        self._released: set[asyncio.Future[Any]] = set()  # releases whose reply is still due
+        pool: Any = getattr(self.client, "connection_pool", None)  # None: a cluster
+        self._pipe = RedisPipe(pool, options["socket_timeout"]) if pool is not None else None
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a script on a connection of the store's own: redis-py's client path (its pool's
-        lock and bookkeeping, the retry wrapper) cost about as much as the round trip itself
-        (an admission to an idle Redis: 387 µs through it, 196 µs on a bare connection). The
-        connections keep redis-py's socket timeouts, so a stalled Redis still fails the call
-        (503). A write that fails on a connection Redis dropped is retried once on a new one:
-        nothing reached Redis, so nothing is counted twice."""
-        if self._pool is None:  # a cluster client: its own routing, per call
+        """Run a script on the store's pipelined connection (redis_pipe.py); a cluster client
+        routes each call itself. Redis that lost its script cache (a restart, SCRIPT FLUSH)
+        gets the script's text once more."""
+        if self._pipe is None:
             return await script(keys=keys, args=args)
-        for attempt in (0, 1):
-            conn = self._connection()
-            try:
-                await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            except (ConnectionError, OSError):
-                await conn.disconnect()
-                if attempt:
-                    raise
-                continue
-            except BaseException:
-                await conn.disconnect()
-                raise
-            try:
-                reply = await conn.read_response()
-            except NoScriptError:  # Redis lost its script cache (restart, SCRIPT FLUSH)
-                self._idle.append(conn)
-                return await script(keys=keys, args=args)  # loads the script and runs it
-            except BaseException:
-                await conn.disconnect()  # a reply may still be on its way: never reuse it
-                raise
-            self._idle.append(conn)
-            return reply
-        raise AssertionError("unreachable")
+        try:
+            return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._pipe.call("EVAL", script.script, len(keys), *keys, *args)
 
     @staticmethod
     def _keys(org_id: str) -> tuple[str, str]:
@@ -255,29 +231,24 @@ class RedisStore:
         background: the round trip is off the request's path. None: the caller estimates the
         usage after the release from its admission's snapshot."""
         keys, args = list(self._keys(q.org_id)), [member, window, delta, self.window_ms]
-        if self._pool is None:  # a cluster client has a pool per node: wait for the reply
+        if self._pipe is None:  # a cluster client has a pool per node: wait for the reply
             used, ttl, n = await self._settle(keys=keys, args=args)
             return Usage(int(used), time.time() + int(ttl) / 1000, int(n))
-        conn = self._connection()
-        try:
-            await conn.send_command("EVALSHA", self._settle.sha, len(keys), *keys, *args)
-        except BaseException:
-            await conn.disconnect()
-            raise
-        task = asyncio.create_task(self._reply(conn, keys, args))
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
+        reply = await self._pipe.send("EVALSHA", self._settle.sha, len(keys), *keys, *args)
+        self._released.add(reply)
+        reply.add_done_callback(functools.partial(self._settled, keys, args))
         return None
 
-    async def _reply(self, conn: Any, keys: list[str], args: list[Any]) -> None:
-        try:
-            try:
-                await conn.read_response()
-            except NoScriptError:  # Redis lost its script cache (restart, SCRIPT FLUSH)
-                await self._settle(keys=keys, args=args)  # loads the script and runs it
-            self._idle.append(conn)
-        except Exception as exc:  # the lease runs out by itself
-            await conn.disconnect()
+    def _settled(self, keys: list[str], args: list[Any], reply: asyncio.Future[Any]) -> None:
+        self._released.discard(reply)
+        if reply.cancelled():
+            return
+        exc = reply.exception()
+        if isinstance(exc, NoScriptError):  # Redis lost its script cache: send the text
+            task = asyncio.ensure_future(self._call(self._settle, keys, args))
+            self._released.add(task)
+            task.add_done_callback(functools.partial(self._settled, keys, args))
+        elif exc is not None:  # the lease runs out by itself
             log.warning("could not settle a request's limits (%s: %s); its slot's lease will "
                         "lapse", type(exc).__name__, exc)
 
@@ -295,10 +266,10 @@ class RedisStore:
             await pipe.execute()
 
     async def close(self) -> None:
-        if self._replies:
-            await asyncio.wait(set(self._replies), timeout=5)
-        for conn in self._idle:
-            await conn.disconnect()
+        if self._released:
+            await asyncio.wait(set(self._released), timeout=5)
+        if self._pipe is not None:
+            await self._pipe.close()
         await self.client.aclose()
 
 
