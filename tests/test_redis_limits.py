@@ -236,3 +236,49 @@ def test_redis_stalls_mid_request_then_recovers(deployment) -> None:
     # Whether the stalled release failed (logged as one warning line) or went through once
     # Redis woke depends on how long the refused request took; either way the slot is free
     # again (asserted above) and nothing raised (stop_server asserts there is no traceback).
+
+
+def redis_command(url: str, *args: str) -> bytes:
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*%d\r\n" % len(args) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args))
+        return s.recv(1024)
+
+
+def test_redis_loses_its_scripts_then_restarts(tmp_path) -> None:
+    """Redis forgets the limiter's scripts (SCRIPT FLUSH), then restarts empty on the same port:
+    the replica loads its scripts again and reconnects by itself, every request is served, and
+    on a plan of one slot each release still lands before the client's next admission (the
+    lease, 2 s, is far longer than the gaps between these requests)."""
+    redis, url = start_redis(tmp_path)
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    env = {"BASTION_REDIS_URL": url, "BASTION_SLOT_LEASE_SECONDS": "2"}
+    a = start_server(tmp_path, "--parallel", "2", env=env)
+    try:
+        auth = tenant(a.api, {"concurrent_requests": 1})
+        assert small(a.api, auth).status_code == 200
+        assert redis_command(url, "SCRIPT", "FLUSH") == b"+OK\r\n"
+        assert [small(a.api, auth).status_code for _ in range(4)] == [200] * 4
+        assert redis_command(url, "SCRIPT", "FLUSH") == b"+OK\r\n"
+        assert httpx.get(f"{a.api}/models", headers=auth).status_code == 200
+        assert [small(a.api, auth).status_code for _ in range(4)] == [200] * 4
+
+        redis.terminate()
+        redis.wait(10)
+        redis = subprocess.Popen([REDIS, "--port", port, "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", str(tmp_path)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while True:
+            try:
+                if redis_command(url, "PING") == b"+PONG\r\n":
+                    break
+            except OSError:
+                assert time.time() < deadline, "redis-server did not restart"
+                time.sleep(0.05)
+        assert [small(a.api, auth).status_code for _ in range(4)] == [200] * 4
+    finally:
+        stop_server(a)
+        redis.terminate()
+        redis.wait(10)

@@ -172,20 +172,29 @@ class RedisStore:
         self._admit = self.client.register_script(ADMIT)
         self._settle = self.client.register_script(SETTLE)
         self._renew = self.client.register_script(RENEW)
+        self._scripts = (self._authenticate, self._admit, self._settle, self._renew)
         self._released: set[asyncio.Future[Any]] = set()  # releases whose reply is still due
         pool: Any = getattr(self.client, "connection_pool", None)  # None: a cluster
         self._pipe = RedisPipe(pool, options["socket_timeout"]) if pool is not None else None
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run a script on the store's pipelined connection (redis_pipe.py); a cluster client
-        routes each call itself. Redis that lost its script cache (a restart, SCRIPT FLUSH)
-        gets the script's text once more."""
+        routes each call itself."""
         if self._pipe is None:
             return await script(keys=keys, args=args)
         try:
             return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await self._pipe.call("EVAL", script.script, len(keys), *keys, *args)
+            return await self._call_loaded(script, keys, args)
+
+    async def _call_loaded(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """The call again after loading every script: Redis lost its script cache (a restart,
+        SCRIPT FLUSH). All of them at once, so that the release this request sends next does
+        not miss its script too and reach Redis after the client's next admission."""
+        assert self._pipe is not None
+        loads = [await self._pipe.send("SCRIPT", "LOAD", s.script) for s in self._scripts]
+        await asyncio.gather(*loads)
+        return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     @staticmethod
     def _keys(org_id: str) -> tuple[str, str]:
@@ -244,8 +253,8 @@ class RedisStore:
         if reply.cancelled():
             return
         exc = reply.exception()
-        if isinstance(exc, NoScriptError):  # Redis lost its script cache: send the text
-            task = asyncio.ensure_future(self._call(self._settle, keys, args))
+        if isinstance(exc, NoScriptError):  # Redis lost its script cache
+            task = asyncio.ensure_future(self._call_loaded(self._settle, keys, args))
             self._released.add(task)
             task.add_done_callback(functools.partial(self._settled, keys, args))
         elif exc is not None:  # the lease runs out by itself
