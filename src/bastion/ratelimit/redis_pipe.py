@@ -36,6 +36,13 @@ def pack(args: tuple[Any, ...]) -> bytes:
     return b"".join(out)
 
 
+_NOT_YET = object()  # hiredis's "no whole reply yet" (its default, False, is also RESP3's false)
+
+# Replies after which this connection must not be used again: a failover made the server a
+# replica (redis-py's Sentinel connections disconnect on them too).
+_RECONNECT_ON = ("READONLY", "MASTERDOWN")
+
+
 class _Replies(asyncio.Protocol):
     """The connection's reading side: replies go to the oldest waiting call. A call that has
     waited longer than `timeout_s` means Redis has stalled: the connection is dropped and every
@@ -44,17 +51,23 @@ class _Replies(asyncio.Protocol):
     def __init__(self, transport: asyncio.Transport, timeout_s: float) -> None:
         self.transport = transport
         self.timeout_s = timeout_s
-        self.reader = hiredis.Reader()
+        self.reader = hiredis.Reader(notEnoughData=_NOT_YET)
         self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.lost: Exception | None = None
         self.streams: tuple[Any, ...] = ()  # kept alive, unused: see RedisPipe._connect
         self._timer: asyncio.TimerHandle | None = None
 
+    @property
+    def usable(self) -> bool:
+        return self.lost is None and not self.transport.is_closing()
+
     def call(self, packed: bytes) -> asyncio.Future[Any]:
+        if self.lost is not None:
+            raise self.lost
         loop = asyncio.get_running_loop()
+        self.transport.write(packed)
         future = loop.create_future()
         self.waiting.append((future, time.monotonic() + self.timeout_s))
-        self.transport.write(packed)
         if self._timer is None:
             self._timer = loop.call_later(self.timeout_s, self._check)
         return future
@@ -62,16 +75,20 @@ class _Replies(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         try:
-            while (reply := self.reader.gets()) is not False:
+            while (reply := self.reader.gets()) is not _NOT_YET:
                 future, _ = self.waiting.popleft()
-                if future.done():  # its caller went away
+                if not isinstance(reply, hiredis.ReplyError):
+                    if not future.done():  # done: its caller went away
+                        future.set_result(reply)
                     continue
-                if isinstance(reply, hiredis.ReplyError):
-                    text = str(reply)
-                    future.set_exception(NoScriptError(text) if text.startswith("NOSCRIPT")
-                                         else ResponseError(text))
-                else:
-                    future.set_result(reply)
+                text = str(reply)
+                error = NoScriptError(text) if text.startswith("NOSCRIPT") else \
+                    ResponseError(text)
+                if not future.done():
+                    future.set_exception(error)
+                if text.startswith(_RECONNECT_ON):
+                    self._fail(ConnectionError(f"Redis can no longer take writes here: {text}"))
+                    return
         except (hiredis.ProtocolError, IndexError) as exc:  # garbage, or a reply nobody asked for
             self._fail(ConnectionError(f"unexpected data from Redis: {exc}"))
 
@@ -109,19 +126,30 @@ class RedisPipe:
         self.pool = pool  # redis-py's asyncio ConnectionPool: it connects and authenticates
         self.timeout_s = timeout_s
         self._replies: _Replies | None = None
-        self._connecting: asyncio.Future[_Replies] | None = None
+        self._connecting: asyncio.Task[_Replies] | None = None
+        self._closed = False
 
     async def _open(self) -> _Replies:
-        replies = self._replies
-        if replies is not None and replies.lost is None:
-            return replies
-        if self._connecting is None:  # one connection attempt, shared by whoever waits
-            self._connecting = asyncio.ensure_future(self._connect())
-        try:
-            return await asyncio.shield(self._connecting)
-        finally:
-            if self._connecting is not None and self._connecting.done():
-                self._connecting = None
+        for _ in range(3):  # a connection that dies as it opens is replaced, within reason
+            if self._closed:
+                raise ConnectionError("the rate limiter's Redis connection is closed")
+            replies = self._replies
+            if replies is not None and replies.usable:
+                return replies
+            connecting = self._connecting
+            if connecting is None:  # one connection attempt, shared by whoever waits for it
+                connecting = self._connecting = asyncio.ensure_future(self._connect())
+                connecting.add_done_callback(self._connected)
+            # shielded: a caller that is cancelled (its client left) does not cancel the
+            # attempt that the others wait for; a failed attempt fails them all, once
+            await asyncio.shield(connecting)
+        raise ConnectionError("Redis closed every new connection at once")
+
+    def _connected(self, task: asyncio.Task[_Replies]) -> None:
+        if self._connecting is task:
+            self._connecting = None
+        if not task.cancelled():
+            task.exception()  # retrieved here too: nobody may be waiting any more
 
     async def _connect(self) -> _Replies:
         conn = self.pool.make_connection()
@@ -135,6 +163,8 @@ class RedisPipe:
         # closes its transport when it is collected.
         conn._writer = conn._reader = None
         replies.streams = streams
+        if self._closed:  # closed while this connected
+            replies._fail(ConnectionError("the rate limiter's Redis connection is closed"))
         self._replies = replies
         return replies
 
@@ -147,8 +177,8 @@ class RedisPipe:
         return await (await self.send(*args))
 
     async def close(self) -> None:
-        if self._connecting is not None:
-            self._connecting.cancel()
+        """Final: calls still waiting fail now, later ones at once."""
+        self._closed = True
         if self._replies is not None:
-            self._replies.transport.close()
+            self._replies._fail(ConnectionError("the rate limiter's Redis connection is closed"))
             self._replies = None

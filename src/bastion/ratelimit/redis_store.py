@@ -157,8 +157,9 @@ class RedisStore:
 
     def __init__(self, url: str, token_window_s: int, slot_lease_s: float) -> None:
         # 2 s timeouts: an unreachable Redis must fail requests closed, not hang them. One
-        # immediate retry, no backoff: a pooled connection that Redis dropped (a restart) is
-        # replaced at once, and a Redis that is down costs a request one failed reconnect.
+        # immediate retry, no backoff, for what still goes through redis-py's client (the
+        # lease renewals, a cluster's calls) and for opening the pipe's connection: a Redis
+        # that is down costs a request one failed reconnect.
         options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
         aio = storage_from_string(f"async+{url}", implementation="redispy",
                                   retry=Retry(NoBackoff(), 1), **options)
@@ -173,6 +174,7 @@ class RedisStore:
         self._settle = self.client.register_script(SETTLE)
         self._renew = self.client.register_script(RENEW)
         self._scripts = (self._authenticate, self._admit, self._settle, self._renew)
+        self._loading: asyncio.Future[None] | None = None  # SCRIPT LOADs after a lost cache
         self._released: set[asyncio.Future[Any]] = set()  # releases whose reply is still due
         pool: Any = getattr(self.client, "connection_pool", None)  # None: a cluster
         self._pipe = RedisPipe(pool, options["socket_timeout"]) if pool is not None else None
@@ -190,11 +192,18 @@ class RedisStore:
     async def _call_loaded(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """The call again after loading every script: Redis lost its script cache (a restart,
         SCRIPT FLUSH). All of them at once, so that the release this request sends next does
-        not miss its script too and reach Redis after the client's next admission."""
+        not miss its script too and reach Redis after the client's next admission; one load
+        for all the calls that found the cache empty together."""
+        assert self._pipe is not None
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self._load_scripts())
+        await asyncio.shield(self._loading)
+        return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def _load_scripts(self) -> None:
         assert self._pipe is not None
         loads = [await self._pipe.send("SCRIPT", "LOAD", s.script) for s in self._scripts]
         await asyncio.gather(*loads)
-        return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     @staticmethod
     def _keys(org_id: str) -> tuple[str, str]:
@@ -245,18 +254,21 @@ class RedisStore:
             return Usage(int(used), time.time() + int(ttl) / 1000, int(n))
         reply = await self._pipe.send("EVALSHA", self._settle.sha, len(keys), *keys, *args)
         self._released.add(reply)
-        reply.add_done_callback(functools.partial(self._settled, keys, args))
+        reply.add_done_callback(functools.partial(self._settled, keys, args, True))
         return None
 
-    def _settled(self, keys: list[str], args: list[Any], reply: asyncio.Future[Any]) -> None:
+    def _settled(self, keys: list[str], args: list[Any], first: bool,
+                 reply: asyncio.Future[Any]) -> None:
         self._released.discard(reply)
         if reply.cancelled():
             return
         exc = reply.exception()
-        if isinstance(exc, NoScriptError):  # Redis lost its script cache
+        if isinstance(exc, NoScriptError) and first:  # Redis lost its script cache: once more,
+            # after the scripts are loaded (this release now lands after whatever was sent
+            # meanwhile; at worst a request sent just then finds the slot still taken)
             task = asyncio.ensure_future(self._call_loaded(self._settle, keys, args))
             self._released.add(task)
-            task.add_done_callback(functools.partial(self._settled, keys, args))
+            task.add_done_callback(functools.partial(self._settled, keys, args, False))
         elif exc is not None:  # the lease runs out by itself
             log.warning("could not settle a request's limits (%s: %s); its slot's lease will "
                         "lapse", type(exc).__name__, exc)
