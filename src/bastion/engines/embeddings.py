@@ -115,6 +115,7 @@ class SentenceTransformerEngine:
         self._busy = 0  # feeders running a pass
         self._sequences_done = 0
         self._batches_done = 0  # batches collected from the queue
+        self._company = True  # the last batch held more than one request
         self._passes_done = 0  # forward passes they were cut into
         # A copy of the Rust tokenizer (tokenize_many): transformers switches truncation and
         # padding on the shared one per call, and must not cut a too-long input silently here.
@@ -168,8 +169,10 @@ class SentenceTransformerEngine:
         if not self._pending:
             self._arrived.wait(0.5)
             return None
-        if len(self._pending) < self.max_batch and not self._busy:
-            time.sleep(self.window_s)  # idle until now: for requests arriving together
+        if len(self._pending) < self.max_batch and not self._busy and self._company:
+            # idle until now, and the last batch had company: wait for requests arriving
+            # together. A client alone (its last batch was its own request) would only wait.
+            time.sleep(self.window_s)
         with self._planning:
             if not self._passes:
                 self._plan()
@@ -197,6 +200,7 @@ class SentenceTransformerEngine:
                                       self.max_batch, self.max_batch_tokens):
             self._passes.append((batch, start, end))
         self._batches_done += 1
+        self._company = len(jobs) > 1
 
     def _run_pass(self, process: ModelProcess, batch: _Batch, start: int, end: int) -> None:
         """One pass on this feeder's model process; each job gets its vectors as soon as its
