@@ -6,8 +6,9 @@ Why not redis-py's asyncio connection for these calls: its reply goes through a 
 a parser object and a few coroutine layers before the caller wakes, and each call needs a
 connection of its own from a pool. With the event loop idle between calls, as on a server
 between requests, one admission script took 180 µs at p50 through it against 100 µs here (in
-process, uvloop, loopback Redis), and inside the server under the admission benchmark 295 µs.
-A release that nobody waits for is one `transport.write` here, its reply a callback.
+process, uvloop, loopback Redis); inside the server under the admission benchmark, 295 against
+223 µs. A release that nobody waits for is one `transport.write` here, its reply a callback.
+(Through HTTP the gain is within the noise of a Redis that wakes slowly: bench/README.md.)
 
 Connecting is still redis-py's: a connection of the client's own pool is opened (TCP, Unix
 socket, TLS, Sentinel's master lookup), authenticated and switched to its database by
