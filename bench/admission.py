@@ -28,7 +28,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import ADMIN_KEY, MODEL, start_server, stop_server  # noqa: E402
 
-from bastion.ratelimit.limiter import Limiter  # noqa: E402
+from bastion.admission.limiter import Limiter  # noqa: E402
 from bastion.tenancy.keys import Principal  # noqa: E402
 from bastion.tenancy.plans import effective_limits  # noqa: E402
 

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from bastion.catalog.bundled import bundled_gguf
+from bastion.models.bundled import bundled_gguf
 from bastion.engines.llamacpp.model import LlamaModel
 
 

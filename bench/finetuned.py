@@ -15,7 +15,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from bastion.catalog.bundled import bundled_gguf
+from bastion.models.bundled import bundled_gguf
 from bastion.engines.base import GenerationRequest, SamplingParams
 from bastion.engines.llamacpp.engine import LlamaCppEngine
 

@@ -295,7 +295,7 @@ def main() -> None:
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks run
 
-    from bastion.catalog.bundled import bundled_gguf
+    from bastion.models.bundled import bundled_gguf
 
     gguf = bundled_gguf(args.data_dir / "models")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -48,7 +48,7 @@ def free_port() -> int:
 
 def models_cache() -> Path:
     """Assemble the bundled GGUF once per test run and share it between servers."""
-    from bastion.catalog.bundled import bundled_gguf
+    from bastion.models.bundled import bundled_gguf
 
     cache = Path(os.environ.get("BASTION_TEST_MODELS", Path.home() / ".cache" / "bastion-test"))
     bundled_gguf(cache)

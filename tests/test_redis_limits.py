@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bastion.ratelimit.redis_pipe import pack
+from bastion.admission.redis_pipe import pack
 from conftest import MODEL, free_port, make_tenant, start_server, stop_server
 
 REDIS = shutil.which("redis-server")

@@ -14,18 +14,20 @@ from starlette.concurrency import run_in_threadpool
 from bastion import __version__
 from bastion.api import (chat, completions, embeddings, files, fine_tuning, health, keys,
                          models, organizations, usage, ws)
-from bastion.catalog.org_models import OrgModels
-from bastion.catalog.registry import load_catalog
+from bastion.models.org_models import OrgModels
+from bastion.models.catalog import load_catalog
 from bastion.files.store import BlobStore
 from bastion.finetune import embedded
 from bastion.config import Settings
 from bastion.db.session import make_engine, migrate, session_factory, startup_lock
 from bastion.engines.base import EngineError
 from bastion.errors import error_response, install_error_handlers
-from bastion.lifecycle import Gatekeeper, Lifecycle
-from bastion.ratelimit.limiter import Limiter
+from bastion.admission.draining import Lifecycle
+from bastion.gatekeeper import Gatekeeper
+from bastion.services.context import Services
+from bastion.admission.limiter import Limiter
 from bastion.usage.ledger import Ledger
-from bastion.serving.common import as_api_error
+from bastion.services.common import as_api_error
 from bastion.tenancy.keys import KeyLookup, bootstrap
 from bastion.web.router import install as install_dashboard
 
@@ -61,6 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.blobs = BlobStore(settings.files_dir)
         app.state.org_models = OrgModels(app.state.catalog, app.state.sessions, settings)
         await app.state.org_models.sync()
+        app.state.services = Services(
+            settings=settings, lifecycle=app.state.lifecycle, db=db,
+            sessions=app.state.sessions, key_lookup=app.state.key_lookup,
+            limiter=app.state.limiter, ledger=app.state.ledger, catalog=app.state.catalog,
+            blobs=app.state.blobs, org_models=app.state.org_models)
         sync_task = asyncio.create_task(app.state.org_models.run(settings.worker_poll_seconds))
         worker = embedded.start(settings) if settings.worker else None
         log.info("serving %s", ", ".join(d.id for d in app.state.catalog.visible(None))

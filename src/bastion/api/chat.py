@@ -8,8 +8,8 @@ from fastapi.responses import StreamingResponse
 from bastion.api.deps import (CatalogDep, InferenceKey, LimiterDep, SettingsDep, admit,
                               resolve_model)
 from bastion.protocol.chat import ChatCompletion, ChatCompletionRequest
-from bastion.serving.chat import complete_chat, open_chat_stream, prepare_chat
-from bastion.serving.common import sse, unless_disconnected
+from bastion.services.chat import complete_chat, open_chat_stream, prepare_chat
+from bastion.services.common import sse, unless_disconnected
 
 router = APIRouter()
 

@@ -8,8 +8,8 @@ from fastapi.responses import StreamingResponse
 from bastion.api.deps import (CatalogDep, InferenceKey, LimiterDep, SettingsDep, admit,
                               resolve_model)
 from bastion.protocol.completions import Completion, CompletionRequest
-from bastion.serving.common import sse, unless_disconnected
-from bastion.serving.completions import complete, open_completion_stream, prepare_completion
+from bastion.services.common import sse, unless_disconnected
+from bastion.services.completions import complete, open_completion_stream, prepare_completion
 
 router = APIRouter()
 

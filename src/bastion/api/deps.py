@@ -16,14 +16,22 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
-from bastion.catalog.registry import Catalog, Deployment
+from bastion.models.catalog import Catalog, Deployment
 from bastion.config import Settings
-from bastion.ratelimit.limiter import Limiter, Quota, Ticket
+from bastion.services.context import Services
+from bastion.admission.limiter import Limiter, Quota, Ticket
 from bastion.usage.ledger import UsageRow
 from bastion.errors import AuthenticationError, AuthorizationError, ModelNotFoundError
 from bastion.tenancy.keys import KeyLookup, Principal, touch
 
 log = logging.getLogger("bastion.api")
+
+
+async def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def get_settings(request: Request) -> Settings:

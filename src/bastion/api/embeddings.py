@@ -7,8 +7,8 @@ from fastapi.responses import Response
 
 from bastion.api.deps import CatalogDep, InferenceKey, LimiterDep, admit
 from bastion.protocol.embeddings import EmbeddingList, EmbeddingRequest
-from bastion.serving.common import unless_disconnected
-from bastion.serving.embeddings import create_embeddings, prepare_embeddings
+from bastion.services.common import unless_disconnected
+from bastion.services.embeddings import create_embeddings, prepare_embeddings
 
 router = APIRouter()
 

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion.api.deps import CatalogDep, SessionsDep, require
 from bastion.api.organizations import epoch
-from bastion.catalog.registry import Deployment
+from bastion.models.catalog import Deployment
 from bastion.db.tables import File, FineTuningCheckpoint, FineTuningEvent, FineTuningJob
 from bastion.files.validate import Summary
 from bastion.finetune import events, jobs

@@ -9,12 +9,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from bastion.api.deps import CatalogDep, CurrentKey, SessionsDep, SettingsDep, require, resolve_model
-from bastion.catalog.registry import Deployment
+from bastion.models.catalog import Deployment
 from bastion.files.store import BlobStore
 from bastion.files.upload import receive_upload
 from bastion.protocol.models import ModelCard, ModelDeleted, ModelList
 from bastion.tenancy.keys import Principal
-from bastion.uploads import lifecycle
+from bastion.models import custom as lifecycle
 
 router = APIRouter()
 ModelsKey = Annotated[Principal, Depends(require("models"))]

@@ -23,9 +23,9 @@ from bastion.api.deps import authenticate, check_permission, open_ticket
 from bastion.errors import (APIError, AuthenticationError, InvalidRequestError,
                             ServiceUnavailableError, validation_error)
 from bastion.protocol.chat import ChatCompletionRequest
-from bastion.ratelimit.limiter import Quota, Ticket
-from bastion.serving.chat import open_chat_stream, prepare_chat
-from bastion.serving.common import error_payload, settle_unfinished
+from bastion.admission.limiter import Quota, Ticket
+from bastion.services.chat import open_chat_stream, prepare_chat
+from bastion.services.common import error_payload, settle_unfinished
 from bastion.tenancy.keys import Principal
 
 router = APIRouter()

@@ -10,10 +10,8 @@ from sqlalchemy.orm import Session
 from bastion.db.pagination import page
 from bastion.db.tables import File, FineTuningJob, utcnow
 from bastion.errors import ConflictError, NotFoundError
+from bastion.finetune.states import ACTIVE_JOB_STATES
 from bastion.ids import new_id
-
-ACTIVE_JOB_STATES = ("validating_files", "queued", "running")
-
 
 def new_file_id() -> str:
     return new_id("file")

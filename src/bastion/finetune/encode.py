@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from bastion.catalog.registry import Catalog, Deployment
+from bastion.models.catalog import Catalog, Deployment
 from bastion.config import Settings
 from bastion.engines.llamacpp.engine import render_chat_tokens
 from bastion.engines.llamacpp.model import LlamaModel
 from bastion.engines.llamacpp.templates import ChatTemplate, pick_template
 from bastion.files.validate import Summary, validate_jsonl
-from bastion.finetune.bases import default_base
+from bastion.finetune.trainable import default_base
 
 IGNORE = -100  # label of a token the loss skips (prompt tokens)
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-FINISHED = ("succeeded", "failed", "cancelled")
+from bastion.finetune.states import FINISHED_JOB_STATES as FINISHED
 
 
 def _events_since(client: httpx.Client, job_id: str, seen: set[str]) -> list[dict[str, Any]]:

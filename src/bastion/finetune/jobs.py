@@ -9,14 +9,14 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from bastion.catalog.registry import Catalog, Deployment
+from bastion.models.catalog import Catalog, Deployment
 from bastion.db.pagination import page
 from bastion.db.tables import File, FineTuningJob, utcnow
 from bastion.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError
-from bastion.files.records import ACTIVE_JOB_STATES as ACTIVE
+from bastion.finetune.states import ACTIVE_JOB_STATES as ACTIVE
 from bastion.files.validate import Summary
 from bastion.finetune import events, hyperparams
-from bastion.finetune.bases import base_path, why_not_fine_tunable
+from bastion.finetune.trainable import base_path, why_not_fine_tunable
 from bastion.ids import new_id
 from bastion.protocol.fine_tuning import JobCreate
 

@@ -173,7 +173,7 @@ def train(spec: TrainSpec, reporter: Reporter) -> TrainResult:
     valid = read_examples(spec.validation, tok) if spec.validation else []
     tok.model.close()
 
-    from bastion.finetune.basemodel import load_base
+    from bastion.finetune.base_weights import load_base
 
     started = time.monotonic()
     base = load_base(spec.base_gguf)

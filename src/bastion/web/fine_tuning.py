@@ -13,9 +13,9 @@ from starlette.responses import RedirectResponse, Response
 
 from bastion.api.fine_tuning import event_view, rechecker, view
 from bastion.errors import InvalidRequestError
-from bastion.files.records import ACTIVE_JOB_STATES
+from bastion.finetune.states import ACTIVE_JOB_STATES
 from bastion.finetune import events, jobs
-from bastion.finetune.bases import why_not_fine_tunable
+from bastion.finetune.trainable import why_not_fine_tunable
 from bastion.protocol.fine_tuning import JobCreate, JobEvent
 from bastion.web.charts import Line, line_chart
 from bastion.web.deps import CheckedForm, TrainingViewer, Viewer

@@ -8,12 +8,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
 from bastion.api.models import card
-from bastion.catalog.registry import Deployment
+from bastion.models.catalog import Deployment
 from bastion.errors import APIError
 from bastion.files.store import BlobStore
 from bastion.files.upload import receive_upload
-from bastion.uploads import lifecycle
-from bastion.uploads.service import MODEL_ID
+from bastion.models import custom as lifecycle
+from bastion.models.uploads import MODEL_ID
 from bastion.web.deps import CheckedForm, Codec, CurrentViewer, ModelsViewer, Viewer, checked_upload
 from bastion.web.render import PageRoute, render
 

@@ -10,7 +10,7 @@ import anyio
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from bastion.ratelimit.limiter import Limiter
+from bastion.admission.limiter import Limiter
 from bastion.web.deps import CurrentViewer
 from bastion.web.render import PageRoute, render
 from bastion.web.usage import read_usage, summarise

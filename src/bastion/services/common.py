@@ -15,9 +15,9 @@ from starlette.responses import Response
 from bastion.engines.base import Delta, EngineError, Event, Finished, SamplingParams
 from bastion.errors import APIError, InvalidRequestError, ModelError, ServiceUnavailableError
 from bastion.protocol.common import SamplingFields
-from bastion.ratelimit.limiter import Ticket
+from bastion.admission.limiter import Ticket
 
-log = logging.getLogger("bastion.serving")
+log = logging.getLogger("bastion.services")
 T = TypeVar("T")
 
 

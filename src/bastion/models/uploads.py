@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session
 
 from bastion.db.tables import CustomModel, FineTuningJob, utcnow
 from bastion.errors import ConflictError, InvalidRequestError
-from bastion.files.records import ACTIVE_JOB_STATES
+from bastion.finetune.states import ACTIVE_JOB_STATES
 from bastion.files.upload import Upload
 from bastion.ids import new_id
-from bastion.uploads import checks
+from bastion.models import upload_checks as checks
 
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MODEL_TYPES = ("causal-lm",)

@@ -1,4 +1,4 @@
-"""Admission at the door: request-size limit, in-flight accounting and graceful draining."""
+"""The door of the HTTP API: request-size limit, in-flight accounting and graceful draining."""
 
 from __future__ import annotations
 
@@ -8,43 +8,18 @@ import logging
 from typing import Any, Awaitable, Callable
 
 
+from bastion.admission.draining import Lifecycle
 from bastion.errors import (APIError, InvalidRequestError, PayloadTooLargeError,
                             ServiceUnavailableError, error_response)
-from bastion.serving.common import release_settled, settle_unfinished
+from bastion.services.common import release_settled, settle_unfinished
 
-log = logging.getLogger("bastion.lifecycle")
+log = logging.getLogger("bastion.gatekeeper")
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 # The API, and the dashboard's playground endpoint that serves through the same path.
 GUARDED = ("/v1", "/dashboard/api/")
-
-
-class Lifecycle:
-    """Counts requests in flight so that a SIGTERM can wait for them before aborting the rest."""
-
-    def __init__(self) -> None:
-        self.draining = False
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def enter(self) -> None:
-        self.in_flight += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
 
 
 async def _reject(send: Send, err: APIError) -> None:

@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
-from bastion.catalog.registry import Deployment
+from bastion.models.catalog import Deployment
 from bastion.config import Settings
 from bastion.engines.base import (Delta, Finished, GenerationRequest, PromptLogprobs,
                                   TokenLogprob, is_passthrough)
@@ -17,10 +17,10 @@ from bastion.ids import new_id
 from bastion.protocol.completions import (Completion, CompletionChoice, CompletionLogprobs,
                                           CompletionRequest)
 from bastion.protocol.common import Usage
-from bastion.ratelimit.limiter import Limiter, Ticket
-from bastion.serving import passthrough
-from bastion.serving.passthrough import UpstreamCall
-from bastion.serving.common import (check_n, check_token_ids, completion_budget, merge, metered,
+from bastion.admission.limiter import Limiter, Ticket
+from bastion.services import passthrough
+from bastion.services.passthrough import UpstreamCall
+from bastion.services.common import (check_n, check_token_ids, completion_budget, merge, metered,
                                     sampling_params, unsupported)
 from bastion.tenancy.keys import Principal
 

@@ -36,10 +36,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from bastion.ratelimit.redis_pipe import RedisPipe
-from bastion.ratelimit.store import RPM_WINDOW_S, Admission, Query, Requests, Snapshot, Usage
+from bastion.admission.redis_pipe import RedisPipe
+from bastion.admission.store import RPM_WINDOW_S, Admission, Query, Requests, Snapshot, Usage
 
-log = logging.getLogger("bastion.ratelimit")
+log = logging.getLogger("bastion.admission")
 
 _NOW = """
 local t = redis.call('TIME')

@@ -10,12 +10,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from bastion.catalog.org_models import OrgModels
-from bastion.catalog.registry import Catalog, Deployment
+from bastion.models.org_models import OrgModels
+from bastion.models.catalog import Catalog, Deployment
 from bastion.config import Settings
 from bastion.errors import AuthorizationError, ConflictError, InvalidRequestError
 from bastion.files.upload import Upload
-from bastion.uploads import service
+from bastion.models import uploads as service
 
 
 async def create(upload: Upload, org_id: str, *, catalog: Catalog,

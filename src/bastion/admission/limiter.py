@@ -29,11 +29,11 @@ from typing import Awaitable, Callable, TypeVar
 import anyio
 
 from bastion.errors import InvalidRequestError, RateLimitError, ServiceUnavailableError
-from bastion.ratelimit.headers import Window, rate_limit_headers
-from bastion.ratelimit.store import MemoryStore, Query, Requests, Snapshot, Store, Usage
+from bastion.admission.headers import Window, rate_limit_headers
+from bastion.admission.store import MemoryStore, Query, Requests, Snapshot, Store, Usage
 from bastion.tenancy.keys import Principal
 
-log = logging.getLogger("bastion.ratelimit")
+log = logging.getLogger("bastion.admission")
 T = TypeVar("T")
 CONCURRENCY_RETRY_S = 1.0  # a slot frees when some running request ends: poll again soon
 
@@ -94,7 +94,7 @@ class Limiter:
         self.token_window_s = token_window_s
         self.remote = storage_url is not None
         if storage_url:
-            from bastion.ratelimit.redis_store import RedisStore
+            from bastion.admission.redis_store import RedisStore
 
             self.store: Store = RedisStore(storage_url, token_window_s, slot_lease_s)
         else:

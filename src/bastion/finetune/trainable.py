@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bastion.catalog.registry import Catalog, Deployment
+from bastion.models.catalog import Catalog, Deployment
 
 TRAINABLE_ARCHITECTURES = ("gemma3",)
 

@@ -20,15 +20,15 @@ from typing import Any, AsyncIterator
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from bastion.catalog.registry import Deployment
+from bastion.models.catalog import Deployment
 from bastion.config import Settings
 from bastion.engines.base import DecodedImage, PassthroughEngine
 from bastion.errors import BadGatewayError
 from bastion.ids import new_id
 from bastion.protocol.chat import ChatCompletion, ChatCompletionRequest, ImagePart
 from bastion.protocol.completions import Completion, CompletionRequest
-from bastion.ratelimit.limiter import Limiter, Ticket
-from bastion.serving.common import completion_budget, metered
+from bastion.admission.limiter import Limiter, Ticket
+from bastion.services.common import completion_budget, metered
 from bastion.tenancy.keys import Principal
 
 # The upper bound when the upstream cannot count: a token is at least one byte of text, and a

@@ -9,10 +9,10 @@ from typing import Any
 from bastion.config import Settings
 from bastion.engines.base import Engine, PassthroughEngine, engine_class, is_passthrough
 from bastion.errors import ModelNotFoundError
-from bastion.catalog.bundled import (BUNDLED_EMBEDDINGS_ID, BUNDLED_ID, bundled_embeddings,
+from bastion.models.bundled import (BUNDLED_EMBEDDINGS_ID, BUNDLED_ID, bundled_embeddings,
                                      bundled_gguf)
 
-log = logging.getLogger("bastion.catalog")
+log = logging.getLogger("bastion.models")
 
 
 @dataclass

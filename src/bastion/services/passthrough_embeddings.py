@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from bastion.catalog.registry import Deployment
+from bastion.models.catalog import Deployment
 from bastion.engines.base import PassthroughEngine
 from bastion.errors import BadGatewayError, InvalidRequestError
 from bastion.ids import new_id
 from bastion.protocol.embeddings import EmbeddingList, EmbeddingRequest
-from bastion.ratelimit.limiter import Limiter, Ticket
-from bastion.serving.common import metered
+from bastion.admission.limiter import Limiter, Ticket
+from bastion.services.common import metered
 from bastion.tenancy.keys import Principal
 
 INPUT_TOKENS = 2  # CLS/SEP or BOS/EOS around each input, beyond one token per byte

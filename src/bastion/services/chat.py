@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
-from bastion.catalog.registry import Deployment
+from bastion.models.catalog import Deployment
 from bastion.config import Settings
 from bastion.engines.base import (Delta, Finished, GenerationRequest, PromptMedia, TokenLogprob,
                                   is_passthrough)
@@ -17,11 +17,11 @@ from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
                                    ChatCompletionRequest, ChoiceLogprobs, ImagePart,
                                    TokenLogprobContent, TopLogprob)
 from bastion.protocol.common import Usage
-from bastion.ratelimit.limiter import Limiter, Ticket
-from bastion.serving import passthrough
-from bastion.serving.images import load_images
-from bastion.serving.passthrough import UpstreamCall
-from bastion.serving.common import (check_n, completion_budget, merge, metered,
+from bastion.admission.limiter import Limiter, Ticket
+from bastion.services import passthrough
+from bastion.services.images import load_images
+from bastion.services.passthrough import UpstreamCall
+from bastion.services.common import (check_n, completion_budget, merge, metered,
                                     sampling_params, unsupported)
 from bastion.tenancy.keys import Principal
 

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from bastion.catalog.registry import Deployment
+from bastion.models.catalog import Deployment
 from bastion.engines.base import is_passthrough
 from bastion.engines.embeddings import SentenceTransformerEngine
 from bastion.errors import InvalidRequestError
 from bastion.ids import new_id
 from bastion.protocol.embeddings import EmbeddingList, EmbeddingRequest
-from bastion.ratelimit.limiter import Limiter, Ticket
-from bastion.serving import passthrough_embeddings
-from bastion.serving.common import check_token_ids, metered
-from bastion.serving.passthrough_embeddings import UpstreamEmbeddings
+from bastion.admission.limiter import Limiter, Ticket
+from bastion.services import passthrough_embeddings
+from bastion.services.common import check_token_ids, metered
+from bastion.services.passthrough_embeddings import UpstreamEmbeddings
 from bastion.tenancy.keys import Principal
 
 INLINE_TOKENIZE_CHARS = 4096

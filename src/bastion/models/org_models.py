@@ -15,12 +15,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from bastion.catalog.registry import Catalog, Deployment, engine_options
+from bastion.models.catalog import Catalog, Deployment, engine_options
 from bastion.config import Settings
 from bastion.db.tables import CustomModel, FineTuningJob
 from bastion.engines.base import engine_class
 
-log = logging.getLogger("bastion.catalog")
+log = logging.getLogger("bastion.models")
 
 Wanted = dict[tuple[str, str], FineTuningJob | CustomModel]  # (org, model id) -> its record
 RETIRE_GRACE_S = 60.0  # requests already running on a deleted model may finish this long
