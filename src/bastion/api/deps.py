@@ -22,7 +22,8 @@ from bastion.services.context import Services
 from bastion.admission.limiter import Limiter, Quota, Ticket
 from bastion.usage.ledger import UsageRow
 from bastion.errors import AuthenticationError, AuthorizationError, ModelNotFoundError
-from bastion.tenancy.keys import KeyLookup, Principal, touch
+from bastion.services.auth import authenticate
+from bastion.tenancy.keys import Principal
 
 log = logging.getLogger("bastion.api")
 
@@ -70,7 +71,7 @@ async def _bearer(request: Request, defer: bool) -> Principal:
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError(
             "The Authorization header must be 'Bearer YOUR_API_KEY'.", code="invalid_api_key")
-    principal = await authenticate(request.app.state, token)
+    principal = await authenticate(request.app.state.services, token)
     limiter: Limiter = request.app.state.limiter
     if defer:
         quota = limiter.deferred(principal)
@@ -81,45 +82,6 @@ async def _bearer(request: Request, defer: bool) -> Principal:
     request.state.quota = quota  # the response's rate-limit headers come from its snapshot
     request.state.principal = principal  # kept only once counted (a 429 carries its own)
     return principal
-
-
-async def authenticate(state: State, token: str) -> Principal:
-    """The caller behind a raw key, for every transport (HTTP header, WebSocket message);
-    counting the request is the caller's business (the limiter)."""
-    if len(token) > 512 or not token.isascii() or not token.isprintable():
-        raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-    db: Engine = state.db
-    find: KeyLookup = state.key_lookup
-
-    def record_use(key_id: str) -> None:
-        with db.connect() as conn:
-            touch(conn, key_id)
-
-    # inline with SQLite, in a thread with a networked database (see KeyLookup); the
-    # once-a-minute write of the key's last use goes to a thread either way
-    if find.inline:
-        principal, stale = find(token)
-    else:
-        principal, stale = await run_in_threadpool(find, token)
-    if stale:
-        background(record_use, principal.key_id)
-    return principal
-
-
-_background: set[asyncio.Future[None]] = set()
-
-
-def background(fn: Callable[..., None], *args: object) -> None:
-    """Run a blocking write in a worker thread without waiting for it; a failure is logged."""
-    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-    _background.add(future)
-
-    def done(f: asyncio.Future[None]) -> None:
-        _background.discard(f)
-        if not f.cancelled() and f.exception() is not None:
-            log.warning("background write failed: %s", f.exception())
-
-    future.add_done_callback(done)
 
 
 CurrentKey = Annotated[Principal, Depends(current_principal)]

@@ -61,7 +61,7 @@ class Connection:
                     raise AuthenticationError("The Authorization header must be "
                                               "'Bearer YOUR_API_KEY'.", code="invalid_api_key")
                 self._key = token.strip()
-                self.principal = await authenticate(self.state, self._key)
+                self.principal = await authenticate(self.state.services, self._key)
             except APIError as err:
                 await self.send_error(err, None)
                 await self.ws.close(POLICY_VIOLATION)
@@ -142,7 +142,7 @@ class Connection:
         if not isinstance(key, str) or not key:
             raise AuthenticationError("The auth message needs an 'api_key' string.",
                                       code="missing_api_key")
-        self.principal = await authenticate(self.state, key)
+        self.principal = await authenticate(self.state.services, key)
         self._key = key
         await self.send({"type": "authenticated", **_tag(rid)})
 
@@ -168,7 +168,7 @@ class Connection:
         except ValidationError as exc:
             raise validation_error(RequestValidationError(exc.errors())) from None
         # The key again (revoked since? plan changed?), counted like an HTTP request.
-        self.principal = await authenticate(self.state, self._key)
+        self.principal = await authenticate(self.state.services, self._key)
         quota = await self.state.limiter.count_request(self.principal)
         check_permission(self.principal, "inference")
         task = asyncio.create_task(self.generate(request, rid, quota))

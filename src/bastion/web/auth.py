@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
 from bastion.errors import AuthenticationError
-from bastion.api.deps import authenticate
+from bastion.services.auth import authenticate
 from bastion.web.deps import CheckedForm, CheckedLoginForm, Codec, sign_out
 from bastion.web.render import PageRoute, render
 from bastion.web.session import LOGIN_COOKIE, SessionCodec, WebSession
@@ -47,7 +47,7 @@ async def login(request: Request, codec: Codec, form: CheckedLoginForm) -> Respo
     try:
         if not raw:
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-        key_id = (await authenticate(request.app.state, raw)).key_id
+        key_id = (await authenticate(request.app.state.services, raw)).key_id
     except AuthenticationError as exc:
         return login_page(request, codec, status=401, error=exc.message,
                           next_path=str(form.get("next") or ""))
