@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,8 +65,18 @@ class UpstreamSpec(BaseModel):
         return [u.rstrip("/") for u in urls]
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BASTION_", env_nested_delimiter="__")
+class SettingsGroup(BaseModel):
+    """One group of settings: a component is handed only the group it needs, not all of them."""
+
+    @classmethod
+    def of(cls, settings: BaseModel) -> Self:
+        """This group's own model, taken from the flat `Settings` (or any model holding its
+        fields), so a component can be handed just its group."""
+        return cls.model_validate({name: getattr(settings, name) for name in cls.model_fields})
+
+
+class ServerSettings(SettingsGroup):
+    """Where the server listens, where its data lives, how it starts and stops."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -74,64 +84,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     admin_key: str | None = Field(None, min_length=24, description="its first 12 characters "
                                   "are stored as a visible prefix, so it must be long")
-
-    serve_bundled_model: bool = True
-    models: list[ModelSpec] = Field(default_factory=list)
-    aliases: dict[str, str] = Field(default_factory=lambda: {"gemma": "gemma-3-270m",
-                                                              "all-minilm": "all-minilm-l6-v2"})
-    serve_bundled_embeddings: bool = True
-    embedding_models: list[EmbeddingModelSpec] = Field(default_factory=list)
-    upstreams: list[UpstreamSpec] = Field(default_factory=list)  # BASTION_UPSTREAMS as JSON
-    embedding_window_ms: float = Field(2.0, ge=0, le=1000, description="how long an idle "
-                                       "embedding worker waits for more requests to batch")
-    embedding_max_batch: int = Field(64, ge=1, le=4096, description="inputs per forward pass")
-
-    # llama.cpp engine
-    parallel: int = Field(16, ge=1, le=256, description="sequences decoded together per model")
-    context_per_sequence: int = Field(4096, ge=256, description="context window of one sequence")
-    batch_tokens: int = Field(512, ge=32, description="tokens in one llama_decode batch; at least `parallel`")
-    threads: int | None = None
-
-    # request bounds
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 8
-    default_max_tokens: int = 2048
-
-    ws_auth_timeout: float = Field(10.0, gt=0, description="an unauthenticated socket is closed after this")
-    ws_max_requests: int = Field(16, ge=1, description="generations one socket may run at once")
-
-    # image parts of chat messages
-    max_images_per_request: int = Field(8, ge=0)
-    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(16_777_216, ge=1, description="larger images are refused "
-                                  "from their header, before decompression")
-    fetch_remote_images: bool = False  # https:// image URLs (public addresses only)
-    remote_image_timeout: float = Field(10.0, gt=0)
-
     drain_timeout: float = 30.0
-    rate_limits: bool = True
-    redis_url: str | None = None  # shared limits for several replicas, e.g. redis://host:6379/0
-    slot_lease_seconds: float = Field(30.0, gt=0, description="a dead replica's slots free after this")
-    token_window_seconds: int = Field(3600, ge=1, description="the tokens-per-hour window")
     log_level: str = "info"
-
-    # files and fine-tuning
-    max_file_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest uploaded file")
-    max_model_bytes: int = Field(20 * 1024 ** 3, ge=1,
-                                 description="largest model upload (all its parts together)")
-    fine_tune_max_tokens: int = Field(2048, ge=64, description="longest training example, in "
-                                      "tokens (also capped by the base model's context)")
-    worker: bool = Field(True, description="`bastion serve` also runs a fine-tuning worker")
-    worker_lease_seconds: float = Field(60.0, gt=0, description="a job whose worker has not "
-                                        "sent a heartbeat for this long is given to another")
-    worker_poll_seconds: float = Field(2.0, gt=0, description="how often an idle worker looks "
-                                       "for queued jobs")
-    training_threads: int | None = Field(None, ge=1, description="torch threads for training "
-                                         "(default: half the cores)")
-
-    # dashboard sessions: signed with this secret (default: one generated into the data dir)
-    session_secret: str | None = Field(None, min_length=32)
-    session_hours: float = Field(8.0, gt=0, description="a dashboard sign-in lasts this long")
 
     @property
     def resolved_database_url(self) -> str:
@@ -154,3 +108,101 @@ class Settings(BaseSettings):
     def jobs_dir(self) -> Path:
         """Checkpoints and exported models of fine-tuning jobs."""
         return self.data_dir / "fine_tuning"
+
+
+class CatalogSettings(SettingsGroup):
+    """Which chat and completion models are served, and under which names."""
+
+    serve_bundled_model: bool = True
+    models: list[ModelSpec] = Field(default_factory=list)
+    aliases: dict[str, str] = Field(default_factory=lambda: {"gemma": "gemma-3-270m",
+                                                              "all-minilm": "all-minilm-l6-v2"})
+    upstreams: list[UpstreamSpec] = Field(default_factory=list)  # BASTION_UPSTREAMS as JSON
+
+
+class EngineSettings(SettingsGroup):
+    """The llama.cpp engine's continuous batching, the same for every GGUF model it loads."""
+
+    parallel: int = Field(16, ge=1, le=256, description="sequences decoded together per model")
+    context_per_sequence: int = Field(4096, ge=256, description="context window of one sequence")
+    batch_tokens: int = Field(512, ge=32, description="tokens in one llama_decode batch; at least `parallel`")
+    threads: int | None = None
+
+
+class EmbeddingSettings(SettingsGroup):
+    """The sentence-transformers embedding models and how their requests are batched."""
+
+    serve_bundled_embeddings: bool = True
+    embedding_models: list[EmbeddingModelSpec] = Field(default_factory=list)
+    embedding_window_ms: float = Field(2.0, ge=0, le=1000, description="how long an idle "
+                                       "embedding worker waits for more requests to batch")
+    embedding_max_batch: int = Field(64, ge=1, le=4096, description="inputs per forward pass")
+
+
+class RequestSettings(SettingsGroup):
+    """Bounds on one request, over HTTP or the WebSocket."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 8
+    default_max_tokens: int = 2048
+    ws_auth_timeout: float = Field(10.0, gt=0, description="an unauthenticated socket is closed after this")
+    ws_max_requests: int = Field(16, ge=1, description="generations one socket may run at once")
+
+
+class LimitSettings(SettingsGroup):
+    """Rate limits (admission) and where their counters live."""
+
+    rate_limits: bool = True
+    redis_url: str | None = None  # shared limits for several replicas, e.g. redis://host:6379/0
+    slot_lease_seconds: float = Field(30.0, gt=0, description="a dead replica's slots free after this")
+    token_window_seconds: int = Field(3600, ge=1, description="the tokens-per-hour window")
+
+
+class ImageSettings(SettingsGroup):
+    """Image parts of chat messages."""
+
+    max_images_per_request: int = Field(8, ge=0)
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(16_777_216, ge=1, description="larger images are refused "
+                                  "from their header, before decompression")
+    fetch_remote_images: bool = False  # https:// image URLs (public addresses only)
+    remote_image_timeout: float = Field(10.0, gt=0)
+
+
+class FileSettings(SettingsGroup):
+    """Uploaded files and uploaded models."""
+
+    max_file_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest uploaded file")
+    max_model_bytes: int = Field(20 * 1024 ** 3, ge=1,
+                                 description="largest model upload (all its parts together)")
+
+
+class FineTuneSettings(SettingsGroup):
+    """Fine-tuning jobs and the worker that runs them."""
+
+    fine_tune_max_tokens: int = Field(2048, ge=64, description="longest training example, in "
+                                      "tokens (also capped by the base model's context)")
+    worker: bool = Field(True, description="`bastion serve` also runs a fine-tuning worker")
+    worker_lease_seconds: float = Field(60.0, gt=0, description="a job whose worker has not "
+                                        "sent a heartbeat for this long is given to another")
+    worker_poll_seconds: float = Field(2.0, gt=0, description="how often an idle worker looks "
+                                       "for queued jobs")
+    training_threads: int | None = Field(None, ge=1, description="torch threads for training "
+                                         "(default: half the cores)")
+
+
+class DashboardSettings(SettingsGroup):
+    """Dashboard sessions: signed with this secret (default: one generated into the data dir)."""
+
+    session_secret: str | None = Field(None, min_length=32)
+    session_hours: float = Field(8.0, gt=0, description="a dashboard sign-in lasts this long")
+
+
+# Later bases come first in `model_fields`: listed bottom-up so the fields keep their old order.
+class Settings(DashboardSettings, FineTuneSettings, FileSettings, LimitSettings, ImageSettings,
+               RequestSettings, EngineSettings, EmbeddingSettings, CatalogSettings,
+               ServerSettings, BaseSettings):
+    """Every group, read flat from BASTION_* environment variables (`settings.parallel`, not
+    `settings.engine.parallel`): the variable names stay what they always were."""
+
+    model_config = SettingsConfigDict(env_prefix="BASTION_", env_nested_delimiter="__")
