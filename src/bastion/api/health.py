@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
+
+from bastion.api.deps import ServicesDep
 
 router = APIRouter()
 
 
 @router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
-    state = request.app.state
-    return {"status": "draining" if state.lifecycle.draining else "ok",
-            "models": {d.id: d.engine.stats() for d in state.catalog.visible(None)}}
+async def health(services: ServicesDep) -> dict[str, Any]:
+    return {"status": "draining" if services.lifecycle.draining else "ok",
+            "models": {d.id: d.engine.stats() for d in services.catalog.visible(None)}}

@@ -1,7 +1,8 @@
-"""Pieces shared by the chat and completions schemas."""
+"""Pieces shared by the wire schemas: strict request models, sampling fields, usage, times."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -93,3 +94,8 @@ class Usage(BaseModel):
 
 
 FinishReason = Literal["stop", "length"]
+
+
+def epoch(t: datetime | None) -> int | None:
+    """A database time as the wire's Unix seconds (OpenAI's `created_at`)."""
+    return int(t.timestamp()) if t is not None else None

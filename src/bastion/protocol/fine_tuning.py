@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from bastion.protocol.common import StrictModel
+from bastion.protocol.common import StrictModel, epoch
 
 SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 MAX_EPOCHS, MAX_BATCH = 50, 256
@@ -180,3 +180,35 @@ class CheckpointList(BaseModel):
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+def job_view(job: Any) -> Job:
+    """`job`: a db.tables.FineTuningJob (typed loosely: protocol imports nothing from db/)."""
+    hp = {k: job.hyperparameters[k] for k in ("n_epochs", "batch_size",
+                                              "learning_rate_multiplier", "learning_rate")}
+    method = {"type": job.method, job.method: {"hyperparameters": hp}}
+    if job.method == "lora":
+        method["lora"] |= {"rank": job.hyperparameters.get("lora_rank"),
+                           "alpha": job.hyperparameters.get("lora_alpha")}
+    return Job(id=job.id, created_at=epoch(job.created_at) or 0,
+               error=JobError(**job.error) if job.error else None,
+               fine_tuned_model=job.fine_tuned_model, finished_at=epoch(job.finished_at),
+               hyperparameters=hp, model=job.model, organization_id=job.org_id, seed=job.seed,
+               status=job.status, trained_tokens=job.trained_tokens,
+               training_file=job.training_file, validation_file=job.validation_file,
+               estimated_finish=epoch(job.estimated_finish), metadata=job.meta, method=method,
+               user_provided_suffix=job.suffix)
+
+
+def event_view(e: Any) -> JobEvent:
+    """`e`: a db.tables.FineTuningEvent."""
+    return JobEvent(id=e.id, created_at=epoch(e.created_at) or 0, level=e.level,
+                    message=e.message, data=e.data, type=e.type)
+
+
+def checkpoint_view(c: Any, model_name: str) -> Checkpoint:
+    """`c`: a db.tables.FineTuningCheckpoint; `model_name`: the job's fine-tuned model name
+    (finetune.jobs.model_name)."""
+    return Checkpoint(id=c.id, created_at=epoch(c.created_at) or 0,
+                      fine_tuned_model_checkpoint=f"{model_name}:ckpt-step-{c.step}",
+                      fine_tuning_job_id=c.job_id, metrics=c.metrics, step_number=c.step)

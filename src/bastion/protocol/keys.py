@@ -1,12 +1,14 @@
-"""API keys on the wire: created with the spec's {"name", "permissions", "rate_limit"}."""
+"""API keys on the wire: created with the spec's {"name", "permissions", "rate_limit"}; the
+presenter from a stored row (never its hash; typed loosely: the wire layer imports nothing
+from db/)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from bastion.protocol.common import StrictModel
+from bastion.protocol.common import StrictModel, epoch
 
 Permission = Literal["inference", "training", "models", "admin"]
 
@@ -42,3 +44,11 @@ class ApiKeyCreated(ApiKeyView):
 class ApiKeyList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ApiKeyView]
+
+
+def key_view(row: Any) -> ApiKeyView:
+    """`row`: a db.tables.ApiKey."""
+    return ApiKeyView(id=row.id, name=row.name, prefix=row.prefix, org_id=row.org_id,
+                      permissions=list(row.permissions), rate_limit=row.rate_limit,
+                      created_at=epoch(row.created_at) or 0, last_used_at=epoch(row.last_used_at),
+                      revoked_at=epoch(row.revoked_at))

@@ -1,10 +1,21 @@
-"""Model objects: OpenAI's, plus the Achiral document's context_length and parameters."""
+"""Model objects: OpenAI's, plus the Achiral document's context_length and parameters; and the
+presenter from a deployment of the catalogue."""
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import asdict
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
+
+
+class Served(Protocol):
+    """What `card` reads of a deployment (models.catalog.Deployment); typed loosely so that the
+    wire layer needs nothing from the catalogue or the engines."""
+
+    id: str
+    owned_by: str
+    engine: Any  # its `info` (created, context_length, parameters, dimensions), `capabilities`
 
 
 class ModelCard(BaseModel):
@@ -27,3 +38,11 @@ class ModelDeleted(BaseModel):
     id: str
     object: Literal["model"] = "model"
     deleted: bool = True
+
+
+def card(dep: Served) -> ModelCard:
+    info = dep.engine.info
+    return ModelCard(id=dep.id, created=info.created, owned_by=dep.owned_by,
+                     context_length=info.context_length, parameters=info.parameters,
+                     dimensions=info.dimensions,
+                     capabilities=[k for k, on in asdict(dep.engine.capabilities).items() if on])

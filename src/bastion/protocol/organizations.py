@@ -1,12 +1,14 @@
-"""Organisations on the wire (the Achiral document's account API)."""
+"""Organisations on the wire (the Achiral document's account API), and the presenter from a
+stored row plus its effective limits (computed by tenancy, which sits above this layer; rows
+typed loosely: the wire layer imports nothing from db/)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bastion.protocol.common import StrictModel
+from bastion.protocol.common import StrictModel, epoch
 
 PlanName = Literal["spark", "seed", "scale", "dedicated"]
 Limit = int | None  # None: unlimited
@@ -50,3 +52,19 @@ class OrganizationView(BaseModel):
 class OrganizationList(BaseModel):
     object: Literal["list"] = "list"
     data: list[OrganizationView]
+
+
+class OrganizationDeleted(BaseModel):
+    id: str
+    object: Literal["organization"] = "organization"
+    deleted: bool = True
+
+
+def organization_view(org: Any, limits: Any) -> OrganizationView:
+    """`org`: a db.tables.Organization; `limits`: its effective limits (tenancy.plans.Limits,
+    or any object with the three limit attributes)."""
+    return OrganizationView(id=org.id, name=org.name, plan=org.plan,
+                            limits=LimitsView(concurrent_requests=limits.concurrent_requests,
+                                              tokens_per_request=limits.tokens_per_request,
+                                              tokens_per_hour=limits.tokens_per_hour),
+                            created_at=epoch(org.created_at) or 0)

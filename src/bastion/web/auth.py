@@ -8,7 +8,7 @@ from starlette.responses import RedirectResponse, Response
 
 from bastion.errors import AuthenticationError
 from bastion.services.auth import authenticate
-from bastion.web.deps import CheckedForm, CheckedLoginForm, Codec, sign_out
+from bastion.web.deps import CheckedForm, CheckedLoginForm, Codec, ServicesDep, sign_out
 from bastion.web.render import PageRoute, render
 from bastion.web.session import LOGIN_COOKIE, SessionCodec, WebSession
 
@@ -42,12 +42,13 @@ async def login_form(request: Request, codec: Codec) -> Response:
 
 
 @router.post("/dashboard/login", include_in_schema=False)
-async def login(request: Request, codec: Codec, form: CheckedLoginForm) -> Response:
+async def login(request: Request, codec: Codec, form: CheckedLoginForm,
+                services: ServicesDep) -> Response:
     raw = str(form.get("api_key") or "").strip()
     try:
         if not raw:
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-        key_id = (await authenticate(request.app.state.services, raw)).key_id
+        key_id = (await authenticate(services, raw)).key_id
     except AuthenticationError as exc:
         return login_page(request, codec, status=401, error=exc.message,
                           next_path=str(form.get("next") or ""))

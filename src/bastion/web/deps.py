@@ -1,5 +1,6 @@
 """Who is looking at a page: the session cookie turned into the same Principal the API uses,
-permission checks that answer with a 403 page, and the CSRF check every form post passes."""
+permission checks that answer with a 403 page, the CSRF check every form post passes, and the
+typed Services object the pages call (the same services as the API's routes)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from starlette.datastructures import FormData
 
 from bastion.errors import AuthenticationError, AuthorizationError, PayloadTooLargeError
 from bastion.files.upload import Upload
+from bastion.services.context import Services
 from bastion.tenancy import orgs
 from bastion.tenancy.keys import Principal, own_key, verify_id
 from bastion.web.render import SignInRequired
@@ -49,12 +51,24 @@ class CsrfError(AuthorizationError):
     code = "csrf_failed"
 
 
+def services_of(request: Request) -> Services:
+    """The one Services object the app's lifespan built."""
+    return request.app.state.services
+
+
+async def get_services(request: Request) -> Services:
+    return services_of(request)
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
 async def get_codec(request: Request) -> SessionCodec:
     """Made on first use: the secret lives in the data directory, which the lifespan creates."""
     state = request.app.state
     codec = getattr(state, "web_codec", None)
     if codec is None:
-        settings = state.settings
+        settings = services_of(request).settings
         secret = settings.session_secret or load_secret(settings.data_dir)
         codec = state.web_codec = SessionCodec(secret, int(settings.session_hours * 3600))
     return codec
@@ -64,22 +78,22 @@ Codec = Annotated[SessionCodec, Depends(get_codec)]
 
 
 async def signed_out(request: Request, codec: SessionCodec, session: WebSession) -> bool:
-    limiter = request.app.state.limiter
+    limiter = services_of(request).limiter
     return await limiter.run(SignOuts(limiter.storage, codec.max_age_s).ended, session)
 
 
 async def sign_out(request: Request, codec: SessionCodec, session: WebSession) -> None:
-    limiter = request.app.state.limiter
+    limiter = services_of(request).limiter
     await limiter.run(SignOuts(limiter.storage, codec.max_age_s).add, session)
 
 
-async def load_viewer(request: Request, codec: Codec) -> Viewer:
+async def load_viewer(request: Request, codec: Codec, services: ServicesDep) -> Viewer:
     session = codec.read(request)
     if session is None or session.key_id is None:
         raise SignInRequired(request.url.path)
     if await signed_out(request, codec, session):
         raise SignInRequired(request.url.path, "you signed out.")
-    factory = request.app.state.sessions
+    factory = services.sessions
     key_id = session.key_id
 
     def lookup() -> Viewer:

@@ -1,6 +1,6 @@
 """Fine-tuning: the organisation's jobs, a form to start one, and each job's page with its loss
 curve (SVG drawn here from the job's metrics events), events, error, cancel button and model.
-Through finetune.jobs and finetune.events, as /v1/fine_tuning/jobs reads and writes them."""
+Through services.fine_tuning, as /v1/fine_tuning/jobs reads and writes them."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.responses import RedirectResponse, Response
 
-from bastion.api.fine_tuning import event_view, rechecker, view
 from bastion.errors import InvalidRequestError
 from bastion.finetune.states import ACTIVE_JOB_STATES
-from bastion.finetune import events, jobs
-from bastion.finetune.trainable import why_not_fine_tunable
 from bastion.protocol.fine_tuning import JobCreate, JobEvent
+from bastion.services import files, fine_tuning, models
+from bastion.services.context import Services
 from bastion.web.charts import Line, line_chart
-from bastion.web.deps import CheckedForm, TrainingViewer, Viewer
-from bastion.web.files import listing as file_listing
+from bastion.web.deps import CheckedForm, ServicesDep, TrainingViewer, Viewer
 from bastion.web.render import PageRoute, render
 
 router = APIRouter(route_class=PageRoute)
@@ -27,23 +25,20 @@ PAGE_SIZE = 50
 MAX_EVENTS = 10_000  # the most events.listing gives at once: a curve of 10,000 points
 
 
-def jobs_page(request: Request, viewer: Viewer, *, status: int = 200, error: str = "",
-              form: FormData | None = None) -> Response:
-    org_id = viewer.principal.org_id
+def jobs_page(request: Request, services: Services, viewer: Viewer, *, status: int = 200,
+              error: str = "", form: FormData | None = None) -> Response:
     after = request.query_params.get("after") or None
-    with request.app.state.sessions() as s:
-        rows, more = jobs.listing(s, org_id, after=after, limit=PAGE_SIZE)
-        listed = [view(r) for r in rows]
-    bases = [d.id for d in request.app.state.catalog.visible(org_id)
-             if why_not_fine_tunable(d) is None]
-    files, _ = file_listing(request, org_id, None, purpose="fine-tune", limit=200)
-    return render(request, "fine_tuning.html", status=status, page="fine-tuning", jobs=listed,
-                  more=more, after=after, bases=bases, files=files, error=error, form=form)
+    listed = fine_tuning.listing(services, viewer.principal, after=after, limit=PAGE_SIZE)
+    bases = fine_tuning.base_models(services, viewer.principal)
+    training, _ = files.listing(services, viewer.principal, purpose="fine-tune", limit=200)
+    return render(request, "fine_tuning.html", status=status, page="fine-tuning",
+                  jobs=listed.data, more=listed.has_more, after=after, bases=bases,
+                  files=training, error=error, form=form)
 
 
 @router.get("/dashboard/fine-tuning", include_in_schema=False)
-def list_page(request: Request, viewer: TrainingViewer) -> Response:
-    return jobs_page(request, viewer)
+def list_page(request: Request, viewer: TrainingViewer, services: ServicesDep) -> Response:
+    return jobs_page(request, services, viewer)
 
 
 def parse(form: FormData) -> JobCreate:
@@ -72,19 +67,18 @@ def explain(exc: ValidationError) -> str:
 
 
 @router.post("/dashboard/fine-tuning", include_in_schema=False)
-def create(request: Request, viewer: TrainingViewer, form: CheckedForm) -> Response:
+def create(request: Request, viewer: TrainingViewer, form: CheckedForm,
+           services: ServicesDep) -> Response:
     try:
         body = parse(form)
     except ValidationError as exc:
-        return jobs_page(request, viewer, status=400, error=explain(exc), form=form)
+        return jobs_page(request, services, viewer, status=400, error=explain(exc), form=form)
     try:
-        with request.app.state.sessions.begin() as s:
-            job = jobs.create(s, request.app.state.catalog, viewer.principal.org_id, body,
-                              rechecker(request))
-            job_id = job.id
+        job = fine_tuning.create(services, viewer.principal, body)
     except InvalidRequestError as exc:  # the file cannot train this model, and why
-        return jobs_page(request, viewer, status=exc.status, error=exc.message, form=form)
-    return RedirectResponse(f"/dashboard/fine-tuning/{job_id}", status_code=303)
+        return jobs_page(request, services, viewer, status=exc.status, error=exc.message,
+                         form=form)
+    return RedirectResponse(f"/dashboard/fine-tuning/{job.id}", status_code=303)
 
 
 def curve(timeline: list[JobEvent]) -> tuple[Line, Line, list[dict[str, Any]]]:
@@ -103,12 +97,11 @@ def curve(timeline: list[JobEvent]) -> tuple[Line, Line, list[dict[str, Any]]]:
 
 
 @router.get("/dashboard/fine-tuning/{job_id}", include_in_schema=False)
-def job_page(request: Request, job_id: str, viewer: TrainingViewer) -> Response:
-    org_id = viewer.principal.org_id
-    with request.app.state.sessions() as s:
-        job = view(jobs.get(s, org_id, job_id))
-        rows, truncated = events.listing(s, job_id, after=None, limit=MAX_EVENTS)
-        newest_first = [event_view(e) for e in rows]
+def job_page(request: Request, job_id: str, viewer: TrainingViewer,
+             services: ServicesDep) -> Response:
+    job = fine_tuning.retrieve(services, viewer.principal, job_id)
+    timeline = fine_tuning.list_events(services, viewer.principal, job_id, limit=MAX_EVENTS)
+    newest_first, truncated = timeline.data, timeline.has_more
     train, valid, steps = curve(newest_first[::-1])
     total = max((m.get("total_steps") or 0 for m in steps), default=0)
     drawn = [line for line in (train, valid) if line.points]
@@ -118,7 +111,7 @@ def job_page(request: Request, job_id: str, viewer: TrainingViewer) -> Response:
                         width=600, height=420, font=24, x_ticks=5, css="narrow")
              ] if steps else None  # the stylesheet shows one: wide, or narrow on a phone
     ft = job.fine_tuned_model
-    served = bool(ft) and any(d.id == ft for d in request.app.state.catalog.visible(org_id))
+    served = bool(ft) and models.served(services, viewer.principal, str(ft))
     return render(request, "fine_tuning_job.html", page="fine-tuning", job=job,
                   events=newest_first, truncated=truncated, chart=chart, train=train,
                   valid=valid, steps=steps, total_steps=total, served=served,
@@ -127,8 +120,8 @@ def job_page(request: Request, job_id: str, viewer: TrainingViewer) -> Response:
 
 
 @router.post("/dashboard/fine-tuning/{job_id}/cancel", include_in_schema=False)
-def cancel(request: Request, job_id: str, viewer: TrainingViewer, form: CheckedForm) -> Response:
+def cancel(request: Request, job_id: str, viewer: TrainingViewer, form: CheckedForm,
+           services: ServicesDep) -> Response:
     """As POST /v1/fine_tuning/jobs/{id}/cancel: a job that has finished is a 409 page."""
-    with request.app.state.sessions.begin() as s:
-        jobs.cancel(s, viewer.principal.org_id, job_id)
+    fine_tuning.cancel(services, viewer.principal, job_id)
     return RedirectResponse(f"/dashboard/fine-tuning/{job_id}?cancelled=1", status_code=303)

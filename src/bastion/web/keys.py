@@ -8,21 +8,20 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.responses import RedirectResponse, Response
 
-from bastion.api.keys import view
 from bastion.protocol.keys import ApiKeyCreate
-from bastion.tenancy import orgs
-from bastion.tenancy.keys import ALL_PERMISSIONS, create_key, list_keys, revoke_key
-from bastion.web.deps import AdminViewer, CheckedForm
+from bastion.services import keys as key_service
+from bastion.services.context import Services
+from bastion.tenancy.keys import ALL_PERMISSIONS
+from bastion.web.deps import AdminViewer, CheckedForm, ServicesDep
 from bastion.web.render import PageRoute, render
 
 router = APIRouter(route_class=PageRoute)
 
 
-def keys_page(request: Request, viewer: AdminViewer, *, status: int = 200, created: str = "",
-              created_name: str = "", error: str = "", form: FormData | None = None) -> Response:
-    org_id = viewer.principal.org_id
-    with request.app.state.sessions.begin() as s:
-        keys = [view(r) for r in list_keys(s, viewer.principal, org_id)]
+def keys_page(request: Request, services: Services, viewer: AdminViewer, *, status: int = 200,
+              created: str = "", created_name: str = "", error: str = "",
+              form: FormData | None = None) -> Response:
+    keys = key_service.listing(services, viewer.principal, viewer.principal.org_id).data
     return render(request, "keys.html", status=status, page="keys", keys=keys, created=created,
                   created_name=created_name, error=error, form=form,
                   permissions=ALL_PERMISSIONS)
@@ -44,27 +43,23 @@ def explain(exc: ValidationError) -> str:
 
 
 @router.get("/dashboard/keys", include_in_schema=False)
-def list_page(request: Request, viewer: AdminViewer) -> Response:
-    return keys_page(request, viewer)
+def list_page(request: Request, viewer: AdminViewer, services: ServicesDep) -> Response:
+    return keys_page(request, services, viewer)
 
 
 @router.post("/dashboard/keys", include_in_schema=False)
-def create(request: Request, viewer: AdminViewer, form: CheckedForm) -> Response:
+def create(request: Request, viewer: AdminViewer, form: CheckedForm,
+           services: ServicesDep) -> Response:
     try:
         body = parse(form)
     except ValidationError as exc:
-        return keys_page(request, viewer, status=400, error=explain(exc), form=form)
-    org_id = viewer.principal.org_id
-    with request.app.state.sessions.begin() as s:
-        orgs.get(s, viewer.principal, org_id)
-        _, raw = create_key(s, org_id, body.name, permissions=list(body.permissions),
-                            rate_limit=body.rate_limit)
-    return keys_page(request, viewer, created=raw, created_name=body.name)
+        return keys_page(request, services, viewer, status=400, error=explain(exc), form=form)
+    created = key_service.create(services, viewer.principal, viewer.principal.org_id, body)
+    return keys_page(request, services, viewer, created=created.key, created_name=body.name)
 
 
 @router.post("/dashboard/keys/{key_id}/revoke", include_in_schema=False)
-def revoke(request: Request, key_id: str, viewer: AdminViewer, form: CheckedForm) -> Response:
-    org_id = viewer.principal.org_id
-    with request.app.state.sessions.begin() as s:
-        revoke_key(s, viewer.principal, org_id, key_id)
+def revoke(request: Request, key_id: str, viewer: AdminViewer, form: CheckedForm,
+           services: ServicesDep) -> Response:
+    key_service.revoke(services, viewer.principal, viewer.principal.org_id, key_id)
     return RedirectResponse("/dashboard/keys", status_code=303)

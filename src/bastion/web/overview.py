@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from bastion.admission.limiter import Limiter
-from bastion.web.deps import CurrentViewer
+from bastion.web.deps import CurrentViewer, ServicesDep
 from bastion.web.render import PageRoute, render
 from bastion.web.usage import read_usage, summarise
 
@@ -51,13 +51,13 @@ def gauges(limiter: Limiter, viewer: CurrentViewer) -> list[Gauge]:
 
 
 @router.get("/dashboard/", include_in_schema=False)
-def overview(request: Request, viewer: CurrentViewer) -> Response:
+def overview(request: Request, viewer: CurrentViewer, services: ServicesDep) -> Response:
     now = datetime.now(timezone.utc)
     today = now.date()
-    month = summarise(read_usage(request, viewer.principal, today.replace(day=1), today),
+    month = summarise(read_usage(services, viewer.principal, today.replace(day=1), today),
                       today.replace(day=1), today)
     return render(request, "overview.html", page="overview", today=month.days[today.isoformat()],
                   month=month.total, busiest=month.busiest("models"),
-                  gauges=gauges(request.app.state.limiter, viewer),
+                  gauges=gauges(services.limiter, viewer),
                   limits=viewer.principal.limits, own_only=not viewer.can("admin"),
                   month_name=now.strftime("%B %Y"))

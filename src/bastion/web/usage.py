@@ -1,5 +1,5 @@
 """Usage: per day, model and key, as SVG charts and a table, for a chosen range; CSV download.
-Read through usage.report.visible_usage, the same rule as GET /v1/usage."""
+Read through services.usage, the same rule as GET /v1/usage."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from bastion.errors import InvalidRequestError
-from bastion.tenancy.keys import Principal, list_keys, own_key
-from bastion.usage.report import visible_usage
+from bastion.services import keys as key_service, usage
+from bastion.services.context import Services
+from bastion.services.usage import FIELDS
+from bastion.tenancy.keys import Principal
 from bastion.web.charts import Series, horizontal_bars, stacked_bars
-from bastion.web.deps import CurrentViewer
+from bastion.web.deps import CurrentViewer, ServicesDep
 from bastion.web.render import PageRoute, render
 
 router = APIRouter(route_class=PageRoute)
 MAX_DAYS = 366
-FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
 @dataclass
@@ -68,18 +69,10 @@ def span(first: date, last: date) -> tuple[datetime, datetime]:
             datetime.combine(last + timedelta(days=1), time(), timezone.utc))
 
 
-def read_usage(request: Request, principal: Principal, first: date, last: date) -> list[dict]:
-    request.app.state.ledger.flush(timeout=5)  # so the page shows requests just made
+def read_usage(services: Services, principal: Principal, first: date, last: date) -> list[dict]:
+    """The organisation's usage over whole days, requests just made included."""
     start, end = span(first, last)
-    with request.app.state.sessions.begin() as s:
-        return visible_usage(s, principal, principal.org_id, start, end)
-
-
-def key_names(request: Request, principal: Principal) -> dict[str, str]:
-    with request.app.state.sessions.begin() as s:
-        rows = (list_keys(s, principal, principal.org_id) if principal.can("admin")
-                else [own_key(s, principal)])
-        return {r.id: f"{r.name} ({r.prefix}…)" for r in rows}
+    return usage.rows(services, principal, principal.org_id, start, end)
 
 
 def parse_range(request: Request) -> tuple[date, date]:
@@ -98,11 +91,11 @@ def parse_range(request: Request) -> tuple[date, date]:
 
 
 @router.get("/dashboard/usage", include_in_schema=False)
-def usage_page(request: Request, viewer: CurrentViewer) -> Response:
+def usage_page(request: Request, viewer: CurrentViewer, services: ServicesDep) -> Response:
     first, last = parse_range(request)
-    rows = read_usage(request, viewer.principal, first, last)
+    rows = read_usage(services, viewer.principal, first, last)
     summary = summarise(rows, first, last)
-    names = key_names(request, viewer.principal)
+    names = key_service.names(services, viewer.principal)
     labels = [d[5:] for d in summary.days]  # MM-DD
     tokens = stacked_bars(labels, [
         Series("prompt", "bar-a", [t.prompt_tokens for t in summary.days.values()]),
@@ -131,10 +124,10 @@ def cell(text: str) -> str:
 
 
 @router.get("/dashboard/usage.csv", include_in_schema=False)
-def usage_csv(request: Request, viewer: CurrentViewer) -> Response:
+def usage_csv(request: Request, viewer: CurrentViewer, services: ServicesDep) -> Response:
     first, last = parse_range(request)
-    rows = read_usage(request, viewer.principal, first, last)
-    names = key_names(request, viewer.principal)
+    rows = read_usage(services, viewer.principal, first, last)
+    names = key_service.names(services, viewer.principal)
     buf = io.StringIO()
     out = csv.writer(buf)
     out.writerow(["date", "model", "key_id", "key_name", *FIELDS])

@@ -1,0 +1,42 @@
+"""The API-key use cases, for /v1/organizations/{org_id}/api-keys and the dashboard's API Keys
+page alike: organisation admins only; the raw key is returned once and stored nowhere."""
+
+from __future__ import annotations
+
+from bastion.protocol.keys import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyView, key_view
+from bastion.services.context import Services
+from bastion.tenancy import orgs
+from bastion.tenancy.keys import Principal, create_key, list_keys, own_key, revoke_key
+
+
+def create(services: Services, principal: Principal, org_id: str,
+           body: ApiKeyCreate) -> ApiKeyCreated:
+    with services.sessions.begin() as s:
+        orgs.require_org_admin(principal, org_id)
+        orgs.get(s, principal, org_id)
+        row, raw = create_key(s, org_id, body.name, permissions=list(body.permissions),
+                              rate_limit=body.rate_limit)
+        s.flush()
+        return ApiKeyCreated(**key_view(row).model_dump(), key=raw)
+
+
+def listing(services: Services, principal: Principal, org_id: str) -> ApiKeyList:
+    with services.sessions.begin() as s:
+        orgs.require_org_admin(principal, org_id)
+        orgs.get(s, principal, org_id)
+        return ApiKeyList(data=[key_view(r) for r in list_keys(s, principal, org_id)])
+
+
+def revoke(services: Services, principal: Principal, org_id: str, key_id: str) -> ApiKeyView:
+    with services.sessions.begin() as s:
+        orgs.require_org_admin(principal, org_id)
+        return key_view(revoke_key(s, principal, org_id, key_id))
+
+
+def names(services: Services, principal: Principal) -> dict[str, str]:
+    """Key id -> "name (prefix…)" for the keys whose usage this caller may see: the whole
+    organisation's for an admin, its own otherwise (as GET /v1/usage)."""
+    with services.sessions.begin() as s:
+        rows = (list_keys(s, principal, principal.org_id) if principal.can("admin")
+                else [own_key(s, principal)])
+        return {r.id: f"{r.name} ({r.prefix}…)" for r in rows}

@@ -1,0 +1,96 @@
+"""The model use cases, for /v1/models and the dashboard's Models page alike: what an
+organisation can use (a model made on another replica is looked up before a 404), upload and
+delete of its own models (the checks and placing live in models.custom)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bastion.errors import ModelNotFoundError
+from bastion.files.store import BlobStore
+from bastion.files.upload import Upload
+from bastion.models import custom
+from bastion.models.catalog import Deployment
+from bastion.protocol.models import ModelCard, ModelDeleted, ModelList, card
+from bastion.services.context import Services
+from bastion.tenancy.keys import Principal
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model as a person choosing one sees it: its card, its other names, what it can be
+    called for, and whether the organisation may delete it."""
+
+    card: ModelCard
+    aliases: list[str]
+    uses: list[str]
+    deletable: bool
+
+
+async def refresh(services: Services) -> None:
+    """Pick up models another replica has just uploaded or a worker has just fine-tuned."""
+    await services.org_models.sync()
+
+
+async def resolve(services: Services, name: str, principal: Principal) -> Deployment:
+    """The model `name` as this caller's organisation sees it; never another model. One made
+    elsewhere a moment ago is looked up in the database before the 404."""
+    try:
+        return services.catalog.resolve(name, principal.org_id)
+    except ModelNotFoundError:
+        pass
+    await refresh(services)
+    return services.catalog.resolve(name, principal.org_id)
+
+
+async def listing(services: Services, principal: Principal) -> ModelList:
+    await refresh(services)
+    return ModelList(data=[card(d) for d in services.catalog.visible(principal.org_id)])
+
+
+async def retrieve(services: Services, principal: Principal, model_id: str) -> ModelCard:
+    return card(await resolve(services, model_id, principal))
+
+
+def upload_store(services: Services) -> BlobStore:
+    """Where an upload's parts are streamed to: beside the models' final place, so that
+    placing one is a rename."""
+    return BlobStore(services.settings.uploads_dir)
+
+
+async def upload(services: Services, principal: Principal, received: Upload) -> ModelCard:
+    """A received multipart upload (its temporary files are always discarded) to a model
+    served to the caller's organisation."""
+    dep = await custom.create(received, principal.org_id, catalog=services.catalog,
+                              sessions=services.sessions, settings=services.settings,
+                              org_models=services.org_models)
+    return card(dep)
+
+
+async def delete(services: Services, principal: Principal, model_id: str) -> ModelDeleted:
+    """An uploaded or fine-tuned model of the caller's organisation; refused while a
+    fine-tuning job still needs it, and for the server's configured models."""
+    dep = await resolve(services, model_id, principal)
+    await custom.delete(dep, principal.org_id, sessions=services.sessions,
+                        org_models=services.org_models)
+    return ModelDeleted(id=dep.id)
+
+
+def uses(dep: Deployment) -> list[str]:
+    """What a model can be called for, from its engine's capability flags."""
+    caps = dep.engine.capabilities
+    return [name for name, on in (("chat", caps.chat), ("completions", caps.completion),
+                                  ("embeddings", caps.embeddings), ("vision", caps.vision))
+            if on]
+
+
+def catalogue(services: Services, principal: Principal) -> list[ModelEntry]:
+    """Every model the organisation can use, as the dashboard lists them."""
+    catalog = services.catalog
+    return [ModelEntry(card(d), catalog.aliases_of(d.id), uses(d), d.source != "configured")
+            for d in catalog.visible(principal.org_id)]
+
+
+def served(services: Services, principal: Principal, model_id: str) -> bool:
+    """Whether `model_id` is in the catalogue for this organisation right now (by id)."""
+    return any(d.id == model_id for d in services.catalog.visible(principal.org_id))
