@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +14,8 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
+
+from polling import poll
 
 ADMIN_KEY = "sk-bst-test-admin-key-0123456789"
 MODEL = "gemma-3-270m"
@@ -76,16 +77,17 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(proc, f"http://127.0.0.1:{port}", data_dir, log_path, database_url)
-    deadline = time.time() + 120
-    while time.time() < deadline:
+
+    def healthy() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early:\n{server.log()}")
         try:
-            if httpx.get(server.base_url + "/health", timeout=1).status_code == 200:
-                return server
+            return httpx.get(server.base_url + "/health", timeout=1).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+            return False
+
+    if poll(healthy, timeout=120, interval=0.2):
+        return server
     stop_server(server)
     raise RuntimeError(f"server did not start:\n{server.log()}")
 
@@ -130,6 +132,11 @@ def vocab():
 
     return llama_cpp.Llama(str(models_cache() / "gemma-3-270m-q4_k_m.gguf"), vocab_only=True,
                            verbose=False)
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The Authorization header of one API key."""
+    return {"Authorization": f"Bearer {key}"}
 
 
 def make_tenant(api: str, plan: str = "seed", *, limits: dict | None = None,
@@ -209,6 +216,22 @@ def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (16, 16),
     extra = {"save_all": True, "append_images": images[1:]} if frames > 1 else {}
     images[0].save(out, format=fmt, **extra)
     return out.getvalue()
+
+
+def noise_image(seed: int, size: tuple[int, int] = (48, 40), fmt: str = "PNG") -> str:
+    """A data: URI of a random-pixel image (not square, not 32 px: llama.cpp resizes it), the
+    same pixels for the same seed; JPEG is written at quality 90."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    extra = {"quality": 90} if fmt == "JPEG" else {}
+    Image.fromarray(pixels, "RGB").save(out, format=fmt, **extra)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(out.getvalue()).decode()
 
 
 def png_data_uri(size: tuple[int, int] = (16, 16), color: tuple[int, int, int] = (200, 30, 30),

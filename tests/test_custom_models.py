@@ -18,40 +18,9 @@ import pytest
 
 from conftest import ADMIN_KEY, RunningServer, make_tenant, models_cache, start_server, stop_server
 from ftdata import duck_examples, write_jsonl
+from tiny_llama import build_tiny_llama
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
-         "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee "
-         "zulu hello world the a is of and to in").split()
-SPECIALS = ["[UNK]", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 LIMIT = 300 * 1024 * 1024  # holds the bundled GGUF (253 MB), refuses more
-
-
-def build_tiny_llama(out: Path, **overrides) -> Path:
-    """config.json, model.safetensors, tokenizer.json, tokenizer_config.json in `out`."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + [f"w{i}" for i in range(60)])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>",
-                                   eos_token="</s>",
-                                   additional_special_tokens=SPECIALS[3:])
-    fast.chat_template = TEMPLATE
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=False, **overrides)
-    torch.manual_seed(7)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # never end at once, so there is text to compare
-        model.lm_head.weight[2] *= 0.1
-    model.save_pretrained(out, safe_serialization=True)
-    fast.save_pretrained(out)
-    return out
 
 
 def form(directory: Path, model_id: str, *, weights: bytes | None = None,

@@ -6,48 +6,25 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Iterator
 
 import httpx
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, MODEL, RunningServer, make_tenant
+from conftest import ADMIN_KEY, MODEL, RunningServer, bearer, make_tenant
+from dashboard_browser import (CHROMIUM, Page, browser, csrf_of, session_cookie, shot, sign_in,
+                               sync_api)
 
-CHROMIUM = Path(os.environ.get("BASTION_TEST_CHROMIUM", "/usr/bin/chromium"))
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 EMBEDDINGS = "all-minilm-l6-v2"
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}: "
                                 "`make system-test-deps` installs Debian's chromium")
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="playwright is not installed: pip install -e '.[test]'")
-Page = sync_api.Page
 expect = sync_api.expect
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def shot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
+__all__ = ["browser"]  # the browser fixture, shared by the dashboard tests
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +39,6 @@ def tenant(server: RunningServer) -> dict:
             "inference_id": r.json()["id"]}
 
 
-def sign_in(browser: object, server: RunningServer, key: str, *,
-            viewport: tuple[int, int] = (1280, 860)) -> Page:
-    context = browser.new_context(base_url=server.base_url,  # type: ignore[attr-defined]
-                                  viewport={"width": viewport[0], "height": viewport[1]})
-    page = context.new_page()
-    page.goto("/dashboard/login")
-    page.fill("#api_key", key)
-    page.click("button[type=submit]")
-    page.wait_for_url("**/dashboard/")
-    return page
-
-
 @pytest.fixture(scope="module")
 def admin_page(browser: object, server: RunningServer, tenant: dict) -> Iterator[Page]:
     page = sign_in(browser, server, tenant["admin"])
@@ -86,14 +51,6 @@ def inference_page(browser: object, server: RunningServer, tenant: dict) -> Iter
     page = sign_in(browser, server, tenant["inference"])
     yield page
     page.context.close()
-
-
-def session_cookie(page: Page) -> dict[str, str]:
-    return {c["name"]: c["value"] for c in page.context.cookies()}
-
-
-def csrf_of(page: Page) -> str:
-    return page.locator("form[action='/dashboard/logout'] input[name=csrf_token]").input_value()
 
 
 def api_usage(server: RunningServer, key: str, start: int) -> dict:

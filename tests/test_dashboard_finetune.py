@@ -15,15 +15,15 @@ import httpx
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, MODEL, RunningServer, make_tenant, start_server, stop_server
+from conftest import (ADMIN_KEY, MODEL, RunningServer, bearer, make_tenant, start_server,
+                      stop_server)
 from ftdata import duck_examples, write_jsonl
-from test_dashboard import CHROMIUM, bearer, browser, csrf_of, session_cookie, shot, sign_in
+from dashboard_browser import (CHROMIUM, Page, browser, csrf_of, session_cookie, shot, sign_in,
+                               sync_api)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}")
-sync_api = pytest.importorskip("playwright.sync_api")
-Page = sync_api.Page
 expect = sync_api.expect
-__all__ = ["browser"]  # the browser fixture, shared with test_dashboard
+__all__ = ["browser"]  # the browser fixture, shared by the dashboard tests
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,14 @@ import httpx
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, RunningServer, make_tenant
-from test_custom_models import build_tiny_llama
-from test_dashboard import CHROMIUM, bearer, browser, csrf_of, session_cookie, shot, sign_in
+from conftest import ADMIN_KEY, RunningServer, bearer, make_tenant
+from dashboard_browser import (CHROMIUM, Page, browser, csrf_of, session_cookie, shot, sign_in,
+                               sync_api)
+from tiny_llama import build_tiny_llama
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}")
-sync_api = pytest.importorskip("playwright.sync_api")
-Page = sync_api.Page
 expect = sync_api.expect
-__all__ = ["browser"]  # the browser fixture, shared with test_dashboard
+__all__ = ["browser"]  # the browser fixture, shared by the dashboard tests
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from conftest import ADMIN_KEY, MODEL, RunningServer, database_rows, make_tenant
+from polling import poll
 
 EMBED = "all-minilm-l6-v2"
 SENTENCES = ["The cat sits on the mat.", "Quantum computers use qubits.",
@@ -173,14 +174,8 @@ def test_permissions_limits_and_ledger(server: RunningServer) -> None:
     ok = post(server, {"model": EMBED, "input": "one two three"}, key=key["key"])
     assert ok.status_code == 200
     used = ok.json()["usage"]["prompt_tokens"]
-    import time
-
-    deadline = time.time() + 10
-    rows: list[dict] = []
-    while time.time() < deadline and not rows:
-        rows = [r for r in database_rows(server, "usage_records")
-                if r["org_id"] == org and r["endpoint"] == "/v1/embeddings"]
-        time.sleep(0.2)
+    rows = poll(lambda: [r for r in database_rows(server, "usage_records")
+                         if r["org_id"] == org and r["endpoint"] == "/v1/embeddings"], timeout=10)
     assert len(rows) == 1
     assert rows[0]["prompt_tokens"] == used and rows[0]["completion_tokens"] == 0
     assert rows[0]["model"] == EMBED

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import MODEL, RunningServer, make_tenant, start_server, stop_server
 from ftdata import ANSWER, HELD_OUT, duck_examples, write_jsonl
+from polling import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +36,17 @@ def ask(client: openai.OpenAI, model: str, question: str, **kw) -> str:
 
 def wait_for(client: openai.OpenAI, job_id: str, timeout: float = 900) -> tuple[object, list[str]]:
     seen: list[str] = []
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+
+    def retrieve() -> object:
         job = client.fine_tuning.jobs.retrieve(job_id)
         if not seen or seen[-1] != job.status:
             seen.append(job.status)
-        if job.status in ("succeeded", "failed", "cancelled"):
-            return job, seen
-        time.sleep(1)
-    raise AssertionError(f"job {job_id} did not finish in {timeout}s (statuses {seen})")
+        return job
+
+    job = wait_until(retrieve, lambda job: job.status in ("succeeded", "failed", "cancelled"),
+                     timeout=timeout, interval=1, message=lambda _: f"job {job_id} did not "
+                     f"finish in {timeout}s (statuses {seen})")
+    return job, seen
 
 
 @pytest.mark.timeout(900)

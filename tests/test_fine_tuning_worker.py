@@ -16,6 +16,7 @@ import pytest
 
 from conftest import MODEL, RunningServer, make_tenant, start_server, stop_server
 from ftdata import duck_examples, write_jsonl
+from polling import wait_until
 
 pytestmark = pytest.mark.slow
 LEASE = 6
@@ -42,13 +43,8 @@ def events(sdk: openai.OpenAI, job_id: str) -> list:
 
 
 def wait_event(sdk: openai.OpenAI, job_id: str, check, timeout: float = 300) -> list:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        evs = events(sdk, job_id)
-        if check(evs):
-            return evs
-        time.sleep(0.5)
-    raise AssertionError([e.message for e in events(sdk, job_id)])
+    return wait_until(lambda: events(sdk, job_id), check, timeout=timeout, interval=0.5,
+                      message=lambda _: [e.message for e in events(sdk, job_id)])
 
 
 def last_step(evs: list) -> int:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from conftest import ADMIN_KEY, MODEL, start_server, stop_server
+from polling import poll
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0.8,
@@ -25,6 +26,11 @@ def read_chunks(lines, n: int) -> list[str]:
             if len(out) >= n:
                 break
     return out
+
+
+def running_sequences(url: str) -> int:
+    """How many sequences the bundled model is generating now, from /health."""
+    return httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"]
 
 
 @pytest.fixture
@@ -42,11 +48,7 @@ def test_disconnect_frees_the_only_slot(one_slot) -> None:
             assert len(read_chunks(r.iter_lines(), 3)) == 3
         # The client went away after 3 of 3000 tokens: the slot must be free within moments,
         # not after the ~40 s the rest of the generation would take.
-        deadline = time.time() + 5
-        while time.time() < deadline:
-            if httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"] == 0:
-                break
-            time.sleep(0.05)
+        poll(lambda: running_sequences(url) == 0, timeout=5, interval=0.05)
         assert httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"] == 0
         t = time.time()
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 5})
@@ -59,11 +61,7 @@ def test_disconnect_of_non_streamed_request(one_slot) -> None:
     body = {**LONG, "stream": False}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=1.5)
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        if httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"] == 0:
-            break
-        time.sleep(0.05)
+    poll(lambda: running_sequences(url) == 0, timeout=5, interval=0.05)
     assert httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"] == 0
 
 
@@ -138,11 +136,7 @@ def test_non_streamed_request_cut_by_shutdown_gets_503(tmp_path) -> None:
 
         t = threading.Thread(target=call)
         t.start()
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            if httpx.get(srv.base_url + "/health").json()["models"][MODEL]["running_sequences"]:
-                break
-            time.sleep(0.05)
+        poll(lambda: running_sequences(srv.base_url), timeout=10, interval=0.05)
         srv.proc.send_signal(signal.SIGTERM)
         t.join(60)
         r = result["r"]

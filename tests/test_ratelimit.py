@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from conftest import ADMIN_KEY, MODEL, make_tenant, start_server, stop_server
+from polling import poll
 
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -166,13 +167,9 @@ def test_disconnect_and_errors_release_slots(limited) -> None:
             assert r.status_code == 200
             lines = r.iter_lines()
             next(lines), next(lines)
-        deadline = time.time() + 5
-        while time.time() < deadline:
-            r = httpx.post(limited.api + "/completions", headers=auth,
-                           json={"model": MODEL, "prompt": "x", "max_tokens": 1})
-            if r.status_code == 200:
-                break
-            time.sleep(0.05)
+        r = poll(lambda: httpx.post(limited.api + "/completions", headers=auth,
+                                    json={"model": MODEL, "prompt": "x", "max_tokens": 1}),
+                 lambda r: r.status_code == 200, timeout=5, interval=0.05)
         assert r.status_code == 200
     # a request refused after validation, and one whose model is unknown, hold nothing
     for bad in ({"model": MODEL, "prompt": [1, -1]}, {"model": "nope", "prompt": "x"}):

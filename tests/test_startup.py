@@ -4,7 +4,6 @@ once, one replica at a time (SQLite: a file lock; PostgreSQL: an advisory lock).
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import httpx
 
 from conftest import (ADMIN_KEY, DB_BACKEND, RunningServer, database_rows, models_cache,
                       postgres_database, start_server, stop_server)
+from polling import poll
 
 from bastion.db.session import WAITING, make_engine, startup_lock
 
@@ -32,14 +32,17 @@ def test_replicas_started_together_bootstrap_once(tmp_path: Path) -> None:
         with startup_lock(engine):
             started = [pool.submit(start_server, tmp_path, "--parallel", "1", data_dir=shared)
                        for _ in range(2)]
-            deadline = time.time() + 90
-            logs: list[str] = []
-            while time.time() < deadline:
+
+            def both_waiting(logs: list[str]) -> bool:
+                return len(logs) == 2 and all(WAITING in log for log in logs)
+
+            def read_logs() -> list[str]:
                 logs = [p.read_text(errors="replace") for p in tmp_path.glob("server-*.log")]
-                if len(logs) == 2 and all(WAITING in log for log in logs):
-                    break
-                assert not any(f.done() for f in started), "a replica started past the lock"
-                time.sleep(0.2)
+                if not both_waiting(logs):
+                    assert not any(f.done() for f in started), "a replica started past the lock"
+                return logs
+
+            logs = poll(read_logs, both_waiting, timeout=90, interval=0.2)
             assert len(logs) == 2 and all(WAITING in log for log in logs), logs
         for future in started:
             try:

@@ -10,13 +10,9 @@ import httpx
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, MODEL, RunningServer
+from conftest import ADMIN_KEY, MODEL, RunningServer, bearer
 
 HI = [{"role": "user", "content": "Hi"}]
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="module")

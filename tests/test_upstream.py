@@ -5,13 +5,10 @@ through the openai SDK against the front, and compared with what the upstream it
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import signal
 import subprocess
 import sys
-import time
 from typing import Any, Iterator
 
 import httpx
@@ -19,7 +16,8 @@ import openai
 import pytest
 
 from conftest import (ADMIN_KEY, MODEL, RunningServer, database_rows, free_port, make_tenant,
-                      models_cache, png_data_uri, start_server, stop_server)
+                      models_cache, noise_image, png_data_uri, start_server, stop_server)
+from polling import poll
 from tiny_vlm import write_mmproj
 
 VLM = "tiny-vlm"
@@ -66,13 +64,16 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | Non
          str(port), "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1"],
         stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+
+    def up_or_gone() -> bool:
+        if proc.poll() is not None:
+            return True
         try:
-            if httpx.get(base + "/models", timeout=1).status_code == 200:
-                break
+            return httpx.get(base + "/models", timeout=1).status_code == 200
         except httpx.HTTPError:
-            time.sleep(0.3)
+            return False
+
+    poll(up_or_gone, timeout=120, interval=0.3)
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -168,12 +169,8 @@ def test_ledger_records_the_upstreams_usage(front: RunningServer) -> None:
     org, key = make_tenant(front.api, "seed", name="ledger")
     r = sdk(front, key["key"]).chat.completions.create(model="up-gemma", messages=MSGS,
                                                         max_tokens=8, temperature=0)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        rows = [row for row in database_rows(front, "usage_records") if row["org_id"] == org]
-        if rows:
-            break
-        time.sleep(0.2)
+    rows = poll(lambda: [row for row in database_rows(front, "usage_records")
+                         if row["org_id"] == org], timeout=10)
     assert len(rows) == 1, rows
     row = rows[0]
     assert (row["request_id"], row["model"], row["status"]) == (r.id, "up-gemma", "ok")
@@ -210,14 +207,15 @@ def test_concurrency_limit_and_disconnect_cancels_upstream(front: RunningServer,
         assert r.json()["error"]["code"] == "concurrency_limit_exceeded"
         assert r.headers["retry-after"]
     # the client went away: the front cancels the upstream request (the upstream bills it so)
-    deadline = time.time() + 15
-    while time.time() < deadline:
+
+    def ledgers() -> tuple[list[dict], list[dict]]:
         cancelled = [r for r in database_rows(upstream, "usage_records")
                      if r["status"] == "cancelled"]
         mine = [r for r in database_rows(front, "usage_records") if r["org_id"] == org]
-        if len(cancelled) > before and mine:
-            break
-        time.sleep(0.3)
+        return cancelled, mine
+
+    cancelled, mine = poll(ledgers, lambda both: len(both[0]) > before and both[1],
+                           timeout=15, interval=0.3)
     assert len(cancelled) == before + 1 and cancelled[-1]["completion_tokens"] < 3000
     assert [m["status"] for m in mine] == ["cancelled"]
     # and the slot is free again
@@ -231,9 +229,8 @@ def test_failover_when_a_replica_dies(front: RunningServer, replica: RunningServ
     client = sdk(front)
     args: dict[str, Any] = dict(model="ha-gemma", messages=MSGS, max_tokens=6, temperature=0)
     first = [client.chat.completions.create(**args).choices[0].message.content for _ in range(4)]
-    deadline = time.time() + 10
-    while not database_rows(replica, "usage_records") and time.time() < deadline:
-        time.sleep(0.2)  # the ledger writes in batches
+    # the ledger writes in batches
+    poll(lambda: database_rows(replica, "usage_records"), timeout=10)
     assert database_rows(replica, "usage_records"), "the first replica was never picked"
     replica.proc.send_signal(signal.SIGKILL)
     replica.proc.wait()
@@ -276,16 +273,6 @@ def test_upstream_refusing_the_key_is_a_502_not_a_401(front: RunningServer) -> N
 
 
 # --- vision ----------------------------------------------------------------------------------------
-def noise_png(seed: int) -> str:
-    import numpy as np
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
-
-
 def vision_messages(*urls: str) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = [{"type": "text", "text": "What is it?"}]
     parts += [{"type": "image_url", "image_url": {"url": u}} for u in urls]
@@ -295,7 +282,7 @@ def vision_messages(*urls: str) -> list[dict[str, Any]]:
 def test_vision_is_forwarded(front: RunningServer, upstream: RunningServer) -> None:
     """A JPEG goes upstream as the front's decoded pixels in a PNG: the upstream sees the same
     pixels as when it decodes the JPEG itself, so the greedy answer and the usage agree."""
-    args: dict[str, Any] = dict(messages=vision_messages(noise_png(1)), max_tokens=6,
+    args: dict[str, Any] = dict(messages=vision_messages(noise_image(1, fmt="JPEG")), max_tokens=6,
                                 temperature=0, logprobs=True, top_logprobs=3)
     mine = sdk(front).chat.completions.create(model="up-vlm", **args)
     theirs = sdk(upstream).chat.completions.create(model=VLM, **args)
@@ -304,7 +291,7 @@ def test_vision_is_forwarded(front: RunningServer, upstream: RunningServer) -> N
     assert [t.top_logprobs for t in mine.choices[0].logprobs.content] == \
         [t.top_logprobs for t in theirs.choices[0].logprobs.content]
     other = sdk(front).chat.completions.create(model="up-vlm", **{
-        **args, "messages": vision_messages(noise_png(2))})
+        **args, "messages": vision_messages(noise_image(2, fmt="JPEG"))})
     assert other.choices[0].logprobs.content[0].top_logprobs != \
         mine.choices[0].logprobs.content[0].top_logprobs
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import openai
 
 from conftest import ADMIN_KEY, MODEL, RunningServer, make_tenant
+from polling import poll
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -39,12 +38,9 @@ def test_usage_is_exact_and_scoped(server: RunningServer) -> None:
         return httpx.get(f"{api}/usage", headers={"Authorization": f"Bearer {key}"},
                          params=params).json()
 
-    deadline = time.time() + 5
-    while time.time() < deadline:  # the abandoned stream settles a moment after the disconnect
-        body = report(admin_key)
-        if body["total"]["requests"] == 3:
-            break
-        time.sleep(0.1)
+    # the abandoned stream settles a moment after the disconnect
+    body = poll(lambda: report(admin_key), lambda body: body["total"]["requests"] == 3,
+                timeout=5, interval=0.1)
     assert body["org_id"] == org and body["total"]["requests"] == 3
     (row,) = body["data"]
     assert row["model"] == MODEL and row["key_id"] == user["id"]

@@ -4,17 +4,15 @@ to the bundled Gemma 3 270M without one."""
 
 from __future__ import annotations
 
-import base64
-import io
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import httpx
-import numpy as np
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, MODEL, RunningServer, models_cache, start_server, stop_server
+from conftest import (ADMIN_KEY, MODEL, RunningServer, models_cache, noise_image, start_server,
+                      stop_server)
 from tiny_vlm import IMAGE_TOKENS, write_mmproj
 
 VLM = "tiny-vlm"
@@ -36,16 +34,6 @@ def sdk(vlm_server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=vlm_server.api, api_key=ADMIN_KEY, max_retries=0, timeout=120)
 
 
-def noise_png(seed: int, size: tuple[int, int] = (48, 40)) -> str:
-    """A data: URI of a random-pixel PNG (not square, not 32 px: llama.cpp resizes it)."""
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
-
-
 def messages(question: str, *images: str) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = [{"type": "text", "text": question}]
     parts += [{"type": "image_url", "image_url": {"url": url}} for url in images]
@@ -64,12 +52,12 @@ def test_model_card_says_vision(sdk: openai.OpenAI) -> None:
 
 
 def test_image_costs_exactly_its_tokens(sdk: openai.OpenAI) -> None:
-    with_image = chat(sdk, messages("What is in the picture?", noise_png(1)))
+    with_image = chat(sdk, messages("What is in the picture?", noise_image(1)))
     text_only = chat(sdk, messages("What is in the picture?"))
     assert with_image.choices[0].finish_reason in ("stop", "length")
     assert with_image.usage.completion_tokens > 0
     assert with_image.usage.prompt_tokens == text_only.usage.prompt_tokens + IMAGE_TOKENS
-    two = chat(sdk, messages("What is in the picture?", noise_png(1), noise_png(2)))
+    two = chat(sdk, messages("What is in the picture?", noise_image(1), noise_image(2)))
     assert two.usage.prompt_tokens == text_only.usage.prompt_tokens + 2 * IMAGE_TOKENS
 
 
@@ -80,13 +68,13 @@ def test_the_model_sees_which_image(sdk: openai.OpenAI) -> None:
         first = r.choices[0].logprobs.content[0]
         return r.choices[0].message.content, [(t.token, t.logprob) for t in first.top_logprobs]
 
-    a, again, b = first_top(noise_png(1)), first_top(noise_png(1)), first_top(noise_png(2))
+    a, again, b = first_top(noise_image(1)), first_top(noise_image(1)), first_top(noise_image(2))
     assert a == again
     assert a[1] != b[1]
 
 
 def test_stream_equals_non_stream_with_usage(sdk: openai.OpenAI) -> None:
-    msgs = messages("Describe it.", noise_png(3))
+    msgs = messages("Describe it.", noise_image(3))
     whole = chat(sdk, msgs, max_tokens=6)
     chunks = list(chat(sdk, msgs, max_tokens=6, stream=True,
                        stream_options={"include_usage": True}))
@@ -98,8 +86,8 @@ def test_stream_equals_non_stream_with_usage(sdk: openai.OpenAI) -> None:
 
 def test_n_copies_the_image_prompt(sdk: openai.OpenAI) -> None:
     """n > 1 copies the leader's KV cache, image included, into the other slots."""
-    one = chat(sdk, messages("What is it?", noise_png(4)))
-    three = chat(sdk, messages("What is it?", noise_png(4)), n=3)
+    one = chat(sdk, messages("What is it?", noise_image(4)))
+    three = chat(sdk, messages("What is it?", noise_image(4)), n=3)
     assert three.usage.prompt_tokens == one.usage.prompt_tokens
     assert [c.message.content for c in three.choices] == [one.choices[0].message.content] * 3
 
@@ -112,7 +100,7 @@ def test_text_on_the_bundled_model_keeps_working_beside_images(
             messages=[{"role": "user", "content": f"Give me word number {i}."}])
 
     def image_job(i: int):  # type: ignore[no-untyped-def]
-        return chat(sdk, messages("What is it?", noise_png(10 + i)), max_tokens=6)
+        return chat(sdk, messages("What is it?", noise_image(10 + i)), max_tokens=6)
 
     with ThreadPoolExecutor(max_workers=10) as pool:
         texts = [pool.submit(text_job, i) for i in range(6)]
@@ -133,7 +121,7 @@ def test_text_on_the_bundled_model_keeps_working_beside_images(
 def test_bundled_model_still_refuses_images(vlm_server: RunningServer) -> None:
     r = httpx.post(vlm_server.api + "/chat/completions",
                    headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                   json={"model": MODEL, "messages": messages("What?", noise_png(1))})
+                   json={"model": MODEL, "messages": messages("What?", noise_image(1))})
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "model_not_supported"
     assert r.json()["error"]["param"] == "messages[1].content[1]"
@@ -168,7 +156,7 @@ def test_images_over_the_websocket(sdk: openai.OpenAI, vlm_server: RunningServer
 
     from websockets.sync.client import connect
 
-    msgs = messages("What is it?", noise_png(5))
+    msgs = messages("What is it?", noise_image(5))
     want = chat(sdk, msgs, max_tokens=5)
     with connect(vlm_server.base_url.replace("http://", "ws://") + "/v1/ws") as ws:
         ws.send(json.dumps({"type": "auth", "api_key": ADMIN_KEY}))

@@ -15,6 +15,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from conftest import (ADMIN_KEY, MODEL, RunningServer, database_rows, make_tenant,
                       start_server, stop_server)
+from polling import poll
 
 HELLO = [{"role": "user", "content": "Name three colours."}]
 
@@ -131,13 +132,10 @@ def test_cancel_and_disconnect_free_the_slot(server: RunningServer) -> None:
         ws.send(json.dumps({"type": "inference", "id": "left", "model": MODEL, **long}))
         assert recv(ws)["type"] == "token"
     auth = {"Authorization": f"Bearer {key['key']}"}
-    deadline = time.time() + 10
-    while True:  # the socket closed mid-generation: its slot comes back at once
-        r = httpx.post(f"{server.api}/chat/completions", headers=auth, timeout=60,
-                       json={"model": MODEL, "messages": HELLO, "max_tokens": 3})
-        if r.status_code == 200 or time.time() > deadline:
-            break
-        time.sleep(0.2)
+    # the socket closed mid-generation: its slot comes back at once
+    r = poll(lambda: httpx.post(f"{server.api}/chat/completions", headers=auth, timeout=60,
+                                json={"model": MODEL, "messages": HELLO, "max_tokens": 3}),
+             lambda r: r.status_code == 200, timeout=10, interval=0.2)
     assert r.status_code == 200, r.text
 
 
@@ -148,12 +146,9 @@ def test_limits_permissions_and_ledger(server: RunningServer) -> None:
             assert run(ws, i, max_tokens=2)[1]["type"] == "done"
         _, refused = run(ws, "third", max_tokens=2)
     assert refused["error"]["code"] == "requests_per_minute_exceeded"
-    rows: list[dict] = []
-    deadline = time.time() + 10
-    while len(rows) < 2 and time.time() < deadline:
-        rows = [r for r in database_rows(server, "usage_records")
-                if r["org_id"] == org and r["endpoint"] == "/v1/ws"]
-        time.sleep(0.2)
+    rows = poll(lambda: [r for r in database_rows(server, "usage_records")
+                         if r["org_id"] == org and r["endpoint"] == "/v1/ws"],
+                lambda rows: len(rows) >= 2, timeout=10)
     assert len(rows) == 2 and all(r["completion_tokens"] > 0 and r["model"] == MODEL
                                   for r in rows)
     _, trainer = make_tenant(server.api, permissions=("training",), name="ws-trainer")
