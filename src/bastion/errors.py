@@ -217,3 +217,26 @@ class UpstreamUnavailableError(ServiceUnavailableError):
     """No replica of an upstream model can be reached."""
 
     code = "upstream_unavailable"
+
+
+# --- engine errors: ONE table from the engines' transport-free errors to what a client sees ----
+# Keyed by each engine error class's `kind` (engines/base.py: EngineError and its subclasses):
+# this module sits below the engines, so it names their kinds rather than importing them.
+ENGINE_ERRORS: dict[str, type[APIError]] = {
+    "input": InvalidRequestError,  # ModelInputError: 400 invalid_request_error
+    "refused": UpstreamError,  # UpstreamRefused: an upstream's 4xx, with its status
+    "unavailable": ServiceUnavailableError,  # ModelUnavailable: 503 server_error
+    "bad_gateway": BadGatewayError,  # UpstreamFailure: 502 server_error
+    "failure": ModelError,  # ModelFailure, and EngineError itself: 500 model_error
+}
+
+
+def engine_api_error(exc: Exception) -> APIError:
+    """The APIError (status, type, code) for an engine error; the error's own code and param
+    win over the row's defaults."""
+    cls = ENGINE_ERRORS.get(getattr(exc, "kind", "failure"), ModelError)
+    message = getattr(exc, "message", str(exc))
+    code, param = getattr(exc, "code", None), getattr(exc, "param", None)
+    if cls is UpstreamError:
+        return UpstreamError(message, status=getattr(exc, "status", 400), code=code, param=param)
+    return cls(message, code=code, param=param)

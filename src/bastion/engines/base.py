@@ -15,10 +15,13 @@ ENTRY_POINT_GROUP = "bastion.engines"
 
 @dataclass(frozen=True)
 class Capabilities:
+    """What an engine can do; services check these, never an engine's class."""
+
     chat: bool = False
     completion: bool = False
     embeddings: bool = False
     vision: bool = False
+    constrained: bool = False  # structured output (grammars); no engine offers it yet
     adapters: bool = False
     infill: bool = False
 
@@ -38,6 +41,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    # The wire names of the parameters the client set: an engine that forwards the request
+    # (an upstream) sends only these, so the server there keeps its own defaults.
+    explicit: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -75,14 +81,71 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation to render. Each message: role, content (text, or a list of
+    {"type": "text", "text"} and {"type": "image", "image": DecodedImage, "detail"} parts) and
+    an optional name."""
+
+    messages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """A completion prompt: text or token ids, with a suffix for fill-in-the-middle."""
+
+    text: str | list[int]
+    suffix: str | None = None
+    param: str = "prompt"  # where it sits in the request, for error messages
+    pieces: bool = False  # also the text of each prompt token (echo with logprobs)
+
+
+@dataclass(frozen=True)
+class EmbeddingPrompt:
+    """Inputs to embed (text or token ids), with where each sits in the request."""
+
+    inputs: list[str | list[int]]
+    params: list[str]
+    truncate: bool = False  # cut an input that is too long instead of refusing it
+
+
+PromptSource = ChatPrompt | TextPrompt | EmbeddingPrompt
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt as its engine will run it, made by that engine's count_prompt and handed back
+    to it in generate/embed: tokens for a local engine, the engine's own payload (an
+    upstream's messages or text) otherwise. `n_tokens` is exact, or an upper bound when not
+    `exact` (admission reserves it; an estimate never refuses on context)."""
+
+    n_tokens: int
+    exact: bool = True
+    tokens: list[int] = field(default_factory=list)
+    media: tuple[PromptMedia, ...] = ()
+    payload: Any = None
+    text: str | None = None  # the prompt's text (echo), where the engine knows it
+    pieces: list[str] | None = None  # each prompt token's text, when asked for
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """Tokens in, n independent continuations out."""
+    """A prepared prompt in, n independent continuations out."""
 
     prompt_tokens: list[int]
     params: SamplingParams
     n: int = 1
     request_id: str = ""
     media: tuple[PromptMedia, ...] = ()  # images in the prompt, in order of offset
+    payload: Any = None  # the engine's own part of the prompt (PreparedPrompt.payload)
+    # Whether the caller relays events as they come; an engine that answers a whole request
+    # more cheaply or more exactly (an upstream's non-streamed call) may do so when False.
+    stream: bool = True
+
+    @classmethod
+    def of(cls, prompt: PreparedPrompt, params: SamplingParams, n: int = 1,
+           stream: bool = True) -> "GenerationRequest":
+        return cls(prompt_tokens=prompt.tokens, params=params, n=n, media=prompt.media,
+                   payload=prompt.payload, stream=stream)
 
 
 @dataclass(frozen=True)
@@ -117,45 +180,111 @@ class PromptLogprobs:
     tokens: list[TokenLogprob | None]
 
 
-Event = Delta | Finished | PromptLogprobs
+@dataclass(frozen=True)
+class Usage:
+    """The engine's own count of a whole request (an upstream's usage report), sent after its
+    Finished events, whose completion_tokens already add up to completion_tokens: consumers
+    take prompt_tokens from here in place of the prompt's (possibly estimated) count."""
+
+    prompt_tokens: int
+    completion_tokens: int
 
 
+Event = Delta | Finished | PromptLogprobs | Usage
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Vectors (float32, one row per input) and the input tokens they cost."""
+
+    vectors: Any  # numpy.ndarray
+    prompt_tokens: int
+
+
+# --- the engine error family: transport-free; errors.py maps each class to its HTTP error ---
 class EngineError(Exception):
-    """The engine could not run a request; carries an OpenAI-style error when it has one."""
+    """The engine could not run a request (as such: a model failure). Each class names its
+    `kind`, the key of errors.py's table (which sits below the engines and so cannot import
+    these classes)."""
 
-    def __init__(self, message: str, *, error_type: str = "model_error",
-                 code: str | None = None) -> None:
+    kind = "failure"
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.error_type = error_type
         self.code = code
+        self.param = param
+
+
+class ModelInputError(EngineError):
+    """The request's input is wrong for this model (a template refuses the messages, a token
+    id outside the vocabulary, an input too long): the client's to fix."""
+
+    kind = "input"
+
+
+class ModelUnavailable(EngineError):
+    """The model cannot take requests now (shutting down, no upstream replica reachable)."""
+
+    kind = "unavailable"
+
+
+class ModelFailure(EngineError):
+    """The model failed while running a request it had accepted."""
+
+
+class UpstreamRefused(ModelInputError):
+    """An upstream server refused the request as the client's fault (a 4xx): relayed with
+    the upstream's own status."""
+
+    kind = "refused"
+
+    def __init__(self, message: str, *, status: int, code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message, code=code, param=param)
+        self.status = status
+
+
+class UpstreamFailure(EngineError):
+    """An upstream server failed, refused this server's credentials or answered nonsense."""
+
+    kind = "bad_gateway"
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     context_length: int
     parameters: str | None
-    vocab_size: int
+    vocab_size: int  # 0 where unknown (an upstream)
     created: int
     dimensions: int | None = None  # embedding models: the length of their vectors
 
 
 @runtime_checkable
 class Engine(Protocol):
+    """What every engine is. Built from its own spec by `from_spec(spec, settings)`, found by
+    its entry-point name (engine_class)."""
+
     capabilities: Capabilities
     info: ModelInfo
+    max_parallel: int  # sequences it runs at once for one request (bounds n)
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
+    async def start(self) -> None: ...  # in the app's event loop, after loading
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    async def stop(self) -> None: ...
 
-    # Vision engines only (capabilities.vision): messages whose content may be a list of
-    # {"type": "text", "text": str} and {"type": "image", "image": DecodedImage} parts.
-    def render_chat_media(self, messages: list[dict[str, Any]]) -> Prompt: ...
-
-    def infill_tokens(self, prefix: str, suffix: str) -> list[int]: ...
+    # Counts (and renders, tokenises, checks) a prompt: ModelInputError if it cannot run.
+    async def count_prompt(self, source: PromptSource) -> PreparedPrompt: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]: ...
+
+    # Starts a generation: a refusal that comes before any output (an upstream's HTTP
+    # status, no replica up) raises here; the iterator then yields the events.
+    async def open(self, request: GenerationRequest) -> AsyncIterator[Event]: ...
+
+    async def embed(self, prompt: PreparedPrompt, *,
+                    dimensions: int | None = None) -> Embeddings: ...
 
     def stats(self) -> dict[str, int]: ...
 
@@ -164,36 +293,44 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-@runtime_checkable
-class PassthroughEngine(Protocol):
-    """An engine that takes OpenAI request bodies as they are (messages, not tokens): a server
-    elsewhere renders the prompt. serving/passthrough.py drives it; Bastion still checks,
-    counts, admits and bills every request in front of it."""
+class BaseEngine:
+    """Defaults for what an engine does not do, so that each engine writes only its own."""
 
-    passthrough: bool  # True
-    capabilities: Capabilities
-    info: ModelInfo
-    upstream_model: str  # the upstream's own name for the model
-    image_tokens: int  # admission's estimate for one image
+    capabilities = Capabilities()
+    max_parallel = 1
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Nothing to start in the event loop."""
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Nothing to stop in the event loop."""
 
-    # The exact prompt length ({"messages": ...} or {"prompt": ...}), or None if unknown.
-    async def count_prompt(self, payload: dict[str, Any]) -> int | None: ...
+    async def count_prompt(self, source: PromptSource) -> PreparedPrompt:
+        raise ModelInputError("This model does not take this kind of input.",
+                              code="model_not_supported", param="model")
 
-    async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]: ...
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        raise ModelInputError("This model does not generate text.", code="model_not_supported",
+                              param="model")
+        yield  # pragma: no cover  (makes this an async generator)
 
-    # Connects now (a refusal raises here); the iterator yields the stream's JSON chunks.
-    async def open_stream(self, path: str, payload: dict[str, Any]
-                          ) -> AsyncIterator[dict[str, Any]]: ...
+    async def open(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Local engines queue the request when it is first read: nothing can refuse it here."""
+        return self.generate(request)
 
-    def close(self) -> None: ...
+    async def embed(self, prompt: PreparedPrompt, *,
+                    dimensions: int | None = None) -> Embeddings:
+        raise ModelInputError("This model does not make embeddings.",
+                              code="model_not_supported", param="model")
 
+    def stats(self) -> dict[str, int]:
+        return {}
 
-def is_passthrough(engine: object) -> bool:
-    return getattr(engine, "passthrough", False) is True
+    def abort_all(self, message: str) -> None:
+        """Nothing runs long enough to abort."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 def engine_class(name: str) -> type:

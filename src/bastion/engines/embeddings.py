@@ -21,14 +21,20 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from bastion.engines.base import Capabilities, EngineError, ModelInfo, format_parameters
+from bastion.config import EmbeddingModelSpec, Settings
+from bastion.engines.base import (BaseEngine, Capabilities, EmbeddingPrompt, Embeddings,
+                                  EngineError, ModelFailure, ModelInfo, ModelInputError,
+                                  PreparedPrompt, PromptSource, format_parameters)
+from bastion.engines.tokens import check_token_ids
 from bastion.engines.batching import plan_passes
 from bastion.engines.embedding_process import ModelProcess
 
 log = logging.getLogger("bastion.engines.embeddings")
+INLINE_TOKENIZE_CHARS = 4096  # longer inputs are tokenised on a worker thread
 
 
 @dataclass
@@ -67,8 +73,29 @@ def _deliver(loop: asyncio.AbstractEventLoop,
             pass
 
 
-class SentenceTransformerEngine:
+@dataclass(frozen=True)
+class EmbeddingEngineSettings:
+    """How requests are batched, and how many threads (so model processes) there are."""
+
+    threads: int | None = None
+    window_s: float = 0.002
+    max_batch: int = 64
+
+    @classmethod
+    def of(cls, settings: Settings) -> "EmbeddingEngineSettings":
+        return cls(threads=settings.threads, window_s=settings.embedding_window_ms / 1000,
+                   max_batch=settings.embedding_max_batch)
+
+
+class SentenceTransformerEngine(BaseEngine):
     """One sentence-transformers model directory (safetensors only; never remote code)."""
+
+    @classmethod
+    def from_spec(cls, spec: EmbeddingModelSpec, settings: Settings) -> "SentenceTransformerEngine":
+        """An embedding model spec (path, id)."""
+        opts = EmbeddingEngineSettings.of(settings)
+        return cls(spec.path, spec.id or spec.path.name, threads=opts.threads,
+                   window_s=opts.window_s, max_batch=opts.max_batch)
 
     def __init__(self, path: Path, name: str, *, threads: int | None = None,
                  window_s: float = 0.002, max_batch: int = 64,
@@ -143,7 +170,51 @@ class SentenceTransformerEngine:
             return [fast.encode(texts[0], add_special_tokens=False).ids]
         return [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
 
-    async def embed(self, sequences: list[list[int]]) -> np.ndarray:
+    async def count_prompt(self, source: PromptSource) -> PreparedPrompt:
+        """Every input as token ids, checked against the model's vocabulary and input length
+        (cut to it when the request says truncate)."""
+        if not isinstance(source, EmbeddingPrompt):
+            return await super().count_prompt(source)
+        inputs = source.inputs
+        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+        sequences: list[list[int]] = [x if isinstance(x, list) else [] for x in inputs]
+        if texts:
+            strings = [t for _, t in texts]
+            # a few sentences tokenise in tens of microseconds: less than the hop to a worker
+            # thread, which only pays off for long inputs that would hold the event loop
+            ids = (self.tokenize_many(strings) if sum(map(len, strings)) <= INLINE_TOKENIZE_CHARS
+                   else await asyncio.to_thread(self.tokenize_many, strings))
+            for (i, _), tokens in zip(texts, ids):
+                sequences[i] = tokens
+        limit = self.max_input_tokens
+        for i, seq in enumerate(sequences):
+            param = source.params[i]
+            if isinstance(inputs[i], list):
+                check_token_ids(seq, self.info.vocab_size, param)
+            if not seq:
+                raise ModelInputError(f"'{param}' has no tokens for this model.", param=param,
+                                      code="empty_input")
+            if len(seq) > limit:
+                if not source.truncate:
+                    raise ModelInputError(
+                        f"'{param}' is {len(seq)} tokens, but the model '{self.name}' takes at "
+                        f"most {limit} tokens per input. Shorten it, or send \"truncate\": true "
+                        f"to embed only its first {limit} tokens.",
+                        param=param, code="context_length_exceeded")
+                sequences[i] = seq[:limit]
+        return PreparedPrompt(sum(map(len, sequences)), payload=sequences)
+
+    async def embed(self, prompt: PreparedPrompt | list[list[int]], *,  # type: ignore[override]
+                    dimensions: int | None = None) -> Any:
+        """The prompt's vectors, shortened to `dimensions` (Matryoshka-style: the leading
+        ones, renormalised if the model normalises). Given plain token id lists (the batching
+        API itself, as its tests drive it) it answers the bare array."""
+        if not isinstance(prompt, PreparedPrompt):
+            return await self._embed(prompt)
+        vectors = await self._embed(prompt.payload)
+        return Embeddings(_shorten(vectors, dimensions, self.normalizes), prompt.n_tokens)
+
+    async def _embed(self, sequences: list[list[int]]) -> np.ndarray:
         """Vectors (float32, one row per sequence), batched with whatever else is waiting."""
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._pending.append(_Job(sequences, future))
@@ -215,7 +286,7 @@ class SentenceTransformerEngine:
             failure: Exception | None = None
         except Exception as exc:
             log.exception("embedding pass failed")
-            failure = exc if isinstance(exc, EngineError) else EngineError(
+            failure = exc if isinstance(exc, EngineError) else ModelFailure(
                 f"The embedding model failed: {exc}")
         done: list[tuple[asyncio.Future[np.ndarray], np.ndarray | Exception]] = []
         with self._planning:
@@ -233,6 +304,8 @@ class SentenceTransformerEngine:
         _deliver(jobs[0].future.get_loop(), done)
 
     # --- the engine protocol -------------------------------------------------------------------
+    max_parallel = 1
+
     def stats(self) -> dict[str, int]:
         return {"queued": len(self._pending), "sequences_done": self._sequences_done,
                 "batches_done": self._batches_done, "forward_passes": self._passes_done}
@@ -247,3 +320,14 @@ class SentenceTransformerEngine:
             feeder.join(timeout=30)
         for process in self._processes:
             process.close()
+
+
+def _shorten(vectors: np.ndarray, dimensions: int | None, normalized: bool) -> np.ndarray:
+    """Matryoshka-style shortening: keep the leading dimensions, renormalise if the model does."""
+    if dimensions is None or dimensions == vectors.shape[1]:
+        return vectors
+    short = vectors[:, :dimensions]
+    if normalized:
+        norms = np.linalg.norm(short, axis=1, keepdims=True)
+        short = short / np.maximum(norms, 1e-12)
+    return short.astype(np.float32)

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from bastion.config import ModelSpec, Settings
 from bastion.engines.base import (Capabilities, Delta, EngineError, Event, Finished,
-                                  GenerationRequest, ModelInfo, Prompt, SamplingParams,
-                                  TokenLogprob, format_parameters)
+                                  GenerationRequest, ModelFailure, ModelInfo, ModelInputError,
+                                  ModelUnavailable, SamplingParams, TokenLogprob,
+                                  format_parameters)
 from bastion.engines.text import StopMatcher
 from bastion.engines.threaded import DONE, Sink, events_from_thread
+from bastion.engines.tokens import TokenEngine
 
 log = logging.getLogger("bastion.torch")
 
@@ -91,7 +94,26 @@ class _Job:
     cancelled: bool = False
 
 
-class TorchEngine:
+@dataclass(frozen=True)
+class TorchSettings:
+    """The PyTorch engine's options: its threads, and sequences run at once per model."""
+
+    threads: int | None = None
+    max_parallel: int = 4
+
+    @classmethod
+    def of(cls, settings: Settings) -> "TorchSettings":
+        return cls(threads=settings.threads, max_parallel=settings.parallel)
+
+
+class TorchEngine(TokenEngine):
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, settings: Settings) -> "TorchEngine":
+        """A model directory spec (path, id): safetensors and config.json."""
+        opts = TorchSettings.of(settings)
+        return cls(path=spec.path, name=spec.id or spec.path.name, threads=opts.threads,
+                   max_parallel=opts.max_parallel)
+
     def __init__(self, *, path: Path, name: str, threads: int | None = None,
                  max_parallel: int = 4) -> None:
         import torch
@@ -129,16 +151,16 @@ class TorchEngine:
         text: the template's text is tokenised with its special tokens, the messages' text
         without, so a user who types a turn marker cannot fake a turn."""
         if not self.capabilities.chat:
-            raise EngineError(f"The model '{self.name}' has no chat template; use "
-                              f"/v1/completions.", error_type="invalid_request_error",
-                              code="model_not_supported")
+            raise ModelInputError(f"The model '{self.name}' has no chat template; use "
+                                  f"/v1/completions.", code="model_not_supported",
+                                  param="model")
         shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
         try:
             text = self.tokenizer.apply_chat_template(shadow, tokenize=False,
                                                       add_generation_prompt=True)
         except Exception as exc:  # the template itself refused (e.g. roles must alternate)
-            raise EngineError(f"The model's chat template refused these messages: {exc}",
-                              error_type="invalid_request_error") from exc
+            raise ModelInputError(f"The model's chat template refused these messages: {exc}",
+                                  code="invalid_messages", param="messages") from exc
         tokens: list[int] = []
         for k, part in enumerate(_MARKS.split(text)):
             if k % 2:
@@ -147,12 +169,8 @@ class TorchEngine:
                 tokens += list(self.tokenizer(part, add_special_tokens=False)["input_ids"])
         return tokens
 
-    def render_chat_media(self, messages: list[dict[str, Any]]) -> Prompt:
-        raise EngineError("This model does not take images.", error_type="invalid_request_error",
-                          code="model_not_supported")
-
-    def infill_tokens(self, prefix: str, suffix: str) -> list[int]:
-        raise EngineError("this model has no fill-in-the-middle tokens")
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
 
     # --- generation ---------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
@@ -192,7 +210,7 @@ class TorchEngine:
                         self._step(job)
                     except Exception as exc:  # one request's failure never stops the others
                         log.exception("generation failed in %s", self.name)
-                        self._finish(job, EngineError(f"The model failed: {exc}"))
+                        self._finish(job, ModelFailure(f"The model failed: {exc}"))
 
     def _take_commands(self, block: bool) -> None:
         while True:
@@ -208,11 +226,11 @@ class TorchEngine:
                     self._jobs.remove(arg)  # type: ignore[arg-type]
             elif cmd == "abort":
                 for job in list(self._jobs):
-                    self._finish(job, EngineError(str(arg), error_type="server_error"))
+                    self._finish(job, ModelUnavailable(str(arg), code="service_unavailable"))
             elif cmd == "stop":
                 for job in list(self._jobs):
-                    self._finish(job, EngineError("The model is shutting down.",
-                                                  error_type="server_error"))
+                    self._finish(job, ModelUnavailable("The model is shutting down.",
+                                                       code="service_unavailable"))
                 self._stopping = True
                 return
 

@@ -1,9 +1,11 @@
 """The upstream engine: a model that other OpenAI-compatible servers generate (vLLM, TGI,
 llama.cpp server, Ollama, another Bastion), one or more replicas of it.
 
-It is a *passthrough* engine: it takes OpenAI request bodies, not tokens (the upstream renders
-its own chat template), so serving/passthrough.py, not the token path, drives it. Bastion keeps
-everything in front of the model: auth, limits, image checks, the ledger.
+It implements the Engine protocol like a local engine, but its prompts are messages or text,
+not tokens (the upstream renders its own chat template): count_prompt asks the upstream's
+/tokenize or gives an upper bound, generate posts the OpenAI body and yields the same events as
+a local engine, then a Usage event with the upstream's own report. Bastion keeps everything in
+front of the model: auth, limits, image checks, the ledger.
 
 Replicas: each request goes to the least busy replica that is up. A replica that refuses the
 connection (nothing was sent yet, so nothing can have run twice) is marked down and the request
@@ -17,15 +19,19 @@ import itertools
 import json
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import httpx
+import numpy as np
 
-from bastion.config import UpstreamSpec
-from bastion.engines.base import Capabilities, ModelInfo
-from bastion.errors import BadGatewayError, UpstreamError, UpstreamUnavailableError
+from bastion.config import Settings, UpstreamSpec
+from bastion.engines import upstream_wire as wire
+from bastion.engines.base import (BaseEngine, Capabilities, ChatPrompt, EmbeddingPrompt,
+                                  Embeddings, Event, GenerationRequest, ModelInfo,
+                                  ModelInputError, ModelUnavailable, PreparedPrompt,
+                                  PromptSource, TextPrompt, UpstreamFailure, UpstreamRefused)
 
 log = logging.getLogger("bastion.upstream")
 DEFAULT_CONTEXT = 4096  # when neither the configuration nor the upstream says
@@ -44,8 +50,11 @@ class Replica:
         return self.url[:-3] if self.url.endswith("/v1") else self.url
 
 
-class UpstreamEngine:
-    passthrough = True  # takes OpenAI bodies, not tokens: see serving/passthrough.py
+class UpstreamEngine(BaseEngine):
+    @classmethod
+    def from_spec(cls, spec: UpstreamSpec, settings: Settings | None = None) -> "UpstreamEngine":
+        """An UpstreamSpec holds all of this engine's settings (replicas, timeouts, ...)."""
+        return cls(spec)
 
     def __init__(self, spec: UpstreamSpec) -> None:
         self.spec = spec
@@ -152,7 +161,8 @@ class UpstreamEngine:
 
     def _require_client(self) -> httpx.AsyncClient:
         if self._client is None:
-            raise UpstreamUnavailableError(f"The model '{self.name}' is not started yet.")
+            raise ModelUnavailable(f"The model '{self.name}' is not started yet.",
+                                   code="upstream_unavailable")
         return self._client
 
     # --- requests -------------------------------------------------------------------------------
@@ -172,10 +182,10 @@ class UpstreamEngine:
         while True:
             replica = self._pick(tried)
             if replica is None:
-                raise UpstreamUnavailableError(
+                raise ModelUnavailable(
                     f"The model '{self.name}' is unavailable: none of its "
                     f"{len(self.replicas)} upstream server{'s' * (len(self.replicas) > 1)} "
-                    f"can be reached. Try again shortly.")
+                    f"can be reached. Try again shortly.", code="upstream_unavailable")
             tried.add(self.replicas.index(replica))
             replica.busy += 1
             try:
@@ -186,10 +196,10 @@ class UpstreamEngine:
                     self._mark(replica, False, type(exc).__name__)
                     continue
                 except httpx.TimeoutException as exc:
-                    raise BadGatewayError(f"The upstream server of '{self.name}' timed out "
+                    raise UpstreamFailure(f"The upstream server of '{self.name}' timed out "
                                           f"({type(exc).__name__}).") from None
                 except httpx.HTTPError as exc:
-                    raise BadGatewayError(f"The upstream server of '{self.name}' failed "
+                    raise UpstreamFailure(f"The upstream server of '{self.name}' failed "
                                           f"({type(exc).__name__}).") from None
                 try:
                     if resp.status_code >= 400:
@@ -207,7 +217,7 @@ class UpstreamEngine:
             body = json.loads(await resp.aread())
         except (ValueError, httpx.HTTPError):
             body = None
-        return relayed(resp.status_code, body, self.name)
+        return wire.relayed(resp.status_code, body, self.name)
 
     async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """A non-streamed request: the upstream's JSON answer."""
@@ -215,12 +225,12 @@ class UpstreamEngine:
             try:
                 data = json.loads(await resp.aread())
             except ValueError:
-                raise BadGatewayError(f"The upstream server of '{self.name}' sent a response "
+                raise UpstreamFailure(f"The upstream server of '{self.name}' sent a response "
                                       f"that is not JSON.") from None
             except httpx.HTTPError as exc:
                 raise self._broken(exc) from None
         if not isinstance(data, dict):
-            raise BadGatewayError(f"The upstream server of '{self.name}' sent an unexpected "
+            raise UpstreamFailure(f"The upstream server of '{self.name}' sent an unexpected "
                                   f"response.")
         return data
 
@@ -248,22 +258,22 @@ class UpstreamEngine:
                     try:
                         chunk = json.loads(data)
                     except ValueError:
-                        raise BadGatewayError(f"The upstream server of '{self.name}' sent an "
+                        raise UpstreamFailure(f"The upstream server of '{self.name}' sent an "
                                               f"event that is not JSON.") from None
                     if not isinstance(chunk, dict):
-                        raise BadGatewayError(f"The upstream server of '{self.name}' sent an "
+                        raise UpstreamFailure(f"The upstream server of '{self.name}' sent an "
                                               f"unexpected event.")
                     if "error" in chunk or chunk.get("object") == "error":
-                        raise relayed(500, chunk, self.name)
+                        raise wire.relayed(500, chunk, self.name)
                     yield chunk
             except httpx.HTTPError as exc:
                 raise self._broken(exc) from None
 
-    def _broken(self, exc: httpx.HTTPError) -> BadGatewayError:
-        return BadGatewayError(f"The upstream server of '{self.name}' stopped answering in the "
+    def _broken(self, exc: httpx.HTTPError) -> UpstreamFailure:
+        return UpstreamFailure(f"The upstream server of '{self.name}' stopped answering in the "
                                f"middle of a response ({type(exc).__name__}).")
 
-    async def count_prompt(self, payload: dict[str, Any]) -> int | None:
+    async def _tokenize(self, payload: dict[str, Any]) -> int | None:
         """The exact prompt length from the upstream's vLLM-style POST /tokenize (chat
         `messages` or completion `prompt`), or None where it has none: then admission uses an
         upper bound. Probed once with tokenize="auto"."""
@@ -273,12 +283,12 @@ class UpstreamEngine:
         try:
             async with self._open(lambda r: f"{r.root}/tokenize", body) as resp:
                 data = json.loads(await resp.aread())
-        except UpstreamError as exc:
+        except UpstreamRefused as exc:
             if exc.status in (404, 405, 501) and self._can_tokenize is None:
                 log.info("%s: the upstream has no /tokenize; prompts are estimated", self.name)
                 self._can_tokenize = False
             return None
-        except (BadGatewayError, ValueError, httpx.HTTPError):
+        except (UpstreamFailure, ValueError, httpx.HTTPError):
             return None
         count = data.get("count") if isinstance(data, dict) else None
         if not isinstance(count, int):
@@ -289,26 +299,82 @@ class UpstreamEngine:
         return count
 
 
-def relayed(status: int, body: Any, name: str) -> Exception:
-    """An upstream's error body (OpenAI's {"error": {...}}, vLLM's older flat
-    {"object": "error", ...}, FastAPI's {"detail": ...}) as Bastion's error. 4xx are the
-    client's to fix and keep their status; a refused key or an upstream failure is Bastion's
-    (502), never shown to the client as its own 401."""
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(body, dict) and not isinstance(err, dict):
-        err = body if "message" in body else {"message": body.get("detail") or body.get("error")}
-    err = err if isinstance(err, dict) else {}
-    message = err.get("message")
-    message = message if isinstance(message, str) and message else None
-    if status in (401, 403):
-        log.error("the upstream of %s refused Bastion's credentials (HTTP %d)", name, status)
-        return BadGatewayError(f"The upstream server of '{name}' refused this server's "
-                               f"credentials; the administrator must fix its api_key.")
-    if status == 429 or status >= 500 or not 400 <= status < 500:
-        what = message or f"HTTP {status}"
-        return BadGatewayError(f"The upstream server of '{name}' failed: {what}")
-    code, param = err.get("code"), err.get("param")
-    return UpstreamError(message or f"The upstream server of '{name}' refused the request "
-                         f"(HTTP {status}).", status=status,
-                         code=code if isinstance(code, str) else None,
-                         param=param if isinstance(param, str) else None)
+    # --- the engine protocol --------------------------------------------------------------------
+    async def count_prompt(self, source: PromptSource) -> PreparedPrompt:
+        """Chat and completion prompts: the upstream's exact count where it can tokenise (not
+        with images), else an upper bound; embedding inputs: always an upper bound, settled
+        to the upstream's report."""
+        if isinstance(source, ChatPrompt):
+            messages = await asyncio.to_thread(wire.wire_messages, source.messages)
+            images = any(isinstance(m["content"], list) and any(
+                p["type"] == "image_url" for p in m["content"]) for m in messages)
+            count = None if images else await self._tokenize(
+                {"messages": messages, "add_generation_prompt": True})
+            n = count if count is not None else wire.chat_upper_bound(messages,
+                                                                      self.image_tokens)
+            return PreparedPrompt(n, exact=count is not None, payload={"messages": messages})
+        if isinstance(source, TextPrompt):
+            if source.pieces:
+                raise ModelInputError(f"The model '{self.name}' cannot echo the prompt with "
+                                      f"logprobs.", param="echo", code="unsupported_parameter")
+            p = source.text
+            payload: dict[str, Any] = {"prompt": p}
+            if source.suffix is not None:
+                payload["suffix"] = source.suffix
+            if isinstance(p, list):
+                return PreparedPrompt(len(p), payload=payload)
+            count = await self._tokenize({"prompt": p}) if source.suffix is None else None
+            n = count if count is not None else wire.text_upper_bound(p, source.suffix)
+            return PreparedPrompt(n, exact=count is not None, payload=payload, text=p)
+        if isinstance(source, EmbeddingPrompt):
+            return PreparedPrompt(sum(map(wire.input_upper_bound, source.inputs)), exact=False,
+                                  payload=source.inputs)
+        return await super().count_prompt(source)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        async with aclosing(await self.open(request)) as events:  # type: ignore[type-var]
+            async for event in events:
+                yield event
+
+    async def open(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Connects (streamed) or gets the whole answer (not streamed, which is how servers
+        such as llama.cpp's report usage) now, so that a refusal raises here; the events then
+        follow. Closing the stream closes the connection: that is how the upstream learns
+        that the client went away."""
+        chat = "messages" in request.payload
+        path = "chat/completions" if chat else "completions"
+        body = wire.request_body(request, self.upstream_model)
+        if not request.stream:
+            data = await self.post(path, {**body, "stream": False})
+            return _listed(wire.answer_events(data, chat, request.params.max_tokens, self.name))
+        # usage comes from the upstream, whether or not the client asked for it
+        chunks = await self.open_stream(path, {**body, "stream": True,
+                                               "stream_options": {"include_usage": True}})
+        return wire.stream_events(chunks, chat)  # type: ignore[arg-type]
+
+    async def embed(self, prompt: PreparedPrompt, *,
+                    dimensions: int | None = None) -> Embeddings:
+        """Float vectors from the upstream (every OpenAI-compatible server has those) and its
+        usage report (else the prompt's upper bound)."""
+        payload: dict[str, Any] = {"model": self.upstream_model, "input": prompt.payload,
+                                   "encoding_format": "float"}
+        if dimensions is not None:
+            payload["dimensions"] = dimensions
+        data = await self.post("embeddings", payload)
+        usage = wire.reported(data.get("usage"))
+        try:
+            items = sorted(data["data"], key=lambda d: d["index"])
+            vectors = [np.asarray(d["embedding"], dtype=np.float32) for d in items]
+        except (KeyError, TypeError, ValueError):
+            raise UpstreamFailure(f"The upstream server of '{self.name}' sent embeddings "
+                                  f"Bastion cannot read.") from None
+        if len(vectors) != len(prompt.payload):
+            raise UpstreamFailure(f"The upstream server of '{self.name}' sent {len(vectors)} "
+                                  f"vectors for {len(prompt.payload)} inputs.")
+        return Embeddings(np.stack(vectors) if vectors else np.zeros((0, 0), np.float32),
+                          usage[0] if usage else prompt.n_tokens)
+
+
+async def _listed(events: list[Event]) -> AsyncIterator[Event]:
+    for event in events:
+        yield event

@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from bastion.config import Settings
-from bastion.engines.base import Engine, PassthroughEngine, engine_class, is_passthrough
+from bastion.config import EmbeddingModelSpec, ModelSpec, Settings
+from bastion.engines.base import Engine, engine_class
 from bastion.errors import ModelNotFoundError
 from bastion.models.bundled import (BUNDLED_EMBEDDINGS_ID, BUNDLED_ID, bundled_embeddings,
                                      bundled_gguf)
@@ -18,7 +18,7 @@ log = logging.getLogger("bastion.models")
 @dataclass
 class Deployment:
     id: str
-    engine: Engine | PassthroughEngine
+    engine: Engine
     owned_by: str
     aliases: list[str] = field(default_factory=list)
     truncatable_dimensions: bool = False  # embedding models trained to be shortened
@@ -95,41 +95,36 @@ class Catalog:
         """Engines with work in the event loop (an upstream's connection pool and health
         checks) start here, in the app's lifespan."""
         for dep in self._deployments.values():
-            if is_passthrough(dep.engine):
-                await dep.engine.start()  # type: ignore[attr-defined]
+            await dep.engine.start()
 
     async def stop(self) -> None:
         for dep in self._deployments.values():
-            if is_passthrough(dep.engine):
-                await dep.engine.stop()  # type: ignore[attr-defined]
+            await dep.engine.stop()
 
     def close(self) -> None:
         for dep in self._deployments.values():
             dep.engine.close()
 
 
-def engine_options(settings: Settings) -> dict[str, Any]:
-    """The llama.cpp engine's batching options, the same for every model it serves."""
-    return dict(n_seq=settings.parallel, ctx_per_seq=settings.context_per_sequence,
-                n_batch=settings.batch_tokens, threads=settings.threads)
+def build_engine(name: str, spec: Any, settings: Settings, **extra: Any) -> Engine:
+    """The engine registered under `name` (entry point), built from its own spec; its module
+    is imported only now, so PyTorch loads only when a PyTorch-backed model is configured."""
+    return engine_class(name).from_spec(spec, settings, **extra)  # type: ignore[attr-defined]
 
 
 def load_catalog(settings: Settings) -> Catalog:
     """Load every configured model (the bundled one unless disabled) into its engine."""
     catalog = Catalog()
-    engine_cls = engine_class("llamacpp")
-    common = engine_options(settings)
     try:
         if settings.serve_bundled_model:
             path = bundled_gguf(settings.models_dir)
             log.info("loading bundled model %s from %s", BUNDLED_ID, path)
-            catalog.add(Deployment(BUNDLED_ID, engine_cls(path=path, name=BUNDLED_ID, **common),
-                                   owned_by="google"))
+            catalog.add(Deployment(BUNDLED_ID, build_engine(
+                "llamacpp", ModelSpec(path=path, id=BUNDLED_ID), settings), owned_by="google"))
         for spec in settings.models:
             model_id = spec.id or spec.path.stem
             log.info("loading model %s from %s", model_id, spec.path)
-            engine = engine_cls(path=spec.path, name=model_id, chat_template=spec.chat_template,
-                                mmproj=spec.mmproj, **common)
+            engine = build_engine("llamacpp", spec.model_copy(update={"id": model_id}), settings)
             catalog.add(Deployment(model_id, engine, owned_by=spec.owned_by,
                                    aliases=list(spec.aliases)))
         load_embedding_models(settings, catalog)
@@ -144,34 +139,25 @@ def load_catalog(settings: Settings) -> Catalog:
 
 
 def load_embedding_models(settings: Settings, catalog: Catalog) -> None:
-    """Sentence-transformers models; PyTorch is imported only when one is configured."""
-    if not settings.serve_bundled_embeddings and not settings.embedding_models:
-        return
-    from bastion.engines.embeddings import SentenceTransformerEngine
-
-    common = dict(threads=settings.threads, window_s=settings.embedding_window_ms / 1000,
-                  max_batch=settings.embedding_max_batch)
+    """Sentence-transformers models (engine `sentence-transformers`)."""
+    specs = list(settings.embedding_models)
     if settings.serve_bundled_embeddings:
-        path = bundled_embeddings()
-        log.info("loading bundled embedding model %s from %s", BUNDLED_EMBEDDINGS_ID, path)
-        catalog.add(Deployment(BUNDLED_EMBEDDINGS_ID,
-                               SentenceTransformerEngine(path, BUNDLED_EMBEDDINGS_ID, **common),
-                               owned_by="sentence-transformers"))
-    for spec in settings.embedding_models:
+        specs.insert(0, EmbeddingModelSpec(path=bundled_embeddings(), id=BUNDLED_EMBEDDINGS_ID,
+                                           owned_by="sentence-transformers"))
+    for spec in specs:
         model_id = spec.id or spec.path.name
         log.info("loading embedding model %s from %s", model_id, spec.path)
-        catalog.add(Deployment(model_id, SentenceTransformerEngine(spec.path, model_id, **common),
-                               owned_by=spec.owned_by, aliases=list(spec.aliases),
+        engine = build_engine("sentence-transformers", spec.model_copy(update={"id": model_id}),
+                              settings)
+        catalog.add(Deployment(model_id, engine, owned_by=spec.owned_by,
+                               aliases=list(spec.aliases),
                                truncatable_dimensions=spec.truncatable_dimensions))
 
 
 def load_upstreams(settings: Settings, catalog: Catalog) -> None:
-    """Models that OpenAI-compatible servers elsewhere serve, through the `upstream` engine
-    (found by entry point like any plugin); nothing connects before the lifespan starts."""
-    if not settings.upstreams:
-        return
-    engine_cls = engine_class("upstream")
+    """Models that OpenAI-compatible servers elsewhere serve, through the `upstream` engine;
+    nothing connects before the lifespan starts."""
     for spec in settings.upstreams:
         log.info("upstream model %s: %d replica(s)", spec.id, len(spec.urls))
-        catalog.add(Deployment(spec.id, engine_cls(spec), owned_by=spec.owned_by,
-                               aliases=list(spec.aliases)))
+        catalog.add(Deployment(spec.id, build_engine("upstream", spec, settings),
+                               owned_by=spec.owned_by, aliases=list(spec.aliases)))

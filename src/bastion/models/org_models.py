@@ -15,10 +15,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from bastion.models.catalog import Catalog, Deployment, engine_options
-from bastion.config import Settings
+from bastion.models.catalog import Catalog, Deployment, build_engine
+from bastion.config import ModelSpec, Settings
 from bastion.db.tables import CustomModel, FineTuningJob
-from bastion.engines.base import engine_class
 
 log = logging.getLogger("bastion.models")
 
@@ -51,20 +50,16 @@ class OrgModels:
         """The engine for a record (slow: call off the event loop)."""
         if isinstance(record, CustomModel):
             path = Path(record.path)
-            if record.format == "gguf":
-                engine = engine_class("llamacpp")(path=path / "model.gguf", name=record.model_id,
-                                                  **engine_options(self.settings))
-            else:
-                engine = engine_class("torch")(path=path, name=record.model_id,
-                                               threads=self.settings.threads,
-                                               max_parallel=self.settings.parallel)
+            gguf = record.format == "gguf"
+            spec = ModelSpec(path=path / "model.gguf" if gguf else path, id=record.model_id)
+            engine = build_engine("llamacpp" if gguf else "torch", spec, self.settings)
             return Deployment(record.model_id, engine, owned_by=record.org_id,
                               org_id=record.org_id, source="uploaded")
         artifact = Path(str(record.artifact))
         full = record.method == "full"  # a whole GGUF; a LoRA is an adapter on the base GGUF
-        engine = engine_class("llamacpp")(
-            path=artifact if full else Path(record.base_path), name=str(record.fine_tuned_model),
-            lora=None if full else artifact, **engine_options(self.settings))
+        spec = ModelSpec(path=artifact if full else Path(record.base_path),
+                         id=str(record.fine_tuned_model))
+        engine = build_engine("llamacpp", spec, self.settings, lora=None if full else artifact)
         return Deployment(str(record.fine_tuned_model), engine, owned_by=record.org_id,
                           org_id=record.org_id, source="fine-tuned")
 

@@ -1,49 +1,48 @@
-"""Chat completions: messages -> prompt tokens -> engine events -> ChatCompletion or chunks."""
+"""Chat completions: messages -> a prompt the model's engine prepared and counted -> engine
+events -> ChatCompletion or chunks. One path for every engine, local or upstream."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-from starlette.concurrency import run_in_threadpool
-
-from bastion.models.catalog import Deployment
+from bastion.admission.limiter import Limiter, Ticket
 from bastion.config import Settings
-from bastion.engines.base import (Delta, Finished, GenerationRequest, PromptMedia, TokenLogprob,
-                                  is_passthrough)
+from bastion.engines.base import (ChatPrompt, Delta, Finished, GenerationRequest, PreparedPrompt,
+                                  TokenLogprob, Usage)
 from bastion.errors import InvalidRequestError
 from bastion.ids import new_id
+from bastion.models.catalog import Deployment
 from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
                                    ChatCompletionRequest, ChoiceLogprobs, ImagePart,
                                    TokenLogprobContent, TopLogprob)
-from bastion.protocol.common import Usage
-from bastion.admission.limiter import Limiter, Ticket
-from bastion.services import passthrough
+from bastion.protocol.common import Usage as WireUsage
+from bastion.services.common import (check_n, completion_budget, metered,
+                                     sampling_params, unsupported)
 from bastion.services.images import load_images
-from bastion.services.passthrough import UpstreamCall
-from bastion.services.common import (check_n, completion_budget, merge, metered,
-                                    sampling_params, unsupported)
 from bastion.tenancy.keys import Principal
 
 
 class PreparedChat:
-    """Everything known before generation starts: validated, tokenised, budgeted."""
+    """Everything known before generation starts: validated, counted, budgeted."""
 
     def __init__(self, body: ChatCompletionRequest, deployment: Deployment,
-                 prompt_tokens: list[int], request: GenerationRequest) -> None:
+                 prompt: PreparedPrompt, request: GenerationRequest) -> None:
         self.body = body
         self.deployment = deployment
-        self.prompt_tokens = prompt_tokens
+        self.prompt = prompt
         self.request = request
         self.id = new_id("chatcmpl")
         self.created = int(time.time())
-        self.estimate = len(prompt_tokens) + request.n * request.params.max_tokens
+        self.estimate = prompt.n_tokens + request.n * request.params.max_tokens
 
 
 async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, settings: Settings,
-                       principal: Principal, limiter: Limiter) -> PreparedChat | UpstreamCall:
-    """Checked, counted and budgeted; a passthrough engine's request is prepared by
-    serving/passthrough.py and runs there (complete_chat and open_chat_stream dispatch)."""
+                       principal: Principal, limiter: Limiter) -> PreparedChat:
+    """Checked, counted and budgeted: the engine renders and counts the prompt (an upstream
+    may only bound it from above: then nothing is refused on context here)."""
     engine = deployment.engine
     if not engine.capabilities.chat:
         raise unsupported(deployment, "chat completions")
@@ -54,37 +53,31 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
             f"The model '{deployment.id}' does not support image input; send text "
             f"only, or choose a vision model.", param=f"messages[{i}].content[{j}]",
             code="model_not_supported")
-    if is_passthrough(engine):
-        check_n(body.n, max_n=settings.max_n, slots=body.n)
-        return await passthrough.prepare_chat(body, deployment, settings, principal, limiter,
-                                              images)
     messages: list[dict[str, Any]] = []
     for i, m in enumerate(body.messages):
-        role = "system" if m.role == "developer" else m.role
-        if any(key[0] == i for key in images):
-            parts = [{"type": "image", "image": images[(i, j)]} if isinstance(p, ImagePart)
-                     else {"type": "text", "text": p.text}
-                     for j, p in enumerate(m.content or [])]  # type: ignore[union-attr]
-            messages.append({"role": role, "content": parts})
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
+        if isinstance(m.content, list):
+            msg["content"] = [
+                {"type": "image", "image": images[(i, j)], "detail": p.image_url.detail}
+                if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
+                for j, p in enumerate(m.content)]
         else:
-            messages.append({"role": role, "content": m.text()})
-    check_n(body.n, max_n=settings.max_n, slots=getattr(engine, "max_parallel", body.n))
-    media: tuple[PromptMedia, ...] = ()
-    if any(isinstance(m["content"], list) for m in messages):  # images, checked for vision above
-        rendered = await run_in_threadpool(engine.render_chat_media, messages)
-        prompt, media = rendered.tokens, rendered.media
-    else:
-        prompt = await run_in_threadpool(engine.render_chat, messages)
-    max_tokens = completion_budget(prompt_len=len(prompt), requested=body.completion_limit,
+            msg["content"] = m.content or ""
+        if m.name:
+            msg["name"] = m.name
+        messages.append(msg)
+    check_n(body.n, max_n=settings.max_n, slots=engine.max_parallel)
+    prompt = await engine.count_prompt(ChatPrompt(messages))
+    max_tokens = completion_budget(prompt_len=prompt.n_tokens, requested=body.completion_limit,
                                    context=engine.info.context_length,
                                    default=settings.default_max_tokens, param="messages",
-                                   what="messages")
-    max_tokens = limiter.max_tokens_for(principal, len(prompt), body.n, body.completion_limit,
-                                        default=max_tokens, param="messages")
+                                   what="messages", exact=prompt.exact)
+    max_tokens = limiter.max_tokens_for(principal, prompt.n_tokens, body.n,
+                                        body.completion_limit, default=max_tokens,
+                                        param="messages")
     params = sampling_params(body, max_tokens=max_tokens, vocab_size=engine.info.vocab_size,
                              logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-    gen = GenerationRequest(prompt_tokens=prompt, params=params, n=body.n, media=media)
-    return PreparedChat(body, deployment, prompt, gen)
+    return PreparedChat(body, deployment, prompt, GenerationRequest.of(prompt, params, body.n))
 
 
 def _logprobs(items: list[TokenLogprob]) -> list[TokenLogprobContent]:
@@ -94,44 +87,52 @@ def _logprobs(items: list[TokenLogprob]) -> list[TokenLogprobContent]:
             for lp in items]
 
 
-async def complete_chat(prep: PreparedChat | UpstreamCall, ticket: Ticket) -> ChatCompletion:
-    if isinstance(prep, UpstreamCall):
-        return await passthrough.complete(prep, ticket)  # type: ignore[return-value]
+def reported_prompt(ticket: Ticket, counted: int, ev: Usage) -> int:
+    """The engine's own prompt count (an upstream's report) in place of the prepared one."""
+    ticket.prompt_tokens += ev.prompt_tokens - counted
+    return ev.prompt_tokens
+
+
+async def complete_chat(prep: PreparedChat, ticket: Ticket) -> ChatCompletion:
     n = prep.request.n
     texts = [""] * n
     lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
     reasons = ["stop"] * n
-    async with metered(ticket, len(prep.prompt_tokens)) as meter:
-        async for _, ev in merge([prep.deployment.engine.generate(prep.request)]):
+    prompt = prep.prompt.n_tokens
+    request = dataclasses.replace(prep.request, stream=False)
+    async with metered(ticket, prompt) as meter, \
+            aclosing(prep.deployment.engine.generate(request)) as events:
+        async for ev in events:
             meter.count(0, ev)
             if isinstance(ev, Delta):
                 texts[ev.index] += ev.text
                 lps[ev.index].extend(ev.logprobs)
             elif isinstance(ev, Finished):
                 reasons[ev.index] = ev.finish_reason
+            elif isinstance(ev, Usage):
+                prompt = reported_prompt(ticket, prompt, ev)
     completion = ticket.completion_tokens
     want_lp = prep.body.logprobs
     choices = [ChatChoice(index=i, message=AssistantMessage(content=texts[i]),
                           logprobs=ChoiceLogprobs(content=_logprobs(lps[i])) if want_lp else None,
                           finish_reason=reasons[i])  # type: ignore[arg-type]
                for i in range(n)]
-    prompt = len(prep.prompt_tokens)
     return ChatCompletion(id=prep.id, created=prep.created, model=prep.deployment.id,
                           choices=choices,
-                          usage=Usage(prompt_tokens=prompt, completion_tokens=completion,
-                                      total_tokens=prompt + completion))
+                          usage=WireUsage(prompt_tokens=prompt, completion_tokens=completion,
+                                          total_tokens=prompt + completion))
 
 
-async def open_chat_stream(prep: PreparedChat | UpstreamCall,
-                           ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
-    """The chunks of a streamed chat, awaited before the response starts: an upstream connects
-    here, so its refusal (or no reachable replica) is an HTTP error, not an event."""
-    if isinstance(prep, UpstreamCall):
-        return await passthrough.open_stream(prep, ticket)
-    return stream_chat(prep, ticket)
+async def open_chat_stream(prep: PreparedChat, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of a streamed chat, awaited before the response starts: the engine is opened
+    here (an upstream connects), so its refusal is an HTTP error, not an event."""
+    chunks = stream_chat(prep, ticket)
+    await chunks.__anext__()  # None: the engine took the request
+    return chunks  # type: ignore[return-value]
 
 
-async def stream_chat(prep: PreparedChat, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
+async def stream_chat(prep: PreparedChat, ticket: Ticket
+                      ) -> AsyncIterator[dict[str, Any] | None]:
     body = prep.body
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = {"id": prep.id, "object": "chat.completion.chunk", "created": prep.created,
@@ -143,20 +144,26 @@ async def stream_chat(prep: PreparedChat, ticket: Ticket) -> AsyncIterator[dict[
         return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                      "finish_reason": finish}], **extra}
 
-    for i in range(prep.request.n):
-        yield chunk(i, {"role": "assistant", "content": ""},
-                    logprobs={"content": [], "refusal": None} if body.logprobs else None)
-    async with metered(ticket, len(prep.prompt_tokens)) as meter:
-        async for _, ev in merge([prep.deployment.engine.generate(prep.request)]):
-            meter.count(0, ev)
-            if isinstance(ev, Delta):
-                lp = ({"content": [c.model_dump() for c in _logprobs(ev.logprobs)],
-                       "refusal": None} if body.logprobs else None)
-                yield chunk(ev.index, {"content": ev.text}, logprobs=lp)
-            elif isinstance(ev, Finished):
-                yield chunk(ev.index, {}, finish=ev.finish_reason)
+    prompt = prep.prompt.n_tokens
+    async with metered(ticket, prompt) as meter:
+        events = await prep.deployment.engine.open(prep.request)
+        yield None
+        for i in range(prep.request.n):
+            yield chunk(i, {"role": "assistant", "content": ""},
+                        logprobs={"content": [], "refusal": None} if body.logprobs else None)
+        async with aclosing(events):  # type: ignore[type-var]
+            async for ev in events:
+                meter.count(0, ev)
+                if isinstance(ev, Delta):
+                    lp = ({"content": [c.model_dump() for c in _logprobs(ev.logprobs)],
+                           "refusal": None} if body.logprobs else None)
+                    yield chunk(ev.index, {"content": ev.text}, logprobs=lp)
+                elif isinstance(ev, Finished):
+                    yield chunk(ev.index, {}, finish=ev.finish_reason)
+                elif isinstance(ev, Usage):
+                    prompt = reported_prompt(ticket, prompt, ev)
     if include_usage:
-        prompt, completion = len(prep.prompt_tokens), ticket.completion_tokens
+        completion = ticket.completion_tokens
         yield {**base, "choices": [], "usage": {"prompt_tokens": prompt,
                                                 "completion_tokens": completion,
                                                 "total_tokens": prompt + completion}}

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bastion.engines.base import Delta, EngineError, Event, Finished, SamplingParams
-from bastion.errors import APIError, InvalidRequestError, ModelError, ServiceUnavailableError
+from bastion.errors import APIError, InvalidRequestError, engine_api_error
 from bastion.protocol.common import SamplingFields
 from bastion.admission.limiter import Ticket
 
@@ -44,9 +44,19 @@ def check_token_ids(tokens: list[int], vocab_size: int, param: str) -> None:
                 param=param, code="invalid_token_id")
 
 
+GUESS_FLOOR = 256  # max_tokens when an estimated prompt may already fill the context
+
+
 def completion_budget(*, prompt_len: int, requested: int | None, context: int, default: int,
-                      param: str, what: str) -> int:
-    """The number of tokens to generate, or a 400 that names both numbers."""
+                      param: str, what: str, exact: bool = True) -> int:
+    """The number of tokens to generate, or a 400 that names both numbers. A prompt that was
+    only estimated (an upper bound: an upstream that cannot count) never refuses on context:
+    the upstream will, if it must."""
+    if not exact:
+        if requested is not None:
+            return requested
+        room = context - prompt_len
+        return min(default, room) if room >= 1 else min(default, GUESS_FLOOR)
     if prompt_len == 0:
         raise InvalidRequestError(f"The {what} is empty: it has no tokens for this model.",
                                   param=param, code="empty_prompt")
@@ -69,10 +79,13 @@ def completion_budget(*, prompt_len: int, requested: int | None, context: int, d
 
 def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, logprobs: bool,
                     top_logprobs: int, prompt_logprobs: bool = False) -> SamplingParams:
+    """The request's sampling fields for the engine; a vocab_size of 0 (unknown: an upstream)
+    leaves logit_bias's token ids to the engine's server to check."""
     bias: list[tuple[int, float]] = []
     for key, value in (req.logit_bias or {}).items():
         tok = int(key)
-        check_token_ids([tok], vocab_size, "logit_bias")
+        if vocab_size:
+            check_token_ids([tok], vocab_size, "logit_bias")
         bias.append((tok, float(value)))
     return SamplingParams(
         max_tokens=max_tokens,
@@ -82,14 +95,13 @@ def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, lo
         frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
         seed=None if req.seed is None else req.seed & 0xFFFFFFFF,
         stop=tuple(req.stop_list), logit_bias=tuple(bias), logprobs=logprobs,
-        top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+        top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+        explicit=frozenset(req.model_fields_set))
 
 
 def as_api_error(exc: EngineError) -> APIError:
-    """An engine's failure as the HTTP error a client sees (503 while shutting down)."""
-    if exc.error_type == "server_error":
-        return ServiceUnavailableError(exc.message, code=exc.code)
-    return ModelError(exc.message, code=exc.code)
+    """An engine's error as the HTTP error a client sees (errors.py's one table)."""
+    return engine_api_error(exc)
 
 
 def error_payload(exc: BaseException) -> dict[str, Any]:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from bastion.engines.base import (MEDIA_TOKEN, Capabilities, DecodedImage, EngineError, Event,
-                                  GenerationRequest, ModelInfo, Prompt, PromptMedia,
-                                  format_parameters)
+from bastion.config import ModelSpec, Settings
+from bastion.engines.base import (MEDIA_TOKEN, Capabilities, DecodedImage, Event,
+                                  GenerationRequest, ModelFailure, ModelInfo, ModelInputError,
+                                  Prompt, PromptMedia, format_parameters)
 from bastion.engines.llamacpp.model import LlamaModel
 from bastion.engines.llamacpp.scheduler import Scheduler
 from bastion.engines.llamacpp.templates import ChatTemplate, pick_template
 from bastion.engines.llamacpp.vision import ImageChunk, Projector
 from bastion.engines.threaded import events_from_thread
+from bastion.engines.tokens import TokenEngine
 
 
 # Private-use code points: they never occur in chat templates, and mark where message text goes.
@@ -52,7 +55,33 @@ def render_chat_tokens(model: LlamaModel, template: ChatTemplate, messages: list
     return tokens
 
 
-class LlamaCppEngine:
+@dataclass(frozen=True)
+class LlamaCppSettings:
+    """The llama.cpp engine's continuous batching, the same for every model it serves."""
+
+    n_seq: int
+    ctx_per_seq: int
+    n_batch: int
+    threads: int | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> "LlamaCppSettings":
+        """From the server's settings (BASTION_PARALLEL, _CONTEXT_PER_SEQUENCE, ...)."""
+        return cls(n_seq=settings.parallel, ctx_per_seq=settings.context_per_sequence,
+                   n_batch=settings.batch_tokens, threads=settings.threads)
+
+
+class LlamaCppEngine(TokenEngine):
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, settings: Settings, *,
+                  lora: Path | None = None) -> "LlamaCppEngine":
+        """A GGUF model spec (path, id, chat_template, mmproj); `lora` for a fine-tune."""
+        opts = LlamaCppSettings.of(settings)
+        return cls(path=spec.path, name=spec.id or spec.path.stem,
+                   chat_template=spec.chat_template, mmproj=spec.mmproj, lora=lora,
+                   n_seq=opts.n_seq,
+                   ctx_per_seq=opts.ctx_per_seq, n_batch=opts.n_batch, threads=opts.threads)
+
     def __init__(self, *, path: Path, name: str, n_seq: int, ctx_per_seq: int, n_batch: int,
                  threads: int | None = None, chat_template: str | None = None,
                  mmproj: Path | None = None, lora: Path | None = None) -> None:
@@ -60,6 +89,7 @@ class LlamaCppEngine:
         self.model = LlamaModel(path, n_seq=n_seq, ctx_per_seq=ctx_per_seq, n_batch=n_batch,
                                 threads=threads, lora=lora)
         self.path = path
+        self.name = name
         m = self.model
         self.architecture = m.meta("general.architecture")
         self.projector: Projector | None = None
@@ -98,8 +128,8 @@ class LlamaCppEngine:
         exactly its image tokens more than the same text without images); each image becomes
         the projector's wrapper tokens and a run of MEDIA_TOKEN placeholders it fills."""
         if self.projector is None:
-            raise EngineError("This model has no vision projector.",
-                              error_type="invalid_request_error", code="model_not_supported")
+            raise ModelInputError("This model has no vision projector.",
+                                  code="model_not_supported")
         media: list[PromptMedia] = []
         tokens = render_chat_tokens(
             self.model, self.template, messages, media=media,
@@ -107,7 +137,7 @@ class LlamaCppEngine:
         if media and media[-1].offset + media[-1].n_tokens == len(tokens):
             # never happens with a chat template (the generation prompt follows), but the
             # scheduler needs text after the last image to sample the first token from
-            raise EngineError("A prompt must not end with an image.")
+            raise ModelInputError("A prompt must not end with an image.")
         return Prompt(tokens=tokens, media=tuple(media))
 
     def _render_parts(self, parts: list[dict[str, Any]], tokens: list[int],
@@ -133,7 +163,7 @@ class LlamaCppEngine:
 
     def infill_tokens(self, prefix: str, suffix: str) -> list[int]:
         if self._fim is None:
-            raise EngineError("this model has no fill-in-the-middle tokens")
+            return super().infill_tokens(prefix, suffix)
         pre, suf, mid = self._fim
         out = [self.model.bos] if self.model.add_bos else []
         out += [pre] + self.model.tokenize(prefix, add_special=False, parse_special=False)
@@ -154,7 +184,7 @@ class LlamaCppEngine:
         """Run the vision encoder over the request's images on a worker thread: only now,
         after admission, and beside the scheduler, which keeps decoding other sequences."""
         if self.projector is None:
-            raise EngineError("This model has no vision projector.")
+            raise ModelFailure("This model has no vision projector.")
         for media in request.media:
             if isinstance(media.payload, ImageChunk) and media.payload.embd is None:
                 await asyncio.to_thread(self.projector.encode, media.payload)

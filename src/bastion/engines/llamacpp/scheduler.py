@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from bastion.engines.base import (Delta, EngineError, Event, Finished, GenerationRequest,
-                                  PromptLogprobs, PromptMedia, TokenLogprob)
+                                  ModelUnavailable, PromptLogprobs, PromptMedia, TokenLogprob)
 from bastion.engines.llamacpp import sampling
 from bastion.engines.llamacpp.model import LlamaModel
 from bastion.engines.llamacpp.vision import Projector
@@ -116,8 +116,8 @@ class Scheduler:
             except Exception as exc:  # the thread must survive anything a request does
                 log.exception("scheduler step failed")
                 self._fail_all(EngineError(f"The model failed while generating: {exc}"))
-        self._fail_all(EngineError("The server is shutting down.", error_type="server_error",
-                                   code="service_unavailable"))
+        self._fail_all(ModelUnavailable("The server is shutting down.",
+                                        code="service_unavailable"))
 
     def _take_commands(self, block: bool) -> None:
         while True:
@@ -131,8 +131,7 @@ class Scheduler:
             elif cmd == "cancel":
                 self._cancel(arg)  # type: ignore[arg-type]
             elif cmd == "abort":
-                self._fail_all(EngineError(str(arg), error_type="server_error",
-                                           code="service_unavailable"))
+                self._fail_all(ModelUnavailable(str(arg), code="service_unavailable"))
             elif cmd == "stop":
                 self._stopping = True
                 return

@@ -9,7 +9,7 @@ from jinja2 import TemplateError
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from bastion.errors import InvalidRequestError, ModelError
+from bastion.engines.base import ModelFailure, ModelInputError
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     # Gemma's turn format; a system prompt is folded into the first user turn, as Gemma does.
@@ -40,13 +40,15 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 }
 
 
-class TemplateRenderError(InvalidRequestError):
-    code = "invalid_messages"
+class TemplateRenderError(ModelInputError):
+    """The template refused or could not render the client's messages."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_messages", param="messages")
 
 
 def _raise(message: str) -> None:
-    raise TemplateRenderError(f"The model's chat template rejected the messages: {message}",
-                              param="messages")
+    raise TemplateRenderError(f"The model's chat template rejected the messages: {message}")
 
 
 class ChatTemplate:
@@ -69,12 +71,11 @@ class ChatTemplate:
         except TemplateRenderError:
             raise
         except SecurityError as exc:  # the operator's model is at fault, not the client
-            raise ModelError(f"The model's chat template attempted an unsafe operation and was "
+            raise ModelFailure(f"The model's chat template attempted an unsafe operation and was "
                              f"stopped by the sandbox: {exc}", code="unsafe_chat_template") from exc
         except (TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
             raise TemplateRenderError(
-                f"The model's chat template could not render these messages: {exc}",
-                param="messages") from exc
+                f"The model's chat template could not render these messages: {exc}") from exc
 
 
 def pick_template(*, gguf_template: str | None, name: str | None, bos_token: str,

@@ -14,7 +14,8 @@ import llama_cpp as lc
 import numpy as np
 from llama_cpp import mtmd_cpp as mt
 
-from bastion.engines.base import DecodedImage, EngineError
+from bastion.engines.base import (DecodedImage, EngineError, ModelInputError,
+                                  ModelUnavailable)
 from bastion.engines.llamacpp.model import LlamaModel
 
 log = logging.getLogger("bastion.llamacpp")
@@ -83,8 +84,8 @@ class Projector:
         """The segments one image becomes: the model's own wrapper tokens (e.g. Gemma 3's
         <start_of_image>) as token lists, and the image itself as a chunk."""
         if image.width <= 0 or image.height <= 0 or len(image.rgb) != image.width * image.height * 3:
-            raise EngineError("The image has no pixels or its pixel data does not match its "
-                              "size.", error_type="invalid_request_error", code="invalid_image")
+            raise ModelInputError("The image has no pixels or its pixel data does not match "
+                                  "its size.", code="invalid_image")
         pixels = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
         marker = self.marker.encode()
         text = mt.mtmd_input_text(text=marker, text_len=len(marker), add_special=False,
@@ -92,8 +93,8 @@ class Projector:
         segments: list[list[int] | ImageChunk] = []
         with self._lock:
             if not self.ctx:
-                raise EngineError("The model is shutting down.", error_type="server_error",
-                                  code="service_unavailable")
+                raise ModelUnavailable("The model is shutting down.",
+                                       code="service_unavailable")
             bitmap = mt.mtmd_bitmap_init(image.width, image.height, pixels)
             if not bitmap:
                 raise EngineError("llama.cpp could not take the image.")
@@ -133,8 +134,8 @@ class Projector:
         decoding meanwhile; the lock keeps libmtmd's one output buffer to one encoder."""
         with self._lock:
             if not self.ctx or not image.ptr:
-                raise EngineError("The model is shutting down.", error_type="server_error",
-                                  code="service_unavailable")
+                raise ModelUnavailable("The model is shutting down.",
+                                       code="service_unavailable")
             rc = mt.mtmd_encode_chunk(self.ctx, image.ptr)
             if rc != 0:
                 raise EngineError(f"llama.cpp could not encode the image (status {rc}).")

@@ -1,0 +1,86 @@
+"""What the token-level local engines (llama.cpp, PyTorch) share: prompts rendered and
+tokenised here, in this process, so their counts are exact before admission."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from bastion.engines.base import (BaseEngine, ChatPrompt, ModelInputError, PreparedPrompt,
+                                  Prompt, PromptSource, TextPrompt)
+
+
+class TokenEngine(BaseEngine):
+    """An engine that takes token ids: subclasses give tokenize, render_chat,
+    render_chat_media (vision engines), infill_tokens and detokenize."""
+
+    name: str
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        raise NotImplementedError
+
+    def render_chat_media(self, messages: list[dict[str, Any]]) -> Prompt:
+        raise ModelInputError("This model does not take images.", code="model_not_supported")
+
+    def infill_tokens(self, prefix: str, suffix: str) -> list[int]:
+        raise ModelInputError(f"The model '{self.name}' cannot use suffix: it has no "
+                              f"fill-in-the-middle tokens.", param="suffix",
+                              code="unsupported_parameter")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        raise NotImplementedError
+
+    async def count_prompt(self, source: PromptSource) -> PreparedPrompt:
+        """Rendered and tokenised on a worker thread (a long prompt would hold the loop)."""
+        if isinstance(source, ChatPrompt):
+            return await asyncio.to_thread(self._render, source.messages)
+        if isinstance(source, TextPrompt):
+            return await asyncio.to_thread(self._text, source)
+        return await super().count_prompt(source)
+
+    def _render(self, messages: list[dict[str, Any]]) -> PreparedPrompt:
+        """Roles and contents only (a message's name is not part of a local template); a
+        content list without images is its text joined."""
+        plain: list[dict[str, Any]] = []
+        media = False
+        for m in messages:
+            content = m.get("content") or ""
+            if isinstance(content, list):
+                if any(p.get("type") == "image" for p in content):
+                    media = True
+                else:
+                    content = "".join(p.get("text", "") for p in content)
+            plain.append({"role": m["role"], "content": content})
+        if media:
+            rendered = self.render_chat_media(plain)
+            return PreparedPrompt(len(rendered.tokens), tokens=rendered.tokens,
+                                  media=rendered.media)
+        tokens = self.render_chat(plain)
+        return PreparedPrompt(len(tokens), tokens=tokens)
+
+    def _text(self, source: TextPrompt) -> PreparedPrompt:
+        p = source.text
+        if source.suffix is not None:
+            if not isinstance(p, str):
+                raise ModelInputError("suffix needs a text prompt, not token ids.",
+                                      param="suffix", code="invalid_value")
+            tokens = self.infill_tokens(p, source.suffix)
+        elif isinstance(p, str):
+            tokens = self.tokenize(p)
+        else:
+            check_token_ids(p, self.info.vocab_size, source.param)  # type: ignore[attr-defined]
+            tokens = list(p)
+        text = p if isinstance(p, str) else self.detokenize(p)
+        pieces = [self.detokenize([t]) for t in tokens] if source.pieces else None
+        return PreparedPrompt(len(tokens), tokens=tokens, text=text, pieces=pieces)
+
+
+def check_token_ids(tokens: list[int], vocab_size: int, param: str) -> None:
+    for t in tokens:
+        if t < 0 or t >= vocab_size:
+            raise ModelInputError(
+                f"Token id {t} in '{param}' is outside this model's vocabulary (0 to "
+                f"{vocab_size - 1}).", param=param, code="invalid_token_id")
