@@ -8,7 +8,9 @@ alternate, so before and after see the same machine. Three endpoints are timed: 
 (authentication and the rate-limit headers), POST /v1/embeddings of one token and POST
 /v1/completions with max_tokens=1 (authentication, admission, settlement and a ledger row,
 around a few ms of model). With --concurrency N, every server is loaded by N clients at once
-instead of one request at a time. In-process,
+instead of one request at a time; add --rounds K to load one server at a time instead, K rounds
+in a rotating order, and compare admitted requests per second (200s per second of wall time)
+round by round. In-process,
 the limiter's admit (counting the request) + settle + headers is timed on its own too.
 """
 
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -153,6 +156,65 @@ async def concurrent(servers: dict[str, tuple[str, str]], method: str, path: str
             for mode, (lat, errors, wall) in zip(servers, runs)}
 
 
+async def alternating(servers: dict[str, tuple[str, str]], method: str, path: str,
+                      body: dict | None, n: int, clients: int,
+                      rounds: int) -> dict[str, dict[str, Any]]:
+    """One server at a time under `clients` concurrent clients (n requests in all), every
+    server once per round, each round starting at the next server: the servers do not share
+    the CPU with each other, and the machine's drift hits every server alike. Per server: the
+    median of its rounds' admitted requests per second (200s ÷ the burst's wall time), their
+    range, and each round's figure, so that two servers can be compared round by round."""
+    conns = {mode: httpx.AsyncClient(base_url=api, timeout=60,
+                                     headers={"Authorization": f"Bearer {key}"},
+                                     limits=httpx.Limits(max_connections=clients))
+             for mode, (api, key) in servers.items()}
+    per_round: dict[str, list[float]] = {mode: [] for mode in servers}
+    lat: dict[str, list[float]] = {mode: [] for mode in servers}
+    errors = dict.fromkeys(servers, 0)
+
+    async def burst(mode: str) -> None:
+        c, admitted = conns[mode], 0
+
+        async def worker() -> None:
+            nonlocal admitted
+            for _ in range(n // clients):
+                t = time.perf_counter()
+                try:
+                    r = await c.request(method, path, json=body)
+                except httpx.TransportError:  # e.g. a keep-alive connection the server had
+                    errors[mode] += 1  # closed while it idled through the other servers' turns
+                    continue
+                lat[mode].append((time.perf_counter() - t) * 1000)
+                admitted += r.status_code == 200
+                errors[mode] += r.status_code != 200
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        per_round[mode].append(admitted / (time.perf_counter() - start))
+
+    try:
+        for c in conns.values():  # warm-up, not timed: opens `clients` connections
+            await asyncio.gather(*(c.request(method, path, json=body) for _ in range(clients)))
+        modes = list(conns)
+        for i in range(rounds):
+            for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+                await burst(mode)
+    finally:
+        for c in conns.values():
+            await c.aclose()
+    return {mode: {"rps": statistics.median(xs), "rps_min": min(xs), "rps_max": max(xs),
+                   "rounds": xs, "p50_ms": pct(lat[mode], 50), "p99_ms": pct(lat[mode], 99),
+                   "errors": errors[mode], "lat": sorted(lat[mode])}
+            for mode, xs in per_round.items()}
+
+
+def ratio_line(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """a ÷ b round by round (the two ran within seconds of each other): median and range."""
+    ratios = [x / y for x, y in zip(a["rounds"], b["rounds"])]
+    return (f"per-round ratio median {statistics.median(ratios):.3f} "
+            f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {len(ratios)} rounds)")
+
+
 def paired(on: list[float], off: list[float], servers: int) -> float:
     """Limits on minus off within each round (they ran back to back, so this drifts less with
     the machine than a difference of medians), as the median per order of the round, averaged
@@ -186,11 +248,21 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=1,
                     help="clients per server; above 1 all servers are loaded at once "
                          "(default 1: one request at a time, alternating between servers)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="with --concurrency: load one server at a time, this many rounds in a "
+                         "rotating order, and report the median of the rounds' admitted req/s "
+                         "(default 0: all servers loaded at once, one round)")
+    ap.add_argument("--only-on", action="store_true",
+                    help="start no limits-off servers (comparing versions with limits on only)")
+    ap.add_argument("--endpoints", default="models,embeddings,completions",
+                    help="which endpoints to time, comma-separated (default: all three)")
     ap.add_argument("--baseline", type=Path, metavar="SRC",
                     help="also run another version's servers (its src/ directory, e.g. from "
                          "`git archive <commit> src | tar -x -C /tmp/base`), limits on and off, "
                          "interleaved with this version's in the same run")
     args = ap.parse_args()
+    wanted = args.endpoints.split(",")
+    endpoints = [e for e in ENDPOINTS if e[2].strip("/") in wanted]
     results: dict[str, dict] = {}
     ip = asyncio.run(in_process(20_000))
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,15 +282,21 @@ def main() -> None:
             started[f"{version}limits on"] = start_server(
                 Path(tmp) / f"{version}on", "--parallel", "8", env={**env, **on_env},
                 embeddings=True)
-            started[f"{version}limits off"] = start_server(
-                Path(tmp) / f"{version}off", "--parallel", "8",
-                env={**env, "BASTION_RATE_LIMITS": "false"}, embeddings=True)
+            if not args.only_on:
+                started[f"{version}limits off"] = start_server(
+                    Path(tmp) / f"{version}off", "--parallel", "8",
+                    env={**env, "BASTION_RATE_LIMITS": "false"}, embeddings=True)
         try:
             servers = {mode: (srv.api, limited_key(srv.api)) for mode, srv in started.items()}
-            for name, method, path, body in ENDPOINTS:
-                run = (interleaved(servers, method, path, body, args.requests)
-                       if args.concurrency == 1 else
-                       concurrent(servers, method, path, body, args.requests, args.concurrency))
+            for name, method, path, body in endpoints:
+                if args.concurrency == 1:
+                    run = interleaved(servers, method, path, body, args.requests)
+                elif args.rounds:
+                    run = alternating(servers, method, path, body, args.requests,
+                                      args.concurrency, args.rounds)
+                else:
+                    run = concurrent(servers, method, path, body, args.requests,
+                                     args.concurrency)
                 for mode, row in asyncio.run(run).items():
                     results[f"{name}, {mode}"] = row
         finally:
@@ -231,19 +309,23 @@ def main() -> None:
     how = (f"{args.requests} sequential requests per row, alternating between the "
            f"{len(started)} servers" if args.concurrency == 1 else
            f"{args.requests} requests per row from {args.concurrency} concurrent clients per "
-           f"server, all {len(started)} servers loaded at once")
+           f"server, all {len(started)} servers loaded at once" if not args.rounds else
+           f"{args.rounds} rounds of {args.requests} requests from {args.concurrency} concurrent "
+           f"clients per server and round, one server at a time in a rotating order; req/s is "
+           f"the median of the rounds' admitted requests per second (min-max in brackets)")
     print(f"{os.cpu_count()} CPUs, {how}; {storage}\n")
     print("| endpoint, mode | req/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['errors']} |")
+        rps = f"{r['rps']:.0f}" + (f" ({r['rps_min']:.0f}-{r['rps_max']:.0f})"
+                                   if "rounds" in r else "")
+        print(f"| {name} | {rps} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |")
     print(f"\nin-process Limiter.admit (counting) + settle + headers (memory): p50 {ip['p50_us']:.1f} µs, "
           f"p99 {ip['p99_us']:.1f} µs")
     if args.redis:
         print(f"in-process Limiter.admit (counting) + settle + headers (Redis): "
               f"p50 {ip_redis['p50_us']:.1f} µs, p99 {ip_redis['p99_us']:.1f} µs")
-    for version in versions:
-        for name, *_ in ENDPOINTS:
+    for version in versions if not args.only_on else ():
+        for name, *_ in endpoints:
             a = results[f"{name}, {version}limits on"]
             b = results[f"{name}, {version}limits off"]
             line = (f"{version}added by limits, {name}: p50 {a['p50_ms'] - b['p50_ms']:+.2f} ms, "
@@ -253,7 +335,15 @@ def main() -> None:
                 line += f"; paired, order-balanced {balanced:+.2f} ms"
             else:
                 line += f"; req/s {a['rps'] / b['rps'] - 1:+.1%}"
+                if "rounds" in a:
+                    line += f"; on/off {ratio_line(a, b)}"
             print(line)
+    if args.baseline and args.rounds:
+        for name, *_ in endpoints:
+            for mode in ("limits on",) if args.only_on else ("limits on", "limits off"):
+                a, b = results[f"{name}, {mode}"], results[f"{name}, before: {mode}"]
+                print(f"this ÷ before, {name}, {mode}: admitted req/s {a['rps']:.1f} ÷ "
+                      f"{b['rps']:.1f} = {a['rps'] / b['rps']:.3f}; {ratio_line(a, b)}")
 
 
 if __name__ == "__main__":

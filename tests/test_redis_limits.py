@@ -14,10 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis import Connection
 
-from bastion.admission.redis_pipe import pack
 from conftest import MODEL, free_port, make_tenant, start_server, stop_server
-from polling import poll, wait_until
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
@@ -31,17 +30,15 @@ def start_redis(tmp: Path, port: int | None = None) -> tuple[subprocess.Popen[by
     proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(tmp)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def pong() -> bool:
+    deadline = time.time() + 10
+    while time.time() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
         except OSError:
-            return False
-
-    if poll(pong, timeout=10, interval=0.05):
-        return proc, f"redis://127.0.0.1:{port}/0"
+            time.sleep(0.05)
     proc.kill()
     raise RuntimeError("redis-server did not start")
 
@@ -90,8 +87,10 @@ def test_replicas_share_slots_and_request_rates(deployment) -> None:
     finally:
         for s in streams:
             s.__exit__(None, None, None)
-    wait_until(lambda: small(b.api, auth).status_code == 200, timeout=5, interval=0.1,
-               message="slots were not released")
+    deadline = time.time() + 5
+    while small(b.api, auth).status_code != 200:
+        assert time.time() < deadline, "slots were not released"
+        time.sleep(0.1)
 
     rpm = tenant(a.api, {"concurrent_requests": 10}, rate_limit=3)
     assert [small(srv.api, rpm).status_code for srv in (a, b, b)] == [200, 200, 200]
@@ -130,8 +129,9 @@ def test_dead_replica_loses_its_slots_after_the_lease(deployment) -> None:
         b.proc.send_signal(signal.SIGKILL)  # dies holding the slot: nothing releases it
         b.proc.wait(10)
     start = time.time()
-    wait_until(lambda: small(a.api, auth).status_code == 200, timeout=10, interval=0.2,
-               message="a dead replica's slot was held forever")
+    while small(a.api, auth).status_code != 200:
+        assert time.time() - start < 10, "a dead replica's slot was held forever"
+        time.sleep(0.2)
     assert time.time() - start >= 0.5  # it was the lease that freed it, not a release
 
 
@@ -229,23 +229,20 @@ def test_redis_stalls_mid_request_then_recovers(deployment) -> None:
         assert time.time() - start < 15, "a stalled Redis hung the request"
     finally:
         redis.send_signal(signal.SIGCONT)
-
-    def attempt() -> httpx.Response:
-        r = small(a.api, auth)
-        if r.status_code != 200:
-            assert r.status_code in (429, 503), r.text
-        return r
-
-    wait_until(attempt, lambda r: r.status_code == 200, timeout=15, interval=0.2,
-               message=lambda r: f"no recovery after Redis came back: {r.text}")
+    deadline = time.time() + 15
+    while (r := small(a.api, auth)).status_code != 200:
+        assert r.status_code in (429, 503), r.text
+        assert time.time() < deadline, f"no recovery after Redis came back: {r.text}"
+        time.sleep(0.2)
     # Whether the stalled release failed (logged as one warning line) or went through once
     # Redis woke depends on how long the refused request took; either way the slot is free
     # again (asserted above) and nothing raised (stop_server asserts there is no traceback).
 
 
 def redis_command(port: int, *args: str) -> bytes:
+    """One command packed by redis-py, its raw reply read from a bare socket."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(pack(args))
+        s.sendall(b"".join(Connection().pack_command(*args)))
         return s.recv(1024)
 
 

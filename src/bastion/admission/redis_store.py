@@ -1,5 +1,6 @@
 """Rate-limit state in Redis, shared by every replica: one Lua script per step of a request,
-called on the event loop over one pipelined connection (redis_pipe.py).
+called on the event loop with redis-py's asyncio client (EVALSHA; its pipeline loads the
+scripts again when Redis has lost them).
 
 Why Lua and not the `limits` library's storage API, which the memory store uses: that API works
 one counter at a time (hit a moving window, increment a fixed window, read its expiry), each
@@ -25,7 +26,6 @@ is relative (ms until a reset), turned into epoch seconds on this host's clock.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import defaultdict
@@ -34,9 +34,8 @@ from typing import Any
 from limits.storage import storage_from_string
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError, NoScriptError
 
-from bastion.admission.redis_pipe import RedisPipe
 from bastion.admission.store import RPM_WINDOW_S, Admission, Query, Requests, Snapshot, Usage
 
 log = logging.getLogger("bastion.admission")
@@ -156,13 +155,15 @@ class RedisStore:
     turns it into a 503 (fail closed)."""
 
     def __init__(self, url: str, token_window_s: int, slot_lease_s: float) -> None:
-        # 2 s timeouts: an unreachable Redis must fail requests closed, not hang them. One
-        # immediate retry, no backoff, for what still goes through redis-py's client (the
-        # lease renewals, a cluster's calls) and for opening the pipe's connection: a Redis
-        # that is down costs a request one failed reconnect.
+        # 2 s socket timeouts: an unreachable or stalled Redis must fail requests closed, not
+        # hang them. One immediate retry, no backoff, on a dropped connection only (a restart:
+        # the pooled connection is replaced at once, and a Redis that is down costs a request
+        # one failed reconnect); never on a timeout, so a stalled Redis gets a request its 503
+        # after one socket timeout, not two.
         options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
-        aio = storage_from_string(f"async+{url}", implementation="redispy",
-                                  retry=Retry(NoBackoff(), 1), **options)
+        retry = Retry(NoBackoff(), 1, supported_errors=(ConnectionError, OSError))
+        aio = storage_from_string(f"async+{url}", implementation="redispy", retry=retry,
+                                  **options)
         self.client: Any = aio.bridge.get_connection()  # type: ignore[attr-defined]
         # the synchronous storage of the same URL, for other short-lived state used from worker
         # threads (dashboard sign-outs); it connects only when first used
@@ -175,35 +176,34 @@ class RedisStore:
         self._renew = self.client.register_script(RENEW)
         self._scripts = (self._authenticate, self._admit, self._settle, self._renew)
         self._loading: asyncio.Future[None] | None = None  # SCRIPT LOADs after a lost cache
-        self._released: set[asyncio.Future[Any]] = set()  # releases whose reply is still due
-        pool: Any = getattr(self.client, "connection_pool", None)  # None: a cluster
-        self._pipe = RedisPipe(pool, options["socket_timeout"]) if pool is not None else None
+        self._released: set[asyncio.Task[None]] = set()  # releases whose reply is still due
+        self._pool: Any = getattr(self.client, "connection_pool", None)  # None: a cluster
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a script on the store's pipelined connection (redis_pipe.py); a cluster client
-        routes each call itself."""
-        if self._pipe is None:
+        """EVALSHA through the client (a cluster client routes each call itself). NOSCRIPT:
+        Redis lost its script cache (a restart, SCRIPT FLUSH); the call runs again once every
+        script is loaded."""
+        if self._pool is None:
             return await script(keys=keys, args=args)
         try:
-            return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await self._call_loaded(script, keys, args)
+            await self._reload()
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
-    async def _call_loaded(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """The call again after loading every script: Redis lost its script cache (a restart,
-        SCRIPT FLUSH). All of them at once, so that the release this request sends next does
-        not miss its script too and reach Redis after the client's next admission; one load
-        for all the calls that found the cache empty together."""
-        assert self._pipe is not None
+    async def _reload(self) -> None:
+        """All the scripts at once, so that the release this request sends next does not miss
+        its script too and reach Redis after the client's next admission; one load for all the
+        calls that found the cache empty together."""
         if self._loading is None or self._loading.done():
             self._loading = asyncio.ensure_future(self._load_scripts())
         await asyncio.shield(self._loading)
-        return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _load_scripts(self) -> None:
-        assert self._pipe is not None
-        loads = [await self._pipe.send("SCRIPT", "LOAD", s.script) for s in self._scripts]
-        await asyncio.gather(*loads)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for script in self._scripts:
+                pipe.script_load(script.script)
+            await pipe.execute()
 
     @staticmethod
     def _keys(org_id: str) -> tuple[str, str]:
@@ -243,35 +243,48 @@ class RedisStore:
         return Admission(refused, usage, _text(window), requests)  # type: ignore[arg-type]
 
     async def settle(self, q: Query, member: str, window: str, delta: int) -> Usage | None:
-        """Send the release and return once it is written to Redis's socket, before the
-        response's first byte: any request the response causes reaches Redis after it (it
-        must first be authenticated), so it finds the slot free. The reply is read in the
-        background: the round trip is off the request's path. None: the caller estimates the
-        usage after the release from its admission's snapshot."""
+        """Send the release and return once it is written to Redis's socket (the Gatekeeper
+        calls this after the response's last byte, before the server reads what the client
+        sends next): any request the client sends next reaches Redis after it, so it finds the
+        slot free. The reply is read in the background, on the same pooled connection, which
+        goes back to the pool then: the round trip is off the request's path. None: the caller
+        estimates the usage after the release from its admission's snapshot."""
         keys, args = list(self._keys(q.org_id)), [member, window, delta, self.window_ms]
-        if self._pipe is None:  # a cluster client has a pool per node: wait for the reply
+        if self._pool is None:  # a cluster client has a pool per node: wait for the reply
             used, ttl, n = await self._settle(keys=keys, args=args)
             return Usage(int(used), time.time() + int(ttl) / 1000, int(n))
-        reply = await self._pipe.send("EVALSHA", self._settle.sha, len(keys), *keys, *args)
-        self._released.add(reply)
-        reply.add_done_callback(functools.partial(self._settled, keys, args, True))
+        conn = await self._pool.get_connection()
+        try:  # a write on a connection Redis dropped is retried once on a new one
+            await conn.retry.call_with_retry(
+                lambda: conn.send_command("EVALSHA", self._settle.sha, len(keys), *keys, *args),
+                lambda _: conn.disconnect())
+        except BaseException:
+            await conn.disconnect()
+            await self._pool.release(conn)
+            raise
+        task = asyncio.create_task(self._reply(conn, keys, args))
+        self._released.add(task)
+        task.add_done_callback(self._released.discard)
         return None
 
-    def _settled(self, keys: list[str], args: list[Any], first: bool,
-                 reply: asyncio.Future[Any]) -> None:
-        self._released.discard(reply)
-        if reply.cancelled():
-            return
-        exc = reply.exception()
-        if isinstance(exc, NoScriptError) and first:  # Redis lost its script cache: once more,
-            # after the scripts are loaded (this release now lands after whatever was sent
-            # meanwhile; at worst a request sent just then finds the slot still taken)
-            task = asyncio.ensure_future(self._call_loaded(self._settle, keys, args))
-            self._released.add(task)
-            task.add_done_callback(functools.partial(self._settled, keys, args, False))
-        elif exc is not None:  # the lease runs out by itself
+    async def _reply(self, conn: Any, keys: list[str], args: list[Any]) -> None:
+        try:
+            try:
+                await conn.read_response()
+            except NoScriptError:  # Redis lost its script cache: once more, after loading them
+                # all (this release now lands after whatever was sent meanwhile; at worst a
+                # request sent just then finds the slot still taken)
+                await self._pool.release(conn)
+                conn = None
+                await self._call(self._settle, keys, args)
+        except Exception as exc:  # the lease runs out by itself
+            if conn is not None:
+                await conn.disconnect()  # a reply may still be on its way: never reuse it
             log.warning("could not settle a request's limits (%s: %s); its slot's lease will "
                         "lapse", type(exc).__name__, exc)
+        finally:
+            if conn is not None:
+                await self._pool.release(conn)
 
     async def renew(self, held: dict[str, str]) -> None:
         """held: member -> org id; one round trip for all of them."""
@@ -289,8 +302,6 @@ class RedisStore:
     async def close(self) -> None:
         if self._released:
             await asyncio.wait(set(self._released), timeout=5)
-        if self._pipe is not None:
-            await self._pipe.close()
         await self.client.aclose()
 
 
