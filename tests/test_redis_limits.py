@@ -17,6 +17,7 @@ import pytest
 from redis import Connection
 
 from conftest import MODEL, free_port, make_tenant, start_server, stop_server
+from polling import poll, wait_until
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
@@ -30,15 +31,17 @@ def start_redis(tmp: Path, port: int | None = None) -> tuple[subprocess.Popen[by
     proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(tmp)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 10
-    while time.time() < deadline:
+
+    def pong() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
+                return s.recv(16).startswith(b"+PONG")
         except OSError:
-            time.sleep(0.05)
+            return False
+
+    if poll(pong, timeout=10, interval=0.05):
+        return proc, f"redis://127.0.0.1:{port}/0"
     proc.kill()
     raise RuntimeError("redis-server did not start")
 
@@ -87,10 +90,8 @@ def test_replicas_share_slots_and_request_rates(deployment) -> None:
     finally:
         for s in streams:
             s.__exit__(None, None, None)
-    deadline = time.time() + 5
-    while small(b.api, auth).status_code != 200:
-        assert time.time() < deadline, "slots were not released"
-        time.sleep(0.1)
+    wait_until(lambda: small(b.api, auth).status_code == 200, timeout=5, interval=0.1,
+               message="slots were not released")
 
     rpm = tenant(a.api, {"concurrent_requests": 10}, rate_limit=3)
     assert [small(srv.api, rpm).status_code for srv in (a, b, b)] == [200, 200, 200]
@@ -129,9 +130,8 @@ def test_dead_replica_loses_its_slots_after_the_lease(deployment) -> None:
         b.proc.send_signal(signal.SIGKILL)  # dies holding the slot: nothing releases it
         b.proc.wait(10)
     start = time.time()
-    while small(a.api, auth).status_code != 200:
-        assert time.time() - start < 10, "a dead replica's slot was held forever"
-        time.sleep(0.2)
+    wait_until(lambda: small(a.api, auth).status_code == 200, timeout=10, interval=0.2,
+               message="a dead replica's slot was held forever")
     assert time.time() - start >= 0.5  # it was the lease that freed it, not a release
 
 
@@ -229,11 +229,15 @@ def test_redis_stalls_mid_request_then_recovers(deployment) -> None:
         assert time.time() - start < 15, "a stalled Redis hung the request"
     finally:
         redis.send_signal(signal.SIGCONT)
-    deadline = time.time() + 15
-    while (r := small(a.api, auth)).status_code != 200:
-        assert r.status_code in (429, 503), r.text
-        assert time.time() < deadline, f"no recovery after Redis came back: {r.text}"
-        time.sleep(0.2)
+
+    def attempt() -> httpx.Response:
+        r = small(a.api, auth)
+        if r.status_code != 200:
+            assert r.status_code in (429, 503), r.text
+        return r
+
+    wait_until(attempt, lambda r: r.status_code == 200, timeout=15, interval=0.2,
+               message=lambda r: f"no recovery after Redis came back: {r.text}")
     # Whether the stalled release failed (logged as one warning line) or went through once
     # Redis woke depends on how long the refused request took; either way the slot is free
     # again (asserted above) and nothing raised (stop_server asserts there is no traceback).
