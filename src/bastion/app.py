@@ -23,6 +23,8 @@ from bastion.db.session import make_engine, migrate, session_factory, startup_lo
 from bastion.engines.base import EngineError
 from bastion.errors import error_response, install_error_handlers
 from bastion.admission.draining import Lifecycle
+from bastion.admission.gate import Gate
+from bastion.http.admission import AdmissionBinding
 from bastion.gatekeeper import Gatekeeper
 from bastion.services.context import Services
 from bastion.admission.limiter import Limiter
@@ -66,7 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = Services(
             settings=settings, lifecycle=app.state.lifecycle, db=db,
             sessions=app.state.sessions, key_lookup=app.state.key_lookup,
-            limiter=app.state.limiter, ledger=app.state.ledger, catalog=app.state.catalog,
+            limiter=app.state.limiter, gate=Gate(app.state.limiter, app.state.ledger),
+            ledger=app.state.ledger, catalog=app.state.catalog,
             blobs=app.state.blobs, org_models=app.state.org_models)
         sync_task = asyncio.create_task(app.state.org_models.run(settings.worker_poll_seconds))
         worker = embedded.start(settings) if settings.worker else None
@@ -104,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    fine_tuning, health, ws):
         app.include_router(module.router)
     install_dashboard(app)
+    app.add_middleware(AdmissionBinding)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes,
                        upload_paths=frozenset({"/v1/files", "/v1/models", "/dashboard/files",
                                                     "/dashboard/models"}))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any, Awaitable, Callable
@@ -10,8 +9,7 @@ from typing import Any, Awaitable, Callable
 
 from bastion.admission.draining import Lifecycle
 from bastion.errors import (APIError, InvalidRequestError, PayloadTooLargeError,
-                            ServiceUnavailableError, error_response)
-from bastion.services.common import release_settled, settle_unfinished
+                            ServiceUnavailableError)
 
 log = logging.getLogger("bastion.gatekeeper")
 Scope = dict[str, Any]
@@ -86,43 +84,10 @@ class Gatekeeper:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
-        state = scope.setdefault("state", {})
-        refused = False  # the route's response was replaced by the count's refusal
-
-        async def send_with_limits(message: Message) -> None:
-            nonlocal refused
-            if refused:
-                return  # the rest of the route's response, which its refusal replaced
-            if message["type"] == "http.response.start" and "principal" in state:
-                limiter = scope["app"].state.limiter
-                quota = state.get("quota")
-                if (counting := state.pop("counting", None)) is not None:
-                    try:  # a GET counted while its route ran (Limiter.count_meanwhile)
-                        await counting
-                    except APIError as err:  # over its rate, or Redis gone: that is the reply
-                        refused = True
-                        await error_response(err)(scope, receive, send)
-                        return
-                if quota is not None and quota.pending:  # an inference request never admitted
-                    await limiter.count_pending(quota)
-                # from the request's latest snapshot (kept with the principal): no storage read
-                headers = limiter.headers(quota)
-                present = {k.lower() for k, _ in message.get("headers", [])}
-                extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()
-                         if k.lower().encode() not in present]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                await release_settled(state.get("tickets", []))  # after the last byte
-
         self.lifecycle.enter()
         try:
-            await self.app(scope, replay, send_with_limits)
+            await self.app(scope, replay, send)
         finally:
-            if (counting := state.pop("counting", None)) is not None:  # no response started
-                await asyncio.gather(counting, return_exceptions=True)
-            await settle_unfinished(state.get("tickets", []))
-            await release_settled(state.get("tickets", []))
             self.lifecycle.leave()
 
     def _too_large(self, size: int) -> PayloadTooLargeError:

@@ -5,23 +5,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from bastion.api.deps import (CatalogDep, InferenceKey, LimiterDep, SettingsDep, admit,
-                              resolve_model)
+from bastion.api.deps import InferenceContext, ServicesDep
+from bastion.http.inference import respond
 from bastion.protocol.chat import ChatCompletion, ChatCompletionRequest
-from bastion.services.chat import complete_chat, open_chat_stream, prepare_chat
-from bastion.services.common import sse, unless_disconnected
+from bastion.services.chat import complete_chat, open_chat_stream
+from bastion.services.inference import start_chat
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def create_chat_completion(body: ChatCompletionRequest, key: InferenceKey,
-                                 catalog: CatalogDep, settings: SettingsDep, limiter: LimiterDep,
+async def create_chat_completion(body: ChatCompletionRequest, ctx: InferenceContext,
+                                 services: ServicesDep,
                                  request: Request) -> ChatCompletion | StreamingResponse:
-    deployment = await resolve_model(request, body.model, key)
-    prep = await prepare_chat(body, deployment, settings, key, limiter)
-    ticket = await admit(request, key, prep.estimate, model=prep.deployment.id, response_id=prep.id)
-    if body.stream:
-        return StreamingResponse(sse(await open_chat_stream(prep, ticket)),
-                                 media_type="text/event-stream")
-    return await unless_disconnected(request, complete_chat(prep, ticket))
+    return await respond(request, services, ctx, stream=bool(body.stream),
+                         start=lambda: start_chat(services, ctx, body), open_stream=open_chat_stream,
+                         complete=complete_chat)

@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, Request
 from bastion.api.deps import CurrentKey, ServicesDep, require
 from bastion.files.upload import receive_upload
 from bastion.protocol.models import ModelCard, ModelDeleted, ModelList
-from bastion.protocol.models import card  # noqa: F401  (re-exported for web/playground.py)
 from bastion.services import models
 from bastion.tenancy.keys import Principal
 

@@ -19,13 +19,16 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from bastion.api.deps import authenticate, check_permission, open_ticket
+from bastion.services.auth import authenticate, check_permission
 from bastion.errors import (APIError, AuthenticationError, InvalidRequestError,
                             ServiceUnavailableError, validation_error)
 from bastion.protocol.chat import ChatCompletionRequest
-from bastion.admission.limiter import Quota, Ticket
-from bastion.services.chat import open_chat_stream, prepare_chat
-from bastion.services.common import error_payload, settle_unfinished
+from bastion.admission.gate import RequestContext
+from bastion.admission.limiter import Ticket
+from bastion.services.chat import open_chat_stream
+from bastion.services.common import error_payload
+from bastion.services.inference import start_chat
+from bastion.services.context import Services
 from bastion.tenancy.keys import Principal
 
 router = APIRouter()
@@ -44,8 +47,8 @@ class Connection:
 
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
-        self.state = ws.app.state
-        self.settings = self.state.settings
+        self.services: Services = ws.app.state.services
+        self.settings = self.services.settings
         self.principal: Principal | None = None
         self._key = ""  # verified again before each inference: revocation is immediate
         self.running: dict[RequestId, asyncio.Task[None]] = {}
@@ -61,7 +64,7 @@ class Connection:
                     raise AuthenticationError("The Authorization header must be "
                                               "'Bearer YOUR_API_KEY'.", code="invalid_api_key")
                 self._key = token.strip()
-                self.principal = await authenticate(self.state.services, self._key)
+                self.principal = await authenticate(self.services, self._key)
             except APIError as err:
                 await self.send_error(err, None)
                 await self.ws.close(POLICY_VIOLATION)
@@ -142,7 +145,7 @@ class Connection:
         if not isinstance(key, str) or not key:
             raise AuthenticationError("The auth message needs an 'api_key' string.",
                                       code="missing_api_key")
-        self.principal = await authenticate(self.state.services, key)
+        self.principal = await authenticate(self.services, key)
         self._key = key
         await self.send({"type": "authenticated", **_tag(rid)})
 
@@ -158,7 +161,7 @@ class Connection:
             raise InvalidRequestError(
                 f"At most {self.settings.ws_max_requests} requests may run at once on one "
                 f"socket.", code="too_many_requests")
-        if self.state.lifecycle.draining:
+        if self.services.lifecycle.draining:
             raise ServiceUnavailableError("The server is shutting down and accepts no new "
                                           "requests; retry on another replica.")
         body = {k: v for k, v in msg.items() if k not in ("type", "id")}
@@ -168,10 +171,14 @@ class Connection:
         except ValidationError as exc:
             raise validation_error(RequestValidationError(exc.errors())) from None
         # The key again (revoked since? plan changed?), counted like an HTTP request.
-        self.principal = await authenticate(self.state.services, self._key)
-        quota = await self.state.limiter.count_request(self.principal)
+        self.principal = await authenticate(self.services, self._key)
         check_permission(self.principal, "inference")
-        task = asyncio.create_task(self.generate(request, rid, quota))
+        ctx = await self.services.gate.enter(self.principal, endpoint="/v1/ws", inference=True)
+        try:
+            task = asyncio.create_task(self.generate(request, rid, ctx))
+        except BaseException:
+            await self.services.gate.close(ctx)
+            raise
         self.running[rid] = task
         task.add_done_callback(lambda _: self.running.pop(rid, None))
 
@@ -184,21 +191,15 @@ class Connection:
 
     # --- one generation ------------------------------------------------------------------------
     async def generate(self, body: ChatCompletionRequest, rid: RequestId,
-                       quota: Quota) -> None:
-        lifecycle = self.state.lifecycle
+                       ctx: RequestContext) -> None:
+        lifecycle = self.services.lifecycle
+        gate = self.services.gate
         lifecycle.enter()
-        held: list[Ticket] = []
         finish: dict[int, str] = {}
         texts: dict[int, str] = {}
         tag = _tag(rid)
-        principal = quota.principal
         try:
-            deployment = self.state.catalog.resolve(body.model, principal.org_id)
-            prep = await prepare_chat(body, deployment,
-                                      self.settings, principal, self.state.limiter)
-            ticket = await open_ticket(self.state, quota, prep.estimate,
-                                       model=prep.deployment.id, request_id=prep.id,
-                                       endpoint="/v1/ws", held=held)
+            prep, ticket = await start_chat(self.services, ctx, body)
             async for chunk in await open_chat_stream(prep, ticket):
                 for choice in chunk["choices"]:
                     index, content = choice["index"], choice["delta"].get("content")
@@ -213,15 +214,15 @@ class Connection:
             await self.send(self._done(tag, prep.id, prep.deployment.id, ticket, finish, texts,
                                        body.stream))
         except asyncio.CancelledError:
-            if held and not self.closed:  # cancelled by the client: say how far it got
-                await settle_unfinished(held)
+            if ctx.tickets and not self.closed:  # cancelled by the client: say how far it got
+                await gate.close(ctx)
                 await self.send({"type": "done", **tag, "finish_reason": "cancelled",
-                                 "usage": _usage(held[0])})
+                                 "usage": _usage(ctx.tickets[0])})
         except Exception as exc:  # the same error body as HTTP, tagged with the request's id
             if not self.closed:
                 await self.send({"type": "error", **tag, **error_payload(exc)})
         finally:
-            await settle_unfinished(held)
+            await gate.close(ctx)
             lifecycle.leave()
 
     @staticmethod

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, DateTime, ForeignKey, Index, Integer, LargeBinary,
+                        String, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -45,7 +46,8 @@ class ApiKey(Base):
 
 class UsageRecord(Base):
     """One row per request: the billing ledger. (org_id, request_id) is unique, so a retried
-    request carrying the same Idempotency-Key is billed once."""
+    request is billed once; each generation has its own request id (a retry that generates again
+    is billed again: idempotent_responses replays a finished one instead)."""
 
     __tablename__ = "usage_records"
     __table_args__ = (UniqueConstraint("org_id", "request_id", name="uq_usage_org_request"),
@@ -157,3 +159,24 @@ class CustomModel(Base):
     path: Mapped[str] = mapped_column(String(1024))
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IdempotentResponse(Base):
+    """The first response to a request sent with an Idempotency-Key, replayed to its retries
+    instead of generating again (OpenAI's semantics); 'running' while the first is under way.
+    `digest` covers the organisation's key, the endpoint and the body, so another request
+    reusing the key is a request of its own."""
+
+    __tablename__ = "idempotent_responses"
+    __table_args__ = (UniqueConstraint("org_id", "digest", name="uq_idempotent_org_digest"),
+                      Index("ix_idempotent_expires", "expires_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # running | done
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    content_type: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

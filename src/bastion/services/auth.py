@@ -9,7 +9,7 @@ from typing import Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from bastion.errors import AuthenticationError
+from bastion.errors import AuthenticationError, AuthorizationError
 from bastion.services.context import Services
 from bastion.tenancy.keys import Principal, touch
 
@@ -53,3 +53,9 @@ def background(fn: Callable[..., None], *args: object) -> None:
             log.warning("background write failed: %s", f.exception())
 
     future.add_done_callback(done)
+
+
+def check_permission(principal: Principal, permission: str) -> None:
+    if not principal.can(permission):
+        raise AuthorizationError(
+            f"This API key lacks the '{permission}' permission needed for this endpoint.")

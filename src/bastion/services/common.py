@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator
 
-import anyio
-from starlette.requests import Request
-from starlette.responses import Response
 
 from bastion.engines.base import Delta, EngineError, Event, Finished, SamplingParams
 from bastion.errors import APIError, InvalidRequestError, engine_api_error
 from bastion.protocol.common import SamplingFields
+from bastion.admission.gate import metered as gate_metered
 from bastion.admission.limiter import Ticket
 
 log = logging.getLogger("bastion.services")
-T = TypeVar("T")
 
 
 def check_n(n: int, *, max_n: int, slots: int) -> None:
@@ -113,16 +109,6 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     return APIError("The server had an error while generating.").body()
 
 
-async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """Frame chunks as server-sent events; once bytes are out, errors travel in the stream."""
-    try:
-        async for chunk in chunks:
-            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-    except Exception as exc:  # once the first byte is out, every error travels in the stream
-        yield b"data: " + json.dumps(error_payload(exc)).encode() + b"\n\n"
-    yield b"data: [DONE]\n\n"
-
-
 async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
     """Interleave several engine streams, tagging each event with its stream's number."""
     if len(streams) == 1:
@@ -156,31 +142,6 @@ async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int,
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
-    """Run work, but cancel it (and so its generation) if the client goes away first; the
-    client is gone then, so the 499 it gets is for the access log only."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled() or not task.done():
-        # let the cancelled work unwind first, so its usage is settled as "cancelled"
-        await asyncio.gather(task, return_exceptions=True)
-        return Response(status_code=499)
-    return task.result()
-
-
 class Meter:
     """Counts a request's real usage into its ticket as events arrive, per choice, so that a
     request cut off mid-stream is still billed exactly for what it generated."""
@@ -201,46 +162,7 @@ class Meter:
 
 @asynccontextmanager
 async def metered(ticket: Ticket, prompt_tokens: int) -> AsyncIterator[Meter]:
-    """Settle the ticket however the block ends: done, failed, cancelled or disconnected."""
-    meter = Meter(ticket, prompt_tokens)
-    try:
-        yield meter
-    except BaseException as exc:
-        ticket.status = "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) \
-            else "error"
-        raise
-    finally:
-        await settle(ticket)
-
-
-async def settle(ticket: Ticket) -> None:
-    """Settle a ticket, shielded so that the cancellation that ended the request cannot skip
-    its store call."""
-    if ticket.done:
-        return
-    with anyio.CancelScope(shield=True):
-        await ticket.settle()
-
-
-async def release_settled(tickets: list[Ticket]) -> None:
-    """Write the releases that settled HTTP tickets left for after the response (with Redis:
-    Ticket.after_response). Called by the Gatekeeper once the response's last byte is sent,
-    before the server can read the client's next request, and again whatever else happened."""
-    for ticket in tickets:
-        if (release := ticket.release) is not None:
-            ticket.release = None
-            with anyio.CancelScope(shield=True):
-                try:
-                    await release()
-                except Exception as exc:  # the lease runs out by itself
-                    log.warning("could not release a request's slot (%s: %s); its lease will "
-                                "lapse", type(exc).__name__, exc)
-
-
-async def settle_unfinished(tickets: list[Ticket]) -> None:
-    """The safety net of every transport: tickets whose request ended before its route could
-    settle them (the client went away first) are settled as cancelled."""
-    for ticket in tickets:
-        if not ticket.done:
-            ticket.status = "cancelled"
-            await settle(ticket)
+    """Count the request's usage into its ticket and settle it however the block ends (the
+    admission gate's own `metered`)."""
+    async with gate_metered(ticket):
+        yield Meter(ticket, prompt_tokens)

@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from bastion.admission.draining import Lifecycle
+from bastion.admission.gate import Gate
 from bastion.admission.limiter import Limiter
 from bastion.config import Settings
 from bastion.files.store import BlobStore
@@ -28,6 +29,7 @@ class Services:
     sessions: sessionmaker[Session]
     key_lookup: KeyLookup
     limiter: Limiter
+    gate: Gate
     ledger: Ledger
     catalog: Catalog
     blobs: BlobStore

@@ -16,9 +16,13 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from bastion.api.chat import create_chat_completion
-from bastion.api.deps import CatalogDep, LimiterDep, SettingsDep
-from bastion.api.models import card
+from bastion.http.admission import enter
+from bastion.http.inference import respond
+from bastion.services.chat import complete_chat, open_chat_stream
+from bastion.services.inference import start_chat
+from bastion.web.deps import ServicesDep
+from bastion.admission.gate import RequestContext
+from bastion.protocol.models import card
 from bastion.errors import AuthenticationError, AuthorizationError
 from bastion.protocol.chat import ChatCompletion, ChatCompletionRequest
 from bastion.tenancy.keys import Principal, verify_id
@@ -30,9 +34,9 @@ api = APIRouter()  # JSON errors in the API's shape: the page's script shows the
 
 
 @router.get("/dashboard/playground", include_in_schema=False)
-def playground_page(request: Request, viewer: InferenceViewer) -> Response:
-    catalog = request.app.state.catalog
-    models = [card(d) for d in catalog.visible(viewer.principal.org_id)
+def playground_page(request: Request, viewer: InferenceViewer,
+                    services: ServicesDep) -> Response:
+    models = [card(d) for d in services.catalog.visible(viewer.principal.org_id)
               if d.engine.capabilities.chat]
     wanted = request.query_params.get("model", "")
     selected = wanted if any(m.id == wanted for m in models) else (models[0].id if models else "")
@@ -44,7 +48,7 @@ def playground_page(request: Request, viewer: InferenceViewer) -> Response:
                   limits=viewer.principal.limits)
 
 
-async def session_key(request: Request, codec: Codec) -> Principal:
+async def session_key(request: Request, codec: Codec, services: ServicesDep) -> RequestContext:
     """The session's key, for a script on a dashboard page: the cookie and the CSRF header
     both, then the same checks and request counting as a bearer key on /v1."""
     session = codec.read(request)
@@ -56,10 +60,8 @@ async def session_key(request: Request, codec: Codec) -> Principal:
     if await signed_out(request, codec, session):
         raise AuthenticationError("You signed out of this session. Sign in again.",
                                   code="session_expired")
-    factory = request.app.state.sessions
+    factory = services.sessions
     key_id = session.key_id
-
-    limiter = request.app.state.limiter
 
     def lookup() -> Principal:
         with factory() as s:
@@ -69,16 +71,16 @@ async def session_key(request: Request, codec: Codec) -> Principal:
     if not principal.can("inference"):
         raise AuthorizationError("This API key lacks the 'inference' permission needed "
                                  "for the playground.")
-    # counted at admission, as on /v1's inference routes (or when the response starts)
-    request.state.quota = limiter.deferred(principal)
-    request.state.principal = principal  # rate-limit headers, as on /v1
-    return principal
+    # through the admission gate exactly as on /v1's inference routes
+    return await enter(request, services, principal, inference=True)
 
 
 @api.post("/dashboard/api/chat/completions", include_in_schema=False,
           response_model=ChatCompletion)
 async def playground_chat(body: ChatCompletionRequest,
-                          key: Annotated[Principal, Depends(session_key)], catalog: CatalogDep,
-                          settings: SettingsDep, limiter: LimiterDep,
+                          ctx: Annotated[RequestContext, Depends(session_key)],
+                          services: ServicesDep,
                           request: Request) -> ChatCompletion | StreamingResponse:
-    return await create_chat_completion(body, key, catalog, settings, limiter, request)
+    return await respond(request, services, ctx, stream=bool(body.stream),
+                         start=lambda: start_chat(services, ctx, body),
+                         open_stream=open_chat_stream, complete=complete_chat)
