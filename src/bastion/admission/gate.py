@@ -76,7 +76,6 @@ class Gate:
                              after_response=after_response)
         if inference:
             self._refuse_early(ctx)
-            self._take_place(ctx)
         return ctx
 
     def _refuse_early(self, ctx: RequestContext) -> None:
@@ -98,20 +97,6 @@ class Gate:
                 f"{q.tokens_per_hour} of its tokens per hour.", code="tokens_per_hour_exceeded",
                 retry_after=usage.tokens_reset_at - time.time(),
                 headers=self.limiter.headers(ctx.quota))
-
-    def _take_place(self, ctx: RequestContext) -> None:
-        org = ctx.principal.org_id
-        cap = ctx.principal.limits.concurrent_requests or UNLIMITED_PREPARING
-        if not self.limiter.enabled:
-            return
-        if self._preparing.get(org, 0) >= cap:
-            raise RateLimitError(
-                f"Rate limit reached for concurrent requests: your organization already has "
-                f"{cap} of {cap} requests running.",
-                code="concurrency_limit_exceeded", retry_after=CONCURRENCY_RETRY_S,
-                headers=self.limiter.headers(ctx.quota))
-        self._preparing[org] = self._preparing.get(org, 0) + 1
-        ctx.preparing = True
 
     def _give_place(self, ctx: RequestContext) -> None:
         if not ctx.preparing:
