@@ -6,14 +6,12 @@ A request goes through it in four steps, whatever the transport:
 1. `enter` (at authentication): the request is counted against its key's requests per minute
    and the organisation's limits are read; a key over its rate, an organisation with every
    concurrency slot taken or its tokens per hour spent, is refused here, before any expensive
-   work (image decoding, template rendering, tokenising, upstream calls). An inference request
-   also takes one of its organisation's pre-admission places, so that no more of them decode
-   and tokenise at once than it may run.
+   work (image decoding, template rendering, tokenising, upstream calls).
 2. `admit` / `open` (after the prompt is counted): a slot and the token reservation, or a 429.
 3. settlement when the request ends, however it ends: the real usage, one ledger row per
    generation (its own id: a retry that generates again is billed again).
-4. `close`, the transport's safety net: whatever never reached settlement is settled, the
-   pre-admission place is given back, and (Redis) releases are written.
+4. `close`, the transport's safety net: whatever never reached settlement is settled, and
+   (Redis) releases are written.
 """
 
 from __future__ import annotations
@@ -35,9 +33,6 @@ from bastion.usage.ledger import Ledger, UsageRow
 
 log = logging.getLogger("bastion.admission")
 Counting = Literal["now", "meanwhile", "defer"]
-# An organisation without a concurrency limit may still not prepare more requests at once than
-# this on one replica: decoding images and rendering prompts are bounded per tenant.
-UNLIMITED_PREPARING = 64
 
 
 @dataclass
@@ -50,21 +45,18 @@ class RequestContext:
     tickets: list[Ticket] = field(default_factory=list)
     counting: asyncio.Future[None] | None = None  # a GET counted while its route runs
     after_response: bool = False  # HTTP with Redis: releases are written after the last byte
-    preparing: bool = False  # holds one of its organisation's pre-admission places
 
 
 class Gate:
     def __init__(self, limiter: Limiter, ledger: Ledger) -> None:
         self.limiter = limiter
         self.ledger = ledger
-        self._preparing: dict[str, int] = {}  # organisation -> requests between enter and admit
 
     # --- 1. at authentication -----------------------------------------------------------------
     async def enter(self, principal: Principal, *, endpoint: str, counting: Counting = "now",
                     inference: bool = False, after_response: bool = False) -> RequestContext:
         """Count the request (now, meanwhile for a GET, or deferred to admission) and, for an
-        inference request, refuse it early if it cannot be admitted and take a pre-admission
-        place."""
+        inference request, refuse it early if it cannot be admitted."""
         limiter = self.limiter
         if counting == "defer":
             quota, task = limiter.deferred(principal), None
@@ -98,17 +90,6 @@ class Gate:
                 retry_after=usage.tokens_reset_at - time.time(),
                 headers=self.limiter.headers(ctx.quota))
 
-    def _give_place(self, ctx: RequestContext) -> None:
-        if not ctx.preparing:
-            return
-        ctx.preparing = False
-        org = ctx.principal.org_id
-        left = self._preparing.get(org, 1) - 1
-        if left > 0:
-            self._preparing[org] = left
-        else:
-            self._preparing.pop(org, None)
-
     def max_tokens_for(self, ctx: RequestContext, prompt_tokens: int, n: int,
                        requested: int | None, default: int, param: str) -> int:
         return self.limiter.max_tokens_for(ctx.principal, prompt_tokens, n, requested,
@@ -131,10 +112,7 @@ class Gate:
                 created_at=datetime.now(timezone.utc)))
 
         with anyio.CancelScope(shield=True):
-            try:
-                ticket = await self.limiter.admit(ctx.quota, estimate)
-            finally:
-                self._give_place(ctx)
+            ticket = await self.limiter.admit(ctx.quota, estimate)
             ticket.after_response = ctx.after_response
             ticket.on_settle.append(bill)
             ctx.tickets.append(ticket)
@@ -183,11 +161,10 @@ class Gate:
     async def close(self, ctx: RequestContext) -> None:
         """The safety net of every transport, run whatever happened: a count still in flight
         is awaited, tickets whose request ended before it could settle them are settled as
-        cancelled, the pre-admission place is given back and releases are written."""
+        cancelled and releases are written."""
         if (counting := ctx.counting) is not None:
             ctx.counting = None
             await asyncio.gather(counting, return_exceptions=True)
-        self._give_place(ctx)
         for ticket in ctx.tickets:
             if not ticket.done:
                 ticket.status = "cancelled"

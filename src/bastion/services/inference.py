@@ -19,14 +19,19 @@ from bastion.services.embeddings import prepare_embeddings
 from bastion.services.models import resolve
 
 
+async def _admitted(services: Services, ctx: RequestContext, prep: Any,
+                    estimate: int) -> tuple[Any, Ticket]:
+    ticket = await services.gate.open(ctx, estimate, model=prep.deployment.id,
+                                      request_id=prep.id)
+    return prep, ticket
+
+
 async def start_chat(services: Services, ctx: RequestContext,
                      body: ChatCompletionRequest) -> tuple[Any, Ticket]:
     deployment = await resolve(services, body.model, ctx.principal)
     prep = await prepare_chat(body, deployment, services.settings, ctx.principal,
                               services.limiter)
-    ticket = await services.gate.open(ctx, prep.estimate, model=prep.deployment.id,
-                                      request_id=prep.id)
-    return prep, ticket
+    return await _admitted(services, ctx, prep, prep.estimate)
 
 
 async def start_completion(services: Services, ctx: RequestContext,
@@ -34,15 +39,11 @@ async def start_completion(services: Services, ctx: RequestContext,
     deployment = await resolve(services, body.model, ctx.principal)
     prep = await prepare_completion(body, deployment, services.settings, ctx.principal,
                                     services.limiter)
-    ticket = await services.gate.open(ctx, prep.estimate, model=prep.deployment.id,
-                                      request_id=prep.id)
-    return prep, ticket
+    return await _admitted(services, ctx, prep, prep.estimate)
 
 
 async def start_embeddings(services: Services, ctx: RequestContext,
                            body: EmbeddingRequest) -> tuple[Any, Ticket]:
     deployment = await resolve(services, body.model, ctx.principal)
     prep = await prepare_embeddings(body, deployment, ctx.principal, services.limiter)
-    ticket = await services.gate.open(ctx, prep.prompt_tokens, model=prep.deployment.id,
-                                      request_id=prep.id)
-    return prep, ticket
+    return await _admitted(services, ctx, prep, prep.prompt_tokens)
