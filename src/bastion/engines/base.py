@@ -21,9 +21,21 @@ class Capabilities:
     completion: bool = False
     embeddings: bool = False
     vision: bool = False
-    constrained: bool = False  # structured output (grammars); no engine offers it yet
+    constrained: bool = False  # keeps output to a JSON Schema (OutputFormat)
     adapters: bool = False
     infill: bool = False
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """Output an engine must keep to, token by token: a JSON value matching `schema`.
+
+    Both fields are JSON text, so the format is hashable and a compiled grammar can be cached
+    by it. `wire` is the request's own field (response_format) for an engine that forwards
+    the request instead of enforcing it."""
+
+    schema: str
+    wire: str = "null"
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    output: OutputFormat | None = None  # constrained (structured) output
     # The wire names of the parameters the client set: an engine that forwards the request
     # (an upstream) sends only these, so the server there keeps its own defaults.
     explicit: frozenset[str] = frozenset()

@@ -62,7 +62,8 @@ class UpstreamEngine(BaseEngine):
         self.upstream_model = spec.model or spec.id
         caps = set(spec.capabilities)
         self.capabilities = Capabilities(chat="chat" in caps, completion="completion" in caps,
-                                         embeddings="embeddings" in caps, vision="vision" in caps)
+                                         embeddings="embeddings" in caps, vision="vision" in caps,
+                                         constrained="chat" in caps or "completion" in caps)
         self.info = ModelInfo(context_length=spec.context_length or DEFAULT_CONTEXT,
                               parameters=None, vocab_size=0, created=int(time.time()))
         self.replicas = [Replica(url) for url in spec.urls]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 from contextlib import aclosing
 from typing import Any, AsyncIterator
@@ -90,6 +91,8 @@ def request_body(request: GenerationRequest, model: str) -> dict[str, Any]:
         body["logit_bias"] = {str(t): b for t, b in p.logit_bias}
     if "n" in p.explicit or request.n != 1:
         body["n"] = request.n
+    if p.output is not None:  # the upstream enforces it (vLLM does)
+        body["response_format"] = json.loads(p.output.wire)
     if chat:
         if "logprobs" in p.explicit:
             body["logprobs"] = p.logprobs

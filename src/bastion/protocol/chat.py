@@ -6,7 +6,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, Field, model_validator
 
-from bastion.protocol.common import FinishReason, SamplingFields, StrictModel, Usage
+from bastion.protocol.common import (FinishReason, ResponseFormat, SamplingFields, StrictModel,
+                                     Usage)
 
 MAX_MESSAGES = 1024
 
@@ -46,10 +47,6 @@ class ChatMessage(StrictModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
-
-
-class ResponseFormat(StrictModel):
-    type: Literal["text"]
 
 
 class ChatCompletionRequest(SamplingFields):

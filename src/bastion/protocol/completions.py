@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from bastion.protocol.common import FinishReason, SamplingFields, Usage
+from bastion.protocol.common import FinishReason, ResponseFormat, SamplingFields, Usage
 
 MAX_PROMPTS = 64
 
@@ -20,6 +20,8 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, le=128)
     max_tokens: int | None = Field(16, ge=1)
+    # Not in OpenAI's legacy API; vLLM accepts it here too, and so does Bastion.
+    response_format: ResponseFormat | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -22,6 +22,7 @@ from bastion.protocol.common import Usage as WireUsage
 from bastion.services.common import (check_n, completion_budget, metered,
                                      sampling_params, unsupported)
 from bastion.services.images import load_images
+from bastion.services.structured import output_format
 from bastion.tenancy.keys import Principal
 
 
@@ -46,6 +47,10 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
     engine = deployment.engine
     if not engine.capabilities.chat:
         raise unsupported(deployment, "chat completions")
+    output = output_format(body.response_format, param="response_format",
+                           texts=[m.text() for m in body.messages])
+    if output is not None and not engine.capabilities.constrained:
+        raise unsupported(deployment, "structured outputs (response_format)")
     images = await load_images(body.messages, settings)  # every image is checked first
     if images and not engine.capabilities.vision:
         i, j = min(images)
@@ -76,7 +81,8 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
                                         body.completion_limit, default=max_tokens,
                                         param="messages")
     params = sampling_params(body, max_tokens=max_tokens, vocab_size=engine.info.vocab_size,
-                             logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+                             logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0,
+                             output=output)
     return PreparedChat(body, deployment, prompt, GenerationRequest.of(prompt, params, body.n))
 
 

@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 
-from bastion.engines.base import Delta, EngineError, Event, Finished, SamplingParams
+from bastion.engines.base import (Delta, EngineError, Event, Finished, OutputFormat,
+                                  SamplingParams)
 from bastion.errors import APIError, InvalidRequestError, engine_api_error
 from bastion.protocol.common import SamplingFields
 from bastion.admission.gate import metered as gate_metered
@@ -74,7 +75,8 @@ def completion_budget(*, prompt_len: int, requested: int | None, context: int, d
 
 
 def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, logprobs: bool,
-                    top_logprobs: int, prompt_logprobs: bool = False) -> SamplingParams:
+                    top_logprobs: int, prompt_logprobs: bool = False,
+                    output: OutputFormat | None = None) -> SamplingParams:
     """The request's sampling fields for the engine; a vocab_size of 0 (unknown: an upstream)
     leaves logit_bias's token ids to the engine's server to check."""
     bias: list[tuple[int, float]] = []
@@ -91,7 +93,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, lo
         frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
         seed=None if req.seed is None else req.seed & 0xFFFFFFFF,
         stop=tuple(req.stop_list), logit_bias=tuple(bias), logprobs=logprobs,
-        top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+        top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, output=output,
         explicit=frozenset(req.model_fields_set))
 
 

@@ -20,6 +20,7 @@ from bastion.models.catalog import Deployment
 from bastion.protocol.common import Usage as WireUsage
 from bastion.protocol.completions import (Completion, CompletionChoice, CompletionLogprobs,
                                           CompletionRequest)
+from bastion.services.structured import output_format
 from bastion.services.common import (check_n, completion_budget, merge, metered,
                                      sampling_params, unsupported)
 from bastion.tenancy.keys import Principal
@@ -59,6 +60,9 @@ async def prepare_completion(body: CompletionRequest, deployment: Deployment,
                                   param="best_of", code="unsupported_parameter")
     if body.echo and body.suffix is not None:
         raise InvalidRequestError("echo cannot be combined with suffix.", param="echo")
+    output = output_format(body.response_format, param="response_format")
+    if output is not None and not engine.capabilities.constrained:
+        raise unsupported(deployment, "structured outputs (response_format)")
     check_n(body.n, max_n=settings.max_n, slots=engine.max_parallel)
     texts = body.prompts()
     want_lp = body.logprobs is not None
@@ -87,7 +91,7 @@ async def prepare_completion(body: CompletionRequest, deployment: Deployment,
         params = sampling_params(body, max_tokens=min(budget, plan_cap),
                                  vocab_size=engine.info.vocab_size, logprobs=want_lp,
                                  top_logprobs=body.logprobs or 0,
-                                 prompt_logprobs=want_lp and body.echo)
+                                 prompt_logprobs=want_lp and body.echo, output=output)
         requests.append(GenerationRequest.of(prompt, params, body.n))
     echo = [p.text or "" for p in prompts]
     pieces = [p.pieces or [] for p in prompts] if want_lp and body.echo else []

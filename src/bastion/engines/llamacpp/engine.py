@@ -13,6 +13,7 @@ from bastion.engines.base import (MEDIA_TOKEN, Capabilities, DecodedImage, Event
                                   GenerationRequest, ModelFailure, ModelInfo, ModelInputError,
                                   Prompt, PromptMedia, format_parameters)
 from bastion.engines.llamacpp.model import LlamaModel
+from bastion.engines.llamacpp.grammar import gbnf
 from bastion.engines.llamacpp.scheduler import Scheduler
 from bastion.engines.llamacpp.templates import ChatTemplate, pick_template
 from bastion.engines.llamacpp.vision import ImageChunk, Projector
@@ -104,7 +105,7 @@ class LlamaCppEngine(TokenEngine):
             bos_token=m.token_text(m.bos), eos_token=m.token_text(m.eos))
         self._fim = m.fim_tokens()
         self.capabilities = Capabilities(chat=True, completion=True, infill=self._fim is not None,
-                                         vision=self.projector is not None)
+                                         vision=self.projector is not None, constrained=True)
         self.info = ModelInfo(context_length=m.ctx_per_seq,
                               parameters=m.meta("general.size_label") or format_parameters(m.n_params),
                               vocab_size=m.n_vocab,
@@ -174,6 +175,8 @@ class LlamaCppEngine(TokenEngine):
         return b"".join(self.model.piece(t) for t in tokens).decode("utf-8", "replace")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        if request.params.output is not None:
+            gbnf(request.params.output.schema)  # a schema it cannot convert is a 400, now
         if request.media:
             await self._encode(request)
         async for event in events_from_thread(
@@ -199,5 +202,6 @@ class LlamaCppEngine(TokenEngine):
         if self.scheduler.stop():  # never free the model under a thread still decoding
             if self.projector is not None:
                 self.projector.close()
+            self.scheduler.grammars.close()
             self.model.close()
 

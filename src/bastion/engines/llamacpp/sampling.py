@@ -18,6 +18,13 @@ from bastion.engines.base import SamplingParams, TokenLogprob
 RIGOROUS_LOGITS = 30.0
 MIN_TEMPERATURE = 1e-3
 BLOCK = 512  # tokens per block in the two-level categorical draw
+# A constrained sequence first samples as if free and keeps the token if the grammar allows it
+# (llama.cpp's common sampler does the same): checking one token costs microseconds, masking
+# Gemma's 262k-token vocabulary tens of milliseconds. Only when the free choice does not fit
+# are the best tokens masked, a chunk at a time, and the whole vocabulary last.
+REJECTION_TRIES = 4
+GREEDY_CHUNKS = (64, 4096)
+DEAD_END = -1  # no token fits the grammar (cannot happen with a well-formed grammar)
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 Describe = Callable[[int], tuple[str, list[int]]]
 
@@ -27,7 +34,10 @@ class SequenceSampler:
     seeded distribution; or greedy at temperature 0."""
 
     def __init__(self, params: SamplingParams, *, n_vocab: int, penalty_window: int,
-                 seed_offset: int = 0) -> None:
+                 seed_offset: int = 0, grammar: lc.llama_sampler_p | None = None) -> None:
+        """`grammar`: a llama.cpp grammar sampler this sequence owns (constrained output)."""
+        self.grammar = grammar
+        self.n_vocab = n_vocab
         # Below MIN_TEMPERATURE the distribution is a point mass on the argmax anyway, and
         # 1/T would overflow float32: treat it as greedy.
         self.greedy = params.temperature < MIN_TEMPERATURE
@@ -67,11 +77,98 @@ class SequenceSampler:
         add(lc.llama_sampler_init_dist((seed + seed_offset) & 0xFFFFFFFF))
 
     def sample(self, ctx: ctypes.c_void_p, logits: np.ndarray, batch_index: int) -> int:
+        if self.grammar is not None:
+            return self._sample_constrained(logits)
         if self.greedy:
             return lc.llama_sampler_sample(self.chain, ctx, batch_index)
         if self.plain:
             return self._categorical(logits)
         cand = self._candidates(logits)
+        data = np.empty(len(cand), dtype=TOKEN_DATA)
+        data["id"] = cand
+        data["logit"] = logits[cand]
+        data["p"] = 0.0
+        arr = lc.llama_token_data_array(
+            data=data.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), size=len(cand),
+            selected=-1, sorted=False)
+        lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        token = int(data["id"][arr.selected])
+        lc.llama_sampler_accept(self.chain, token)
+        if self.penalised:
+            self.history.append(token)
+        return token
+
+    # --- constrained output -------------------------------------------------------------------
+    def _sample_constrained(self, logits: np.ndarray) -> int:
+        """A token the grammar allows, drawn from the model's distribution restricted to the
+        allowed tokens (greedy: the best allowed one), then fed to the grammar."""
+        if self.greedy and not self.penalised and not self.bias_tokens.size:
+            token = self._best_allowed(logits)
+        elif self.plain:
+            token = self._categorical_allowed(logits)
+        else:
+            token = self._chain_allowed(logits)
+        if token != DEAD_END:
+            lc.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def _allowed(self, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """The ids among `ids` that the grammar allows next."""
+        data = np.empty(len(ids), dtype=TOKEN_DATA)
+        data["id"] = ids
+        data["logit"] = logits[ids]
+        data["p"] = 0.0
+        arr = lc.llama_token_data_array(
+            data=data.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), size=len(ids),
+            selected=-1, sorted=False)
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        return data["id"][np.isfinite(data["logit"])].astype(np.int64)
+
+    def _fits(self, token: int, logits: np.ndarray) -> bool:
+        return bool(self._allowed(np.array([token], dtype=np.int64), logits).size)
+
+    def _best_allowed(self, logits: np.ndarray) -> int:
+        best = int(np.argmax(logits))
+        if self._fits(best, logits):
+            return best
+        for k in GREEDY_CHUNKS:
+            if k >= self.n_vocab:
+                break
+            top = np.argpartition(-logits, k)[:k]
+            ok = self._allowed(top, logits)
+            if ok.size:
+                return int(ok[np.argmax(logits[ok])])
+        ok = self._allowed(np.arange(self.n_vocab), logits)
+        return int(ok[np.argmax(logits[ok])]) if ok.size else DEAD_END
+
+    def _categorical_allowed(self, logits: np.ndarray) -> int:
+        """Rejection sampling (exact: a free draw kept only if allowed), then a draw over the
+        allowed tokens among those that could matter, then over the whole vocabulary."""
+        for _ in range(REJECTION_TRIES):
+            token = self._categorical(logits)
+            if self._fits(token, logits):
+                return token
+        near = np.flatnonzero(logits >= float(logits.max()) - RIGOROUS_LOGITS / self.inv_temp)
+        ok = self._allowed(near, logits)
+        if not ok.size:
+            ok = self._allowed(np.arange(self.n_vocab), logits)
+            if not ok.size:
+                return DEAD_END
+        weights = np.exp((logits[ok] - logits[ok].max()) * np.float32(self.inv_temp),
+                         dtype=np.float64)
+        cum = np.cumsum(weights)
+        i = min(int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right")),
+                len(ok) - 1)
+        return int(ok[i])
+
+    def _chain_allowed(self, logits: np.ndarray) -> int:
+        """The allowed tokens among the candidates through the sampler chain (bias, penalties,
+        top-k/p, min-p, temperature)."""
+        cand = self._allowed(self._candidates(logits), logits)
+        if not cand.size:
+            cand = self._allowed(np.arange(self.n_vocab), logits)
+            if not cand.size:
+                return DEAD_END
         data = np.empty(len(cand), dtype=TOKEN_DATA)
         data["id"] = cand
         data["logit"] = logits[cand]
@@ -98,7 +195,7 @@ class SequenceSampler:
             best = float(masked.max())
         else:
             best = float(logits.max())
-        near = np.flatnonzero(logits >= best - RIGOROUS_LOGITS / self.inv_temp)
+        near = np.flatnonzero(logits >= best - RIGOROUS_LOGITS / (self.inv_temp or 1.0))
         return np.union1d(near, special) if special.size else near
 
     def _categorical(self, logits: np.ndarray) -> int:
@@ -123,6 +220,9 @@ class SequenceSampler:
         if self.chain:
             lc.llama_sampler_free(self.chain)
             self.chain = None
+        if self.grammar:
+            lc.llama_sampler_free(self.grammar)
+            self.grammar = None
 
 
 def token_logprob(logits: np.ndarray, token: int, top_n: int, describe: Describe) -> TokenLogprob:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from bastion.engines.base import (Delta, EngineError, Event, Finished, GenerationRequest,
                                   ModelUnavailable, PromptLogprobs, PromptMedia, TokenLogprob)
 from bastion.engines.llamacpp import sampling
+from bastion.engines.llamacpp.grammar import Grammars
 from bastion.engines.llamacpp.model import LlamaModel
 from bastion.engines.llamacpp.vision import Projector
 from bastion.engines.text import StopMatcher, Utf8Stream
@@ -78,6 +79,7 @@ class Scheduler:
         self._free_slots = list(range(model.n_seq))
         self._stopping = False
         self._describe_cache: dict[int, tuple[str, list[int]]] = {}
+        self.grammars = Grammars(model.vocab)
         self._thread = threading.Thread(target=self._run, name=f"llamacpp-{name}", daemon=True)
         self._thread.start()
 
@@ -156,19 +158,23 @@ class Scheduler:
             p = job.request.params
             self._running.append(job)
             try:
+                # A stop sequence must not cut a constrained answer short of valid JSON.
+                stops = () if p.output else p.stop
                 for i in range(job.request.n):
                     slot = self._free_slots.pop(0)
                     self.model.clear_slot(slot)
+                    grammar = self.grammars.sampler(p.output) if p.output else None
                     sampler = sampling.SequenceSampler(p, n_vocab=self.model.n_vocab,
                                                        penalty_window=self.model.ctx_per_seq,
-                                                       seed_offset=i)
+                                                       seed_offset=i, grammar=grammar)
                     job.seqs.append(_Seq(index=i, slot=slot, sampler=sampler,
-                                         max_tokens=p.max_tokens, stops=StopMatcher(p.stop)))
+                                         max_tokens=p.max_tokens, stops=StopMatcher(stops)))
             except Exception as exc:  # one bad request must not take others down
                 log.exception("could not start a sequence")
                 if slot not in {seq.slot for seq in job.seqs}:
                     self._free_slots.append(slot)
-                self._finish_job(job, EngineError(f"The model could not start generating: {exc}"))
+                self._finish_job(job, exc if isinstance(exc, EngineError) else EngineError(
+                    f"The model could not start generating: {exc}"))
 
     def _step(self) -> None:
         # rows: (slot, position, token, wants_logits); sorted by slot below, because llama.cpp
@@ -289,6 +295,9 @@ class Scheduler:
 
     def _accept(self, seq: _Seq, job: Job, idx: int, tok: int, events: list[Event]) -> None:
         p = job.request.params
+        if tok == sampling.DEAD_END:  # the grammar allows nothing: the answer is incomplete
+            self._end_seq(seq, "length", events)
+            return
         if self.model.is_eog(tok):
             self._end_seq(seq, "stop", events)
             return
