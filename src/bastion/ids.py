@@ -8,7 +8,7 @@ import string
 _ALPHABET = string.ascii_letters + string.digits
 
 
-def new_id(prefix: str, length: int = 24) -> str:
+def new_id(prefix: str, length: int = 24, sep: str = "-") -> str:
     """One read of the system's randomness per id (secrets.choice made one per character, a
     visible cost on every request), written in base 62."""
     n = int.from_bytes(secrets.token_bytes(length))  # 8 bits per 5.95 digits: enough entropy
@@ -16,4 +16,4 @@ def new_id(prefix: str, length: int = 24) -> str:
     for _ in range(length):
         n, d = divmod(n, 62)
         digits.append(_ALPHABET[d])
-    return f"{prefix}-" + "".join(digits)
+    return f"{prefix}{sep}" + "".join(digits)

@@ -197,6 +197,7 @@ class Connection:
         lifecycle.enter()
         finish: dict[int, str] = {}
         texts: dict[int, str] = {}
+        calls: dict[int, list[dict[str, Any]]] = {}
         tag = _tag(rid)
         try:
             prep, ticket = await start_chat(self.services, ctx, body)
@@ -209,10 +210,12 @@ class Connection:
                                              "content": content})
                         else:
                             texts[index] = texts.get(index, "") + content
+                    for delta in choice["delta"].get("tool_calls") or []:
+                        _add_call(calls.setdefault(index, []), delta)
                     if choice["finish_reason"]:
                         finish[index] = choice["finish_reason"]
             await self.send(self._done(tag, prep.id, prep.deployment.id, ticket, finish, texts,
-                                       body.stream))
+                                       body.stream, calls))
         except asyncio.CancelledError:
             if ctx.tickets and not self.closed:  # cancelled by the client: say how far it got
                 await gate.close(ctx)
@@ -227,16 +230,21 @@ class Connection:
 
     @staticmethod
     def _done(tag: dict[str, Any], completion_id: str, model: str, ticket: Ticket,
-              finish: dict[int, str], texts: dict[int, str], streamed: bool) -> dict[str, Any]:
+              finish: dict[int, str], texts: dict[int, str], streamed: bool,
+              calls: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+        """The tool calls of an answer come whole in `done` (as `message.tool_calls`)."""
         done: dict[str, Any] = {"type": "done", **tag, "completion_id": completion_id,
                                 "model": model, "finish_reason": finish.get(0),
                                 "usage": _usage(ticket)}
         if len(finish) > 1 or not streamed:
             done["choices"] = [{"index": i, "finish_reason": finish.get(i),
-                                **({} if streamed else {"content": texts.get(i, "")})}
+                                **({} if streamed else {"content": texts.get(i, "")}),
+                                **({"tool_calls": calls[i]} if i in calls else {})}
                                for i in sorted(finish)]
         if not streamed and len(finish) == 1:
             done["content"] = texts.get(0, "")
+        if len(finish) == 1 and 0 in calls:
+            done["tool_calls"] = calls[0]
         return done
 
     # --- sending -------------------------------------------------------------------------------
@@ -251,6 +259,14 @@ class Connection:
 
     async def send_error(self, err: APIError, rid: RequestId) -> None:
         await self.send({"type": "error", **_tag(rid), **err.body()})
+
+
+def _add_call(calls: list[dict[str, Any]], delta: dict[str, Any]) -> None:
+    """Reassemble a streamed tool call: its first delta names it, later ones add arguments."""
+    if "id" in delta:
+        calls.append({"id": delta["id"], "type": "function",
+                      "function": {"name": delta["function"]["name"], "arguments": ""}})
+    calls[delta["index"]]["function"]["arguments"] += delta["function"].get("arguments", "")
 
 
 def _tag(rid: RequestId) -> dict[str, Any]:

@@ -24,18 +24,27 @@ class Capabilities:
     constrained: bool = False  # keeps output to a JSON Schema (OutputFormat)
     adapters: bool = False
     infill: bool = False
+    tools: bool = False  # the service may prompt it for tool calls and constrain them
 
 
 @dataclass(frozen=True)
 class OutputFormat:
-    """Output an engine must keep to, token by token: a JSON value matching `schema`.
+    """Output an engine must keep to, token by token: a JSON value matching `schema`, or,
+    when `open` is set, one to `count` such values, each between `open` and `close`, one per
+    line (parallel tool calls). `instead`, with `open`, is what may come in place of
+    the wrapped values: "" nothing, "text" free text without `open`'s first character (the
+    model chooses: tool_choice auto), or a JSON Schema the answer then matches.
 
-    Both fields are JSON text, so the format is hashable and a compiled grammar can be cached
-    by it. `wire` is the request's own field (response_format) for an engine that forwards
-    the request instead of enforcing it."""
+    The fields are text, so the format is hashable and its compiled grammar cached by it.
+    `wire` is the request's own field (response_format) for an engine that forwards the
+    request instead of enforcing it."""
 
     schema: str
     wire: str = "null"
+    open: str = ""
+    close: str = ""
+    count: int = 1
+    instead: str = ""
 
 
 @dataclass(frozen=True)

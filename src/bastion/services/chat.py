@@ -17,12 +17,15 @@ from bastion.ids import new_id
 from bastion.models.catalog import Deployment
 from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
                                    ChatCompletionRequest, ChoiceLogprobs, ImagePart,
+                                   OutputFunctionCall, OutputToolCall,
                                    TokenLogprobContent, TopLogprob)
 from bastion.protocol.common import Usage as WireUsage
 from bastion.services.common import (check_n, completion_budget, metered,
                                      sampling_params, unsupported)
 from bastion.services.images import load_images
 from bastion.services.structured import output_format
+from bastion.services.tools import (TAG, ToolCallStream, ToolSetup, parse_calls,
+                                    prompt_messages, tool_setup)
 from bastion.tenancy.keys import Principal
 
 
@@ -30,8 +33,10 @@ class PreparedChat:
     """Everything known before generation starts: validated, counted, budgeted."""
 
     def __init__(self, body: ChatCompletionRequest, deployment: Deployment,
-                 prompt: PreparedPrompt, request: GenerationRequest) -> None:
+                 prompt: PreparedPrompt, request: GenerationRequest,
+                 tools: ToolSetup | None = None) -> None:
         self.body = body
+        self.tools = tools  # tool calls are parsed out of the answers
         self.deployment = deployment
         self.prompt = prompt
         self.request = request
@@ -51,6 +56,12 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
                            texts=[m.text() for m in body.messages])
     if output is not None and not engine.capabilities.constrained:
         raise unsupported(deployment, "structured outputs (response_format)")
+    tools = tool_setup(body, output)
+    if tools is not None or any(m.role == "tool" or m.tool_calls for m in body.messages):
+        if not engine.capabilities.tools:
+            raise unsupported(deployment, "tools")
+    if tools is not None:
+        output = tools.output
     images = await load_images(body.messages, settings)  # every image is checked first
     if images and not engine.capabilities.vision:
         i, j = min(images)
@@ -71,6 +82,7 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
         if m.name:
             msg["name"] = m.name
         messages.append(msg)
+    messages = prompt_messages(body.messages, messages, tools)
     check_n(body.n, max_n=settings.max_n, slots=engine.max_parallel)
     prompt = await engine.count_prompt(ChatPrompt(messages))
     max_tokens = completion_budget(prompt_len=prompt.n_tokens, requested=body.completion_limit,
@@ -83,7 +95,8 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
     params = sampling_params(body, max_tokens=max_tokens, vocab_size=engine.info.vocab_size,
                              logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0,
                              output=output)
-    return PreparedChat(body, deployment, prompt, GenerationRequest.of(prompt, params, body.n))
+    return PreparedChat(body, deployment, prompt, GenerationRequest.of(prompt, params, body.n),
+                        tools)
 
 
 def _logprobs(items: list[TokenLogprob]) -> list[TokenLogprobContent]:
@@ -119,14 +132,32 @@ async def complete_chat(prep: PreparedChat, ticket: Ticket) -> ChatCompletion:
                 prompt = reported_prompt(ticket, prompt, ev)
     completion = ticket.completion_tokens
     want_lp = prep.body.logprobs
-    choices = [ChatChoice(index=i, message=AssistantMessage(content=texts[i]),
+    choices = [ChatChoice(index=i, message=_message(prep, texts[i], reasons[i]),
                           logprobs=ChoiceLogprobs(content=_logprobs(lps[i])) if want_lp else None,
-                          finish_reason=reasons[i])  # type: ignore[arg-type]
+                          finish_reason=_reason(prep, texts[i], reasons[i]))  # type: ignore[arg-type]
                for i in range(n)]
     return ChatCompletion(id=prep.id, created=prep.created, model=prep.deployment.id,
                           choices=choices,
                           usage=WireUsage(prompt_tokens=prompt, completion_tokens=completion,
                                           total_tokens=prompt + completion))
+
+
+def _message(prep: PreparedChat, text: str, reason: str) -> AssistantMessage:
+    if prep.tools is None:
+        return AssistantMessage(content=text)
+    content, calls = parse_calls(text)
+    if not calls:
+        return AssistantMessage(content=text)
+    return AssistantMessage(content=content, tool_calls=[
+        OutputToolCall(id=c.id, function=OutputFunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls])
+
+
+def _reason(prep: PreparedChat, text: str, reason: str) -> str:
+    """"tool_calls" when a finished answer called a tool (the grammar makes every call
+    whole, so a call's tag in a finished answer is a call); a cut-off one stays "length",
+    with the calls it completed."""
+    return "tool_calls" if prep.tools is not None and reason == "stop" and TAG in text else reason
 
 
 async def open_chat_stream(prep: PreparedChat, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
@@ -151,6 +182,7 @@ async def stream_chat(prep: PreparedChat, ticket: Ticket
                                      "finish_reason": finish}], **extra}
 
     prompt = prep.prompt.n_tokens
+    parsers = [ToolCallStream() for _ in range(prep.request.n)] if prep.tools else []
     async with metered(ticket, prompt) as meter:
         events = await prep.deployment.engine.open(prep.request)
         yield None
@@ -163,9 +195,22 @@ async def stream_chat(prep: PreparedChat, ticket: Ticket
                 if isinstance(ev, Delta):
                     lp = ({"content": [c.model_dump() for c in _logprobs(ev.logprobs)],
                            "refusal": None} if body.logprobs else None)
-                    yield chunk(ev.index, {"content": ev.text}, logprobs=lp)
+                    if not parsers:
+                        yield chunk(ev.index, {"content": ev.text}, logprobs=lp)
+                        continue
+                    for k, delta in enumerate(parsers[ev.index].feed(ev.text) or [{}]):
+                        if delta or lp:
+                            yield chunk(ev.index, delta or {"content": ""},
+                                        logprobs=lp if k == 0 else None)
                 elif isinstance(ev, Finished):
-                    yield chunk(ev.index, {}, finish=ev.finish_reason)
+                    reason = ev.finish_reason
+                    if parsers:
+                        parser = parsers[ev.index]
+                        for delta in parser.feed("", final=True):
+                            yield chunk(ev.index, delta)
+                        if reason == "stop" and parser.calls:
+                            reason = "tool_calls"
+                    yield chunk(ev.index, {}, finish=reason)
                 elif isinstance(ev, Usage):
                     prompt = reported_prompt(ticket, prompt, ev)
     if include_usage:

@@ -105,7 +105,8 @@ class LlamaCppEngine(TokenEngine):
             bos_token=m.token_text(m.bos), eos_token=m.token_text(m.eos))
         self._fim = m.fim_tokens()
         self.capabilities = Capabilities(chat=True, completion=True, infill=self._fim is not None,
-                                         vision=self.projector is not None, constrained=True)
+                                         vision=self.projector is not None, constrained=True,
+                                         tools=True)
         self.info = ModelInfo(context_length=m.ctx_per_seq,
                               parameters=m.meta("general.size_label") or format_parameters(m.n_params),
                               vocab_size=m.n_vocab,
@@ -176,7 +177,7 @@ class LlamaCppEngine(TokenEngine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if request.params.output is not None:
-            gbnf(request.params.output.schema)  # a schema it cannot convert is a 400, now
+            gbnf(request.params.output)  # a schema it cannot convert is a 400, now
         if request.media:
             await self._encode(request)
         async for event in events_from_thread(

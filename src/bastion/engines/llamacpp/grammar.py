@@ -17,19 +17,43 @@ PROTOTYPES = 64  # compiled grammars kept per model
 
 
 @lru_cache(maxsize=256)
-def gbnf(schema: str) -> str:
-    """The GBNF grammar of a JSON Schema (JSON text). The converter's whitespace rule is a
-    single optional space, so a model cannot pad its answer with whitespace until max_tokens."""
+def gbnf(output: OutputFormat) -> str:
+    """The GBNF grammar of an output format. The converter's whitespace rule is a single
+    optional space, so a model cannot pad its answer with whitespace until max_tokens."""
     try:
-        parsed = json.loads(schema)
         converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
                                     raw_pattern=False)
-        parsed = converter.resolve_refs(parsed, "")
-        converter.visit(parsed, "")
-        return converter.format_grammar()
+        if not output.open:
+            _visit(converter, output.schema, "")
+            return converter.format_grammar()
+        _visit(converter, output.schema, "wrapped-value")
+        one = f"{_literal(output.open)} wrapped-value {_literal(output.close)}"
+        body = one
+        for _ in range(output.count - 1):  # nested optionals: at most `count` values
+            body = f'{one} ("\\n" {body})?'
+
+        if output.instead == "text":
+            first = output.open[0].replace("\\", "\\\\").replace("]", "\\]")
+            root = f"[^{first}]* ({body})?"
+        elif output.instead:
+            _visit(converter, output.instead, "answer-value")
+            root = f"answer-value | {body}"
+        else:
+            root = body
+        return f"root ::= {root}\n" + converter.format_grammar()
     except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:
         raise ModelInputError(f"The JSON schema cannot be turned into a grammar: {exc}",
                               param="response_format", code="invalid_schema") from exc
+
+
+def _visit(converter: SchemaConverter, schema: str, name: str) -> None:
+    parsed = converter.resolve_refs(json.loads(schema), "")
+    converter.visit(parsed, name)
+
+
+def _literal(text: str) -> str:
+    """A GBNF string literal (its escapes are JSON's for what a tag can hold)."""
+    return json.dumps(text)
 
 
 class Grammars:
@@ -43,7 +67,7 @@ class Grammars:
 
     def sampler(self, output: OutputFormat) -> lc.llama_sampler_p:
         """A fresh grammar sampler for one sequence (the caller frees it)."""
-        text = gbnf(output.schema)
+        text = gbnf(output)
         with self._lock:
             proto = self._compiled.get(text)
             if proto is None:
