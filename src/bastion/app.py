@@ -25,6 +25,8 @@ from bastion.errors import error_response, install_error_handlers
 from bastion.admission.draining import Lifecycle
 from bastion.admission.gate import Gate
 from bastion.http.admission import AdmissionBinding
+from bastion.http.request_id import RequestId
+from bastion.http.root_paths import RootPaths, api_resources
 from bastion.gatekeeper import Gatekeeper
 from bastion.services.context import Services
 from bastion.admission.limiter import Limiter
@@ -103,12 +105,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    for module in (chat, completions, embeddings, models, organizations, keys, usage, files,
-                   fine_tuning, health, ws):
+    api = (chat, completions, embeddings, models, organizations, keys, usage, files,
+           fine_tuning, health, ws)
+    for module in api:
         app.include_router(module.router)
     install_dashboard(app)
     app.add_middleware(AdmissionBinding)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes,
                        upload_paths=frozenset({"/v1/files", "/v1/models", "/dashboard/files",
                                                     "/dashboard/models"}))
+    # /chat/completions is /v1/chat/completions (see the module for why a rewrite)
+    app.add_middleware(RootPaths, resources=api_resources(
+        route.path for module in api for route in module.router.routes))
+    app.add_middleware(RequestId, access_log=settings.access_log)  # outermost: every answer
     return app

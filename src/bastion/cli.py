@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bastion.config import EmbeddingModelSpec, ModelSpec, Settings, UpstreamSpec
+from bastion.config import EmbeddingModelSpec, ModelSpec, Settings, UpstreamSpec, parse_aliases
 
 app = typer.Typer(help="Bastion: your own OpenAI-compatible AI platform.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
@@ -60,7 +60,7 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where the database and models live.")] = None,
     model: Annotated[Optional[list[Path]], typer.Option(help="Extra GGUF file to serve (repeatable).")] = None,
-    alias: Annotated[Optional[list[str]], typer.Option(help="Model id for the --model at the same position.")] = None,
+    alias: Annotated[Optional[list[str]], typer.Option(help="NAME=MODEL: one more name for a served model, added to the default aliases (NAME= drops a default one); a bare NAME: the id of the --model at the same position (repeatable).")] = None,
     chat_template: Annotated[Optional[list[str]], typer.Option(help="Chat template for the --model at the same position: auto (the GGUF's own), gemma, chatml or llama3.")] = None,
     mmproj: Annotated[Optional[list[str]], typer.Option(help="Multimodal projector GGUF for the --model at the same position (its image input), or none.")] = None,
     no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Do not serve the bundled Gemma model.")] = False,
@@ -77,6 +77,7 @@ def serve(
     import signal
 
     from bastion.app import create_app
+    from bastion.http.request_id import configure_logging
     from bastion.server import serve as run
 
     # `kill -USR1 <pid>` writes every thread's Python stack to the log: how an operator (or a
@@ -94,7 +95,13 @@ def serve(
     for path in embedding_model or []:
         settings.embedding_models.append(EmbeddingModelSpec(path=path))
     settings.upstreams.extend(_upstream(text) for text in upstream or [])
-    aliases = list(alias or [])
+    # NAME=MODEL adds a server alias (NAME= drops a default one); a bare NAME is the id of
+    # the --model at the same position
+    aliases = [a for a in alias or [] if "=" not in a]
+    try:
+        settings.aliases.update(parse_aliases(",".join(a for a in alias or [] if "=" in a)))
+    except ValueError as exc:
+        raise typer.BadParameter(f"--alias: {exc}") from None
     templates = list(chat_template or [])
     projectors = list(mmproj or [])
     if len(projectors) > len(model or []):
@@ -104,8 +111,7 @@ def serve(
         settings.models.append(ModelSpec(path=path, id=aliases[i] if i < len(aliases) else None,
                                          chat_template=_template_name(templates, i),
                                          mmproj=_mmproj_path(projectors, i)))
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     print(f"Bastion on http://{settings.host}:{settings.port}/v1", flush=True)
     run(create_app(settings), settings.host, settings.port, settings.drain_timeout,
         settings.log_level)

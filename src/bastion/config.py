@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ModelSpec(BaseModel):
@@ -86,6 +86,8 @@ class ServerSettings(SettingsGroup):
                                   "are stored as a visible prefix, so it must be long")
     drain_timeout: float = 30.0
     log_level: str = "info"
+    access_log: bool = Field(True, description="one log line per request: method, path, "
+                             "status, seconds, with its x-request-id")
 
     @property
     def resolved_database_url(self) -> str:
@@ -110,14 +112,48 @@ class ServerSettings(SettingsGroup):
         return self.data_dir / "fine_tuning"
 
 
+DEFAULT_ALIASES = {"gemma": "gemma-3-270m", "all-minilm": "all-minilm-l6-v2"}
+
+
+def parse_aliases(value: object) -> object:
+    """`name=model,name=model` or a JSON object, as the environment or the CLI gives them;
+    `name=` (or a JSON null) drops that name's default alias."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            value = json.loads(text)
+        else:
+            out: dict[str, str] = {}
+            for item in filter(None, (part.strip() for part in text.split(","))):
+                name, sep, target = item.partition("=")
+                if not sep or not name.strip():
+                    raise ValueError(f"an alias is written name=model (got {item!r})")
+                out[name.strip()] = target.strip()
+            return out
+    if isinstance(value, dict):
+        return {k: "" if v is None else v for k, v in value.items()}
+    return value
+
+
 class CatalogSettings(SettingsGroup):
     """Which chat and completion models are served, and under which names."""
 
     serve_bundled_model: bool = True
     models: list[ModelSpec] = Field(default_factory=list)
-    aliases: dict[str, str] = Field(default_factory=lambda: {"gemma": "gemma-3-270m",
-                                                              "all-minilm": "all-minilm-l6-v2"})
+    # added to DEFAULT_ALIASES (an empty target drops one): BASTION_ALIASES='a=m,b=m' or JSON
+    aliases: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     upstreams: list[UpstreamSpec] = Field(default_factory=list)  # BASTION_UPSTREAMS as JSON
+
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _parse_aliases(cls, v: object) -> object:
+        return parse_aliases(v)
+
+    @property
+    def all_aliases(self) -> dict[str, str]:
+        """The defaults with the configured aliases added over them, dropped ones left out."""
+        merged = {**DEFAULT_ALIASES, **self.aliases}
+        return {name: target for name, target in merged.items() if target}
 
 
 class EngineSettings(SettingsGroup):

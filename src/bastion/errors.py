@@ -63,8 +63,14 @@ class AuthorizationError(APIError):
     code = "insufficient_permissions"
 
 
+# Longer waits than this are not worth a client's automatic retry: it should give up and say so
+CLIENT_PATIENCE_S = 60.0
+
+
 class RateLimitError(APIError):
-    """429 with the spec's retry_after in the body and a Retry-After header."""
+    """429 with the spec's retry_after in the body, Retry-After and the OpenAI SDKs'
+    retry-after-ms (which they prefer); a quota that frees only after CLIENT_PATIENCE_S (tokens
+    per hour) adds `x-should-retry: false`, so the SDKs do not retry what cannot succeed."""
 
     status = 429
     type = "rate_limit_error"
@@ -72,8 +78,11 @@ class RateLimitError(APIError):
     def __init__(self, message: str, *, code: str, retry_after: float,
                  headers: dict[str, str] | None = None) -> None:
         self.retry_after = max(1, math.ceil(retry_after))
-        super().__init__(message, code=code,
-                         headers={**(headers or {}), "Retry-After": str(self.retry_after)})
+        extra = {"Retry-After": str(self.retry_after),
+                 "retry-after-ms": str(max(1, math.ceil(retry_after * 1000)))}
+        if retry_after > CLIENT_PATIENCE_S:
+            extra["x-should-retry"] = "false"
+        super().__init__(message, code=code, headers={**(headers or {}), **extra})
 
     def body(self) -> dict[str, Any]:
         body = super().body()

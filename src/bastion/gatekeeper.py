@@ -24,7 +24,7 @@ async def _reject(send: Send, err: APIError) -> None:
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if isinstance(err, ServiceUnavailableError):
-        headers.append((b"retry-after", b"5"))
+        headers += [(b"retry-after", b"5"), (b"retry-after-ms", b"5000")]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

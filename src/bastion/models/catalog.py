@@ -129,9 +129,12 @@ def load_catalog(settings: Settings) -> Catalog:
                                    aliases=list(spec.aliases)))
         load_embedding_models(settings, catalog)
         load_upstreams(settings, catalog)
-        for alias, target in settings.aliases.items():
+        for alias, target in settings.all_aliases.items():
             if catalog.has(target) and not catalog.has(alias):
                 catalog.alias(alias, target)
+            elif alias in settings.aliases:  # the defaults name models that may be left out
+                log.warning("alias %r not served: %s", alias, "it is a model's id"
+                            if catalog.has(alias) else f"no model {target!r} is served")
     except BaseException:
         catalog.close()
         raise

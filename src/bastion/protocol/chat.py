@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, model_validator
 
+from bastion.protocol.client_hints import ChatClientFields  # newer SDK fields: see there
 from bastion.protocol.common import (FinishReason, ResponseFormat, SamplingFields, StrictModel,
                                      Usage)
 
@@ -94,7 +95,7 @@ class NamedToolChoice(StrictModel):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatClientFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -168,3 +169,4 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    service_tier: str | None = None  # the tier that served it (client_hints.SERVED_TIER)

@@ -19,6 +19,7 @@ from bastion.protocol.chat import (AssistantMessage, ChatChoice, ChatCompletion,
                                    ChatCompletionRequest, ChoiceLogprobs, ImagePart,
                                    OutputFunctionCall, OutputToolCall,
                                    TokenLogprobContent, TopLogprob)
+from bastion.protocol.client_hints import SERVED_TIER
 from bastion.protocol.common import Usage as WireUsage
 from bastion.services.common import (check_n, completion_budget, metered,
                                      sampling_params, unsupported)
@@ -137,7 +138,7 @@ async def complete_chat(prep: PreparedChat, ticket: Ticket) -> ChatCompletion:
                           finish_reason=_reason(prep, texts[i], reasons[i]))  # type: ignore[arg-type]
                for i in range(n)]
     return ChatCompletion(id=prep.id, created=prep.created, model=prep.deployment.id,
-                          choices=choices,
+                          choices=choices, service_tier=SERVED_TIER,
                           usage=WireUsage(prompt_tokens=prompt, completion_tokens=completion,
                                           total_tokens=prompt + completion))
 
@@ -173,7 +174,8 @@ async def stream_chat(prep: PreparedChat, ticket: Ticket
     body = prep.body
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = {"id": prep.id, "object": "chat.completion.chunk", "created": prep.created,
-            "model": prep.deployment.id, "system_fingerprint": None}
+            "model": prep.deployment.id, "system_fingerprint": None,
+            "service_tier": SERVED_TIER}
     extra = {"usage": None} if include_usage else {}
 
     def chunk(index: int, delta: dict[str, Any], *, logprobs: Any = None,
