@@ -12,7 +12,6 @@ import pytest
 
 from conftest import (ADMIN_KEY, MODEL, RunningServer, bearer, database_rows, make_tenant,
                       start_server, stop_server)
-                      stop_server)
 from polling import poll
 
 
