@@ -154,6 +154,8 @@ def in_responses_terms(err: InvalidRequestError, source: list[str]) -> InvalidRe
     m = re.match(r"messages\[(\d+)\]", param)
     if m and int(m.group(1)) < len(source):
         new = source[int(m.group(1))]
+        if new.startswith("input["):
+            new += param[m.end():]
     elif param == "messages":
         new = "input"
     elif param.startswith("tools[") and ".function" in param:

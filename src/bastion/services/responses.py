@@ -147,15 +147,12 @@ async def _events(services: Services, prep: PreparedResponse,
     except Exception as exc:  # once the first byte is out, errors travel in the stream
         last = t.fail(error_payload(exc)["error"])
     else:
-        last = t.finish(_usage(t.usage or {"prompt_tokens": ticket_prompt(prep),
+        # chat's last chunk holds the usage (include_usage is asked for in every translation)
+        last = t.finish(_usage(t.usage or {"prompt_tokens": prep.chat.prompt.n_tokens,
                                            "completion_tokens": 0}))
     await _kept(services, prep, t.response)
     for ev in last:
         yield ev
-
-
-def ticket_prompt(prep: PreparedResponse) -> int:
-    return prep.chat.prompt.n_tokens
 
 
 async def retrieve(services: Services, org_id: str, response_id: str) -> dict[str, Any]:
