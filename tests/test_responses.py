@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from conftest import (ADMIN_KEY, MODEL, RunningServer, bearer, database_rows, make_tenant,
-                      start_server, stop_server)
+                      png_data_uri, start_server, stop_server)
 from polling import poll
 
 
@@ -253,6 +253,12 @@ def test_permission_inference_required(srv: RunningServer, client: openai.OpenAI
     ({"text": {"format": {"type": "json_schema", "name": "bad name!", "schema": {}}}},
      "text.format", "name"),
     ({"frobnicate": 1}, "frobnicate", "frobnicate"),
+    # chat's own 400s, named as the Responses request names the field (after instructions)
+    ({"instructions": "Look.", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "What is it?"},
+                                     {"type": "input_image", "image_url": png_data_uri()}]}]},
+     "input[0].content[1]", "image"),
+    ({"max_output_tokens": 10**9}, "max_output_tokens", "max"),
 ])
 def test_refused_with_the_field_named(srv: RunningServer, tenant: tuple[str, dict],
                                       extra: dict, param: str, words: str) -> None:

@@ -88,9 +88,13 @@ class FunctionCallOutputItem(StrictModel):
     status: ItemStatus | None = None
 
 
-InputItem = Annotated[Union[MessageItem, FunctionCallItem, FunctionCallOutputItem],
-                      Field(discriminator="type")]
-SUPPORTED_ITEMS = ("message", "function_call", "function_call_output")
+InputItem = Union[MessageItem, FunctionCallItem, FunctionCallOutputItem]
+# Items are validated one by one by their type (services/response_translation.parse_items), so
+# that an error names `input[2].content[0]`, not the union's branch.
+ITEM_MODELS: dict[str, type[StrictModel]] = {
+    "message": MessageItem, "function_call": FunctionCallItem,
+    "function_call_output": FunctionCallOutputItem}
+SUPPORTED_ITEMS = tuple(ITEM_MODELS)
 
 # --- tools and formats -------------------------------------------------------------------
 
@@ -146,7 +150,7 @@ class ResponseStreamOptions(StrictModel):
 
 class ResponseCreateRequest(StrictModel):
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[InputItem]
+    input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -179,7 +183,6 @@ class ResponseCreateRequest(StrictModel):
             return v
         if len(v) > MAX_INPUT_ITEMS:
             raise ValueError(f"at most {MAX_INPUT_ITEMS} input items are allowed, got {len(v)}")
-        out = []
         for i, item in enumerate(v):
             if isinstance(item, dict):
                 kind = item.get("type", "message")  # an easy input message has no type
@@ -187,9 +190,7 @@ class ResponseCreateRequest(StrictModel):
                     raise ValueError(
                         f"input[{i}] is a '{kind}' item, which Bastion does not support; "
                         f"input items may be {', '.join(SUPPORTED_ITEMS)}")
-                item = {"type": "message", **item}
-            out.append(item)
-        return out
+        return v
 
     @field_validator("tools", mode="before")
     @classmethod

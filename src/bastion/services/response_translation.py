@@ -15,8 +15,9 @@ from pydantic import ValidationError
 from bastion.errors import InvalidRequestError, validation_error
 from bastion.ids import new_id
 from bastion.protocol.chat import ChatCompletionRequest
-from bastion.protocol.responses import (FunctionCallItem, FunctionCallOutputItem, MessageItem,
-                                        NamedFunction, ResponseCreateRequest, TextFormatJSONSchema,
+from bastion.protocol.responses import (ITEM_MODELS, FunctionCallItem, FunctionCallOutputItem,
+                                        InputItem, MessageItem, NamedFunction,
+                                        ResponseCreateRequest, TextFormatJSONSchema,
                                         function_call_item, message_item, output_text)
 
 # chat's names for the Responses fields a param may name
@@ -29,13 +30,26 @@ def ident(prefix: str) -> str:
     return new_id(prefix).replace("-", "_", 1)
 
 
+def parse_items(raw: list[dict[str, Any]]) -> list[InputItem]:
+    """Each input item validated as its own type; an error names `input[i]…` exactly."""
+    items: list[InputItem] = []
+    for i, item in enumerate(raw):
+        model = ITEM_MODELS[item.get("type", "message")]
+        try:
+            items.append(model.model_validate({"type": "message", **item}))  # type: ignore[arg-type]
+        except ValidationError as exc:
+            located = [{**e, "loc": ("body", "input", i, *e["loc"])} for e in exc.errors()]
+            raise validation_error(RequestValidationError(located)) from None
+    return items
+
+
 def input_items(body: ResponseCreateRequest) -> list[dict[str, Any]]:
     """The request's input as stored items, each with an id (GET …/input_items lists them)."""
     if isinstance(body.input, str):
         return [{"id": ident("msg"), "type": "message", "role": "user", "status": "completed",
                  "content": [{"type": "input_text", "text": body.input}]}]
     items: list[dict[str, Any]] = []
-    for item in body.input:
+    for item in parse_items(body.input):
         if isinstance(item, MessageItem):
             if isinstance(item.content, str):
                 parts = [output_text(item.content) if item.role == "assistant"
@@ -105,9 +119,10 @@ def chat_messages(instructions: str | None, conversation: list[dict[str, Any]],
 
 
 def chat_request(body: ResponseCreateRequest, history: list[dict[str, Any]],
-                 items: list[dict[str, Any]]) -> ChatCompletionRequest:
-    """The chat request that answers this Responses request; fields are set only when the
-    request set them, so a plain request is a plain chat request."""
+                 items: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, list[str]]:
+    """The chat request that answers this Responses request (fields are set only when the
+    request set them, so a plain request is a plain chat request), and for each of its
+    messages the Responses param it came from (for in_responses_terms)."""
     origins = ["previous_response_id"] * len(history) + (
         ["input"] * len(items) if isinstance(body.input, str)
         else [f"input[{i}]" for i in range(len(items))])
@@ -142,7 +157,7 @@ def chat_request(body: ResponseCreateRequest, history: list[dict[str, Any]],
     elif fmt is not None and fmt.type != "text":
         chat["response_format"] = {"type": fmt.type}
     try:
-        return ChatCompletionRequest.model_validate(chat)
+        return ChatCompletionRequest.model_validate(chat), source
     except ValidationError as exc:
         raise in_responses_terms(validation_error(RequestValidationError(exc.errors())),
                                  source) from None

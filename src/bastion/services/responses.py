@@ -50,17 +50,17 @@ async def start_response(services: Services, ctx: RequestContext,
     history = (await response_store.previous(services, org, body.previous_response_id)
                if body.previous_response_id else [])
     items = input_items(body)
-    chat_body = chat_request(body, history, items)
+    chat_body, source = chat_request(body, history, items)
     try:
         prep, ticket = await start_chat(services, ctx, chat_body)
     except InvalidRequestError as err:
-        raise in_responses_terms(err, []) from None
+        raise in_responses_terms(err, source) from None
     return PreparedResponse(body, org, prep, items, history + items), ticket
 
 
 def _tools(body: ResponseCreateRequest) -> list[dict[str, Any]]:
     return [{"type": "function", "name": t.name, "description": t.description,
-             "parameters": t.parameters, "strict": t.strict if t.strict is not None else True}
+             "parameters": t.parameters, "strict": t.strict}
             for t in body.tools or []]
 
 
