@@ -9,6 +9,8 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
+from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from conftest import (ADMIN_KEY, MODEL, RunningServer, bearer, database_rows, make_tenant,
                       png_data_uri, start_server, stop_server)
@@ -69,6 +71,7 @@ def test_create_is_billed_as_returned(srv: RunningServer) -> None:
 def test_max_output_tokens_makes_it_incomplete(client: openai.OpenAI) -> None:
     r = client.responses.create(model=MODEL, input="Once upon a time", temperature=0,
                                 max_output_tokens=3)
+    Response.model_validate(r.to_dict())  # strictly the SDK's type, not only constructed
     assert r.status == "incomplete"
     assert r.incomplete_details is not None
     assert r.incomplete_details.reason == "max_output_tokens"
@@ -102,6 +105,7 @@ def test_stream_events_in_order(client: openai.OpenAI) -> None:
         helped = list(stream)
     assert [e.type for e in helped] == kinds
     assert helped[-1].response.output_text == text
+    assert client.responses.retrieve(final.id).output_text == text  # stored when it ended
     assert [e for e in helped if e.type == "response.output_text.delta"][-1].snapshot == text
 
 
@@ -120,10 +124,11 @@ def test_stream_raw_frames(srv: RunningServer, tenant: tuple[str, dict]) -> None
     assert limits and limits == {k for k in chat.headers if k.startswith("x-ratelimit")}
     frames = [f for f in body.split("\n\n") if f]
     assert "[DONE]" not in body
+    events = TypeAdapter(ResponseStreamEvent)
     for frame in frames:
         event, data = frame.split("\n")
         assert event.startswith("event: ") and data.startswith("data: ")
-        assert f'"type":"{event[7:]}"' in data
+        assert events.validate_json(data[6:]).type == event[7:]  # strictly the SDK's types
 
 
 def test_previous_response_continues_the_conversation(client: openai.OpenAI) -> None:
@@ -166,10 +171,13 @@ def test_retrieve_list_and_delete(srv: RunningServer, client: openai.OpenAI,
                {"role": "user", "content": [{"type": "input_text", "text": "One"}]},
                {"type": "message", "role": "assistant", "content": "Two"},
                {"role": "user", "content": "Three"}])
+    Response.model_validate(r.to_dict())
     got = client.responses.retrieve(r.id)
     assert got.id == r.id and got.output_text == r.output_text and got.status == r.status
     assert got.usage == r.usage and got.metadata == {"run": "7"}
     items = client.responses.input_items.list(r.id, order="asc")
+    ResponseItemList.model_validate(httpx.get(f"{srv.api}/responses/{r.id}/input_items",
+                                              headers=bearer(tenant[1]["key"])).json())
     assert [i.role for i in items.data] == ["developer", "user", "assistant", "user"]
     assert items.data[1].content[0].text == "One"
     assert items.data[2].content[0].type == "output_text"

@@ -131,7 +131,13 @@ class StreamTranslator:
     def fail(self, error: dict[str, Any]) -> list[dict[str, Any]]:
         """`error` (OpenAI's error body's inside) as the stream's last events."""
         code = error.get("code") or error.get("type") or "server_error"
-        self.response.update(status="failed", error={"code": code,
+        if self.open is not None:
+            self.open["status"] = "incomplete"
+        # the response's error code is one of OpenAI's few; the error event keeps Bastion's
+        kind = {"rate_limit_error": "rate_limit_exceeded",
+                "invalid_request_error": "invalid_prompt"}.get(error.get("type", ""),
+                                                               "server_error")
+        self.response.update(status="failed", error={"code": kind,
                                                      "message": error.get("message", "")})
         return [self.event("error", code=code, message=error.get("message", ""),
                            param=error.get("param")),
