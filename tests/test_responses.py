@@ -370,3 +370,19 @@ def test_text_format_json_schema(srv: RunningServer, client: openai.OpenAI,
                                                  "schema": schema, "strict": True}})
     assert r.status == "completed" and r.text.format.type == "json_schema"
     jsonschema.validate(json.loads(r.output_text), schema)
+
+
+def test_rate_limit_applies_as_on_chat(srv: RunningServer) -> None:
+    _, key = make_tenant(srv.api, "scale", rate_limit=1, name="hasty")
+    body = {"model": MODEL, "input": "Hi", "max_output_tokens": 1}
+    first = httpx.post(f"{srv.api}/responses", headers=bearer(key["key"]), json=body,
+                       timeout=120)
+    assert first.status_code == 200
+    second = httpx.post(f"{srv.api}/responses", headers=bearer(key["key"]), json=body,
+                        timeout=120)
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+    assert second.json()["error"]["type"] == "rate_limit_error"
+    chat = httpx.post(f"{srv.api}/chat/completions", headers=bearer(key["key"]), timeout=120,
+                      json={"model": MODEL, "max_tokens": 1,
+                            "messages": [{"role": "user", "content": "Hi"}]})
+    assert chat.status_code == 429  # one budget for both endpoints
