@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
 from bastion.api import (chat, completions, embeddings, files, fine_tuning, health, keys,
-                         models, organizations, usage, ws)
+                         models, organizations, responses, usage, ws)
 from bastion.models.org_models import OrgModels
 from bastion.models.catalog import load_catalog
 from bastion.files.store import BlobStore
@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(as_api_error(exc))
 
     api = (chat, completions, embeddings, models, organizations, keys, usage, files,
-           fine_tuning, health, ws)
+           fine_tuning, health, ws, responses)
     for module in api:
         app.include_router(module.router)
     install_dashboard(app)

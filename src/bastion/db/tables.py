@@ -1,4 +1,5 @@
-"""SQLAlchemy tables: organisations, API keys, usage, files, fine-tuning jobs, uploaded models."""
+"""SQLAlchemy tables: organisations, API keys, usage, files, fine-tuning jobs, uploaded models,
+stored responses."""
 
 from __future__ import annotations
 
@@ -180,3 +181,22 @@ class IdempotentResponse(Base):
     body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StoredResponse(Base):
+    """A response of the Responses API created with `store` (OpenAI's default): the object as
+    returned, the request's own input items (GET …/input_items) and the conversation the
+    model saw besides the instructions, which a later `previous_response_id` continues. In the
+    database, so every replica can continue it."""
+
+    __tablename__ = "responses"
+    __table_args__ = (Index("ix_responses_org_time", "org_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16))
+    body: Mapped[dict] = mapped_column(JSON)
+    input_items: Mapped[list] = mapped_column(JSON)
+    conversation: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -66,7 +66,7 @@ async def _recorded(chunks: AsyncIterator[Any], services: Services, org: str, di
             data = chunk if isinstance(chunk, bytes) else str(chunk).encode()
             sent.append(data)
             yield data
-        complete = not any(c.startswith(b'data: {"error"') for c in sent)
+        complete = not any(c.startswith((b'data: {"error"', b"event: error")) for c in sent)
     finally:
         with anyio.CancelScope(shield=True):
             if complete:

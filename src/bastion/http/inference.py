@@ -23,11 +23,14 @@ T = TypeVar("T")
 async def respond(request: Request, services: Services, ctx: RequestContext, *, stream: bool,
                   start: Callable[[], Awaitable[tuple[Any, Ticket]]],
                   open_stream: Callable[[Any, Ticket], Awaitable[AsyncIterator[dict[str, Any]]]],
-                  complete: Callable[[Any, Ticket], Awaitable[Any]]) -> Any:
+                  complete: Callable[[Any, Ticket], Awaitable[Any]],
+                  frame: Callable[[AsyncIterator[Any]], AsyncIterator[bytes]] | None = None
+                  ) -> Any:
+    """`frame` turns the stream's chunks into bytes: `sse` unless given (`typed_sse`)."""
     async def run() -> Any:
         prep, ticket = await start()
         if stream:
-            return StreamingResponse(sse(await open_stream(prep, ticket)),
+            return StreamingResponse((frame or sse)(await open_stream(prep, ticket)),
                                      media_type="text/event-stream")
         return await unless_disconnected(request, complete(prep, ticket))
 
@@ -42,6 +45,22 @@ async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     except Exception as exc:  # once the first byte is out, every error travels in the stream
         yield b"data: " + json.dumps(error_payload(exc)).encode() + b"\n\n"
     yield b"data: [DONE]\n\n"
+
+
+async def typed_sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Frame typed events (the Responses API's) as server-sent events with `event:` lines and
+    no [DONE]; the events carry their own errors, so only the unforeseen is caught here."""
+    seq = 0
+    try:
+        async for ev in events:
+            seq = ev.get("sequence_number", seq) + 1
+            yield (f"event: {ev['type']}\ndata: ".encode()
+                   + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n")
+    except Exception as exc:
+        err = error_payload(exc)["error"]
+        ev = {"type": "error", "sequence_number": seq, "code": err.get("code"),
+              "message": err.get("message"), "param": err.get("param")}
+        yield b"event: error\ndata: " + json.dumps(ev).encode() + b"\n\n"
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
