@@ -9,11 +9,23 @@ from collections import OrderedDict
 from functools import lru_cache
 
 import llama_cpp as lc
-from llama_cpp.llama_grammar import SchemaConverter
+from llama_cpp.llama_grammar import BuiltinRule, SchemaConverter
 
 from bastion.engines.base import ModelInputError, OutputFormat
 
 PROTOTYPES = 64  # compiled grammars kept per model
+
+
+# JSON strings hold no raw control characters (json.loads and pydantic refuse them); the
+# converter's own rule lets a newline through.
+STRICT_CHAR = BuiltinRule(
+    r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])',
+    [])
+
+
+class _Converter(SchemaConverter):
+    def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
+        return super()._add_primitive(name, STRICT_CHAR if name == "char" else rule)
 
 
 @lru_cache(maxsize=256)
@@ -21,7 +33,7 @@ def gbnf(output: OutputFormat) -> str:
     """The GBNF grammar of an output format. The converter's whitespace rule is a single
     optional space, so a model cannot pad its answer with whitespace until max_tokens."""
     try:
-        converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
+        converter = _Converter(prop_order={}, allow_fetch=False, dotall=False,
                                     raw_pattern=False)
         if not output.open:
             _visit(converter, output.schema, "")
@@ -46,7 +58,7 @@ def gbnf(output: OutputFormat) -> str:
                               param="response_format", code="invalid_schema") from exc
 
 
-def _visit(converter: SchemaConverter, schema: str, name: str) -> None:
+def _visit(converter: _Converter, schema: str, name: str) -> None:
     parsed = converter.resolve_refs(json.loads(schema), "")
     converter.visit(parsed, name)
 
