@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
 from bastion.api import (chat, completions, embeddings, files, fine_tuning, health, keys,
-                         models, organizations, usage, ws)
+                         metrics, models, organizations, usage, ws)
 from bastion.models.org_models import OrgModels
 from bastion.models.catalog import load_catalog
 from bastion.files.store import BlobStore
@@ -25,11 +25,15 @@ from bastion.errors import error_response, install_error_handlers
 from bastion.admission.draining import Lifecycle
 from bastion.admission.gate import Gate
 from bastion.http.admission import AdmissionBinding
+from bastion.http.metrics import RequestMetrics
 from bastion.gatekeeper import Gatekeeper
 from bastion.services.context import Services
 from bastion.admission.limiter import Limiter
 from bastion.usage.ledger import Ledger
 from bastion.services.common import as_api_error
+from bastion.services.metrics import install as install_scrape
+from bastion.telemetry.metrics import Metrics
+from bastion.telemetry.tracing import Tracing
 from bastion.tenancy.keys import KeyLookup, bootstrap
 from bastion.web.router import install as install_dashboard
 
@@ -68,9 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = Services(
             settings=settings, lifecycle=app.state.lifecycle, db=db,
             sessions=app.state.sessions, key_lookup=app.state.key_lookup,
-            limiter=app.state.limiter, gate=Gate(app.state.limiter, app.state.ledger),
+            limiter=app.state.limiter,
+            gate=Gate(app.state.limiter, app.state.ledger, recorded, tracing),
             ledger=app.state.ledger, catalog=app.state.catalog,
-            blobs=app.state.blobs, org_models=app.state.org_models)
+            blobs=app.state.blobs, org_models=app.state.org_models,
+            metrics=recorded, tracing=tracing)
+        install_scrape(app.state.services)
         sync_task = asyncio.create_task(app.state.org_models.run(settings.worker_poll_seconds))
         worker = embedded.start(settings) if settings.worker else None
         log.info("serving %s", ", ".join(d.id for d in app.state.catalog.visible(None))
@@ -88,14 +95,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.limiter.close()
             app.state.key_lookup.close()
             db.dispose()
+            await run_in_threadpool(tracing.shutdown)  # exports the spans still batched
 
-    # No unauthenticated docs: every route but /health needs a key.
-    # No OpenTelemetry: nothing leaves the machine, and FastAPI's check for a configured
-    # provider otherwise runs on every request.
+    # No unauthenticated docs: every route but /health and /ready needs a key.
+    # OpenTelemetry only when OTEL_EXPORTER_OTLP_ENDPOINT is set: then FastAPI makes each
+    # request's server span with this provider (its dependency and endpoint spans stay off) and
+    # the gate adds admission, queue-and-prefill and decode (telemetry/tracing.py). Otherwise
+    # nothing leaves the machine, and FastAPI's check for a configured provider, which would
+    # run on every request, is off. FastAPI's own OpenTelemetry metrics stay off: Prometheus's
+    # /metrics has them.
+    recorded = Metrics()  # what requests record as they run; /metrics renders it
+    tracing = Tracing.from_environment(__version__)
     app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None,
-                  telemetry={"tracing": False, "metrics": False, "logs": False})
+                  telemetry={"tracing": True, "tracer_provider": tracing.provider,
+                             "metrics": False, "logs": False, "operation_spans": False}
+                  if tracing.enabled else {"tracing": False, "metrics": False, "logs": False})
     app.state.settings = settings
+    app.state.metrics = recorded
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
 
@@ -104,11 +121,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(as_api_error(exc))
 
     for module in (chat, completions, embeddings, models, organizations, keys, usage, files,
-                   fine_tuning, health, ws):
+                   fine_tuning, health, metrics, ws):
         app.include_router(module.router)
     install_dashboard(app)
     app.add_middleware(AdmissionBinding)
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes,
                        upload_paths=frozenset({"/v1/files", "/v1/models", "/dashboard/files",
                                                     "/dashboard/models"}))
+    app.add_middleware(RequestMetrics, metrics=recorded)  # outermost: counts every answer
     return app
