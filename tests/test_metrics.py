@@ -93,7 +93,7 @@ def test_ready_on_a_healthy_server(srv: RunningServer) -> None:
     assert body["status"] == "ready"
     assert body["checks"]["database"] == {"ok": True}
     assert body["checks"]["accepting"] == {"ok": True}
-    assert MODEL in body["checks"]["models"]["loaded"] and EMBED in body["checks"]["models"]["loaded"]
+    assert {MODEL, EMBED} <= set(body["checks"]["models"]["loaded"])
     assert "redis" not in body["checks"]  # not configured
     assert httpx.get(srv.base_url + "/health").json()["status"] == "ok"  # liveness unchanged
 
@@ -131,7 +131,8 @@ def test_counters_match_the_responses(srv: RunningServer, traffic: dict) -> None
         assert value(m, "vllm:prompt_tokens_total", model_name=MODEL) == traffic["prompt"][MODEL]
         assert value(m, "vllm:prompt_tokens_total", model_name=EMBED) == traffic["prompt"][EMBED]
         assert value(m, "vllm:generation_tokens_total", model_name=MODEL) == traffic["completion"]
-        assert value(m, "vllm:prefix_cache_queries_total", model_name=MODEL) == traffic["prompt"][MODEL]
+        assert value(m, "vllm:prefix_cache_queries_total",
+                     model_name=MODEL) == traffic["prompt"][MODEL]
         assert value(m, "vllm:prefix_cache_hits_total", model_name=MODEL) == 0
     m = by_admin
     assert value(m, "bastion_model_requests_total", model_name=MODEL,
@@ -177,3 +178,20 @@ def test_server_state_read_at_scrape_time(srv: RunningServer, traffic: dict) -> 
     assert value(m, "bastion_usage_ledger_queue_depth") >= 0
     assert value(m, "bastion_fine_tuning_jobs", status=traffic["job_status"]) == 1
     assert value(m, "bastion_fine_tuning_jobs", status="succeeded") == 0
+
+
+def test_the_grafana_dashboard_reads_metrics_the_server_exports(srv: RunningServer,
+                                                                traffic: dict) -> None:
+    """Every metric deploy/grafana/bastion.json queries is one /metrics declares."""
+    import json
+    import re
+
+    r = httpx.get(srv.base_url + "/metrics", headers=bearer(ADMIN_KEY))
+    declared = {f.name for f in text_string_to_metric_families(r.text)}
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy" / "grafana" /
+                            "bastion.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queried = {re.sub(r"_(bucket|sum|count|total)$", "", name)
+               for e in exprs for name in re.findall(r"\b(?:vllm:|bastion_)[a-z_:]+", e)}
+    assert len(queried) >= 12
+    assert queried <= declared, queried - declared

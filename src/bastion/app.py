@@ -25,7 +25,7 @@ from bastion.errors import error_response, install_error_handlers
 from bastion.admission.draining import Lifecycle
 from bastion.admission.gate import Gate
 from bastion.http.admission import AdmissionBinding
-from bastion.http.metrics import RequestMetrics
+from bastion.http.telemetry import RequestTelemetry
 from bastion.gatekeeper import Gatekeeper
 from bastion.services.context import Services
 from bastion.admission.limiter import Limiter
@@ -128,5 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Gatekeeper, lifecycle=app.state.lifecycle, max_body=settings.max_body_bytes,
                        upload_paths=frozenset({"/v1/files", "/v1/models", "/dashboard/files",
                                                     "/dashboard/models"}))
-    app.add_middleware(RequestMetrics, metrics=recorded)  # outermost: counts every answer
+    # outermost: counts (and with JSON logs, logs) every answer
+    app.add_middleware(RequestTelemetry, metrics=recorded,
+                       log_requests=settings.log_format == "json")
     return app

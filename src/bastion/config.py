@@ -86,6 +86,8 @@ class ServerSettings(SettingsGroup):
                                   "are stored as a visible prefix, so it must be long")
     drain_timeout: float = 30.0
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object "
+                                                "per log line, and a line per request")
     metrics_token: SecretStr | None = Field(None, min_length=16, description="a bearer token "
                                             "that may read /metrics (and nothing else), for "
                                             "Prometheus; the server admin's key may too")

@@ -72,11 +72,14 @@ class Gate:
         t = ticket.timeline
         if t is None:
             return
-        self.metrics.finished(t, prompt_tokens=ticket.prompt_tokens,
-                              completion_tokens=ticket.completion_tokens,
-                              sequences=t.sequences, status=ticket.status)
-        self.tracing.finished(t, status=ticket.status, prompt_tokens=ticket.prompt_tokens,
-                              completion_tokens=ticket.completion_tokens)
+        try:  # what operators see must never fail the request it describes
+            self.metrics.finished(t, prompt_tokens=ticket.prompt_tokens,
+                                  completion_tokens=ticket.completion_tokens,
+                                  sequences=t.sequences, status=ticket.status)
+            self.tracing.finished(t, status=ticket.status, prompt_tokens=ticket.prompt_tokens,
+                                  completion_tokens=ticket.completion_tokens)
+        except Exception:
+            log.exception("could not record a request's metrics or spans")
 
     # --- 1. at authentication -----------------------------------------------------------------
     async def enter(self, principal: Principal, *, endpoint: str, counting: Counting = "now",

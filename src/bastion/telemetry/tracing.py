@@ -31,12 +31,19 @@ def _enabled_by_environment() -> bool:
     env = os.environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
-def _epoch_ns(moment: float, now_mono: float, now_ns: int) -> int:
-    """A monotonic-clock moment as the wall-clock nanoseconds a span wants."""
-    return now_ns - int((now_mono - moment) * 1e9)
+class _Clock:
+    """Monotonic-clock moments as the wall-clock nanoseconds spans want, through one reading
+    of both clocks, so that spans made together line up exactly."""
+
+    def __init__(self) -> None:
+        self.mono, self.ns = time.monotonic(), time.time_ns()
+
+    def ns_at(self, moment: float) -> int:
+        return self.ns - round((self.mono - moment) * 1e9)
 
 
 class Tracing:
@@ -80,21 +87,20 @@ class Tracing:
             self.provider.shutdown()
 
     # --- spans, from the moments a Timeline recorded ----------------------------------------
-    def _span(self, name: str, parent: Any, start: float, end: float,
+    def _span(self, clock: _Clock, name: str, parent: Any, start: float, end: float,
               attributes: dict[str, Any], error: str | None = None) -> None:
         assert self.tracer is not None
-        now_mono, now_ns = time.monotonic(), time.time_ns()
         span = self.tracer.start_span(name, context=parent, attributes=attributes,
-                                      start_time=_epoch_ns(start, now_mono, now_ns))
+                                      start_time=clock.ns_at(start))
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, error))
-        span.end(end_time=_epoch_ns(end, now_mono, now_ns))
+        span.end(end_time=clock.ns_at(end))
 
     def refused(self, reason: str | None, started: float) -> None:
         """An admission span for a request the gate refused."""
         if self.tracer is None:
             return
-        self._span("admission", otel_context.get_current(), started, time.monotonic(),
+        self._span(_Clock(), "admission", otel_context.get_current(), started, time.monotonic(),
                    {"bastion.admission.refused": reason or "unknown"}, error=reason)
 
     def admitted(self, t: Timeline) -> None:
@@ -102,14 +108,15 @@ class Tracing:
         if self.tracer is None:
             return
         t.parent = otel_context.get_current()
-        self._span("admission", t.parent, t.admission_started, t.admitted,
+        self._span(_Clock(), "admission", t.parent, t.admission_started, t.admitted,
                    {"gen_ai.request.model": t.model})
 
     def finished(self, t: Timeline, *, status: str, prompt_tokens: int,
                  completion_tokens: int) -> None:
         if self.tracer is None or t.parent is None or not t.submitted:
             return
-        end = time.monotonic()
+        clock = _Clock()
+        end = clock.mono
         error = None if status == "ok" else status
         request_span = trace.get_current_span(t.parent)
         if request_span.is_recording():
@@ -118,11 +125,11 @@ class Tracing:
                                          "gen_ai.usage.output_tokens": completion_tokens})
         if t.first_token is None:
             name = "embed" if t.endpoint.endswith("/embeddings") else "queue_and_prefill"
-            self._span(name, t.parent, t.submitted, end,
+            self._span(clock, name, t.parent, t.submitted, end,
                        {"gen_ai.usage.input_tokens": prompt_tokens}, error)
             return
-        self._span("queue_and_prefill", t.parent, t.submitted, t.first_token,
+        self._span(clock, "queue_and_prefill", t.parent, t.submitted, t.first_token,
                    {"gen_ai.usage.input_tokens": prompt_tokens})
-        self._span("decode", t.parent, t.first_token, t.last_token or end,
+        self._span(clock, "decode", t.parent, t.first_token, t.last_token or end,
                    {"gen_ai.usage.output_tokens": completion_tokens,
                     "bastion.sequences": t.sequences}, error)
