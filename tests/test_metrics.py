@@ -192,6 +192,6 @@ def test_the_grafana_dashboard_reads_metrics_the_server_exports(srv: RunningServ
                             "bastion.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     queried = {re.sub(r"_(bucket|sum|count|total)$", "", name)
-               for e in exprs for name in re.findall(r"\b(?:vllm:|bastion_)[a-z_:]+", e)}
+               for e in exprs for name in re.findall(r"\b(?:vllm:|bastion_)[a-z0-9_:]+", e)}
     assert len(queried) >= 12
     assert queried <= declared, queried - declared
