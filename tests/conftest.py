@@ -19,10 +19,28 @@ from polling import poll
 
 ADMIN_KEY = "sk-bst-test-admin-key-0123456789"
 MODEL = "gemma-3-270m"
-# BASTION_TEST_DB=postgres runs every server of the suite on PostgreSQL (`make test` does so in
-# a second pass where PostgreSQL is installed); the default is SQLite in each data directory.
+# BASTION_TEST_DB=postgres runs the servers on PostgreSQL (`make test` does so in a second pass
+# where PostgreSQL is installed); the default is SQLite in each data directory.
 DB_BACKEND = os.environ.get("BASTION_TEST_DB", "sqlite")
 _postgres: dict[str, object] = {}
+# The PostgreSQL pass runs the modules whose outcome can depend on the database: keys,
+# organisations, plans, the ledger and limits, files, jobs and their claiming, stored models,
+# responses and idempotent answers, sessions, migrations. The rest (generation, sampling,
+# protocol shapes) runs the same SQL either way and is not run twice.
+POSTGRES_MODULES = frozenset({
+    "test_auth", "test_tenancy", "test_usage", "test_ratelimit", "test_redis_limits",
+    "test_files", "test_fine_tuning", "test_fine_tuning_worker", "test_custom_models",
+    "test_dashboard", "test_dashboard_finetune", "test_dashboard_models", "test_hardening",
+    "test_responses", "test_startup", "test_models", "test_lifecycle", "test_metrics",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if DB_BACKEND != "postgres":
+        return
+    kept = [i for i in items if i.module is not None and i.module.__name__ in POSTGRES_MODULES]
+    config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+    items[:] = kept
 
 
 @dataclass
