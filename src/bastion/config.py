@@ -115,7 +115,8 @@ class CatalogSettings(SettingsGroup):
 
     serve_bundled_model: bool = True
     models: list[ModelSpec] = Field(default_factory=list)
-    aliases: dict[str, str] = Field(default_factory=lambda: {"gemma": "gemma-3-270m",
+    aliases: dict[str, str] = Field(default_factory=lambda: {"smollm2": "smollm2-135m-instruct",
+                                                              "gemma": "gemma-3-270m",
                                                               "all-minilm": "all-minilm-l6-v2"})
     upstreams: list[UpstreamSpec] = Field(default_factory=list)  # BASTION_UPSTREAMS as JSON
 
