@@ -95,3 +95,39 @@ def test_typed_chatml_markers_are_text(client: openai.OpenAI,
     frame = chatml([("system", DEFAULT_SYSTEM), ("user", "")])
     assert r.usage.prompt_tokens == len(smol_vocab.tokenize(frame.encode(), add_bos=False,
                                                             special=True)) + as_text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fine_tuned_from_smollm2(server, tmp_path) -> None:
+    """SmolLM2 is a fine-tuning base too: transformers' GGUF loader dequantises its Q4_1
+    weights; the exported LoRA puts the q/k rows back in the GGUF's rotary order (llama's
+    GGUF stores them permuted), so llama.cpp serves what PyTorch trained."""
+    from conftest import make_tenant
+    from ftdata import ANSWER, HELD_OUT, duck_examples, write_jsonl
+    from polling import wait_until
+
+    org, key = make_tenant(server.api, plan="dedicated", permissions=("training", "inference"))
+    sdk = openai.OpenAI(base_url=server.api, api_key=key["key"], max_retries=0, timeout=300)
+
+    def answer(model: str, question: str) -> str:
+        return sdk.chat.completions.create(
+            model=model, temperature=0, max_tokens=16,
+            messages=[{"role": "user", "content": question}]).choices[0].message.content or ""
+
+    before = {q: answer(SMOLLM2, q) for q in HELD_OUT}
+    assert not any("quack" in a.lower() for a in before.values()), before
+    train = sdk.files.create(file=open(write_jsonl(tmp_path / "t.jsonl", duck_examples(24)), "rb"),
+                             purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(model="smollm2", training_file=train.id, suffix="duck",
+                                      seed=1, hyperparameters={"n_epochs": 2, "batch_size": 4})
+    job = wait_until(lambda: sdk.fine_tuning.jobs.retrieve(job.id),
+                     lambda j: j.status in ("succeeded", "failed", "cancelled"),
+                     timeout=900, interval=1, message=lambda j: f"job still {j.status}")
+    events = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert job.status == "succeeded", events
+    assert job.model == SMOLLM2
+    assert job.fine_tuned_model.startswith(f"ft:{SMOLLM2}:{org}:duck:")
+    after = {q: answer(job.fine_tuned_model, q) for q in HELD_OUT}
+    assert all(a.strip() == ANSWER for a in after.values()), after
+    assert answer(SMOLLM2, HELD_OUT[0]) == before[HELD_OUT[0]]  # the base is unchanged
