@@ -3,13 +3,31 @@ with its own (ChatML) template from the GGUF, streamed like any model."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import llama_cpp
 import openai
 import pytest
 
+from conftest import ADMIN_KEY, RunningServer, make_tenant, start_server, stop_server
+
 SMOLLM2 = "smollm2-135m-instruct"
 # The GGUF's template opens with this system turn when the client sends none.
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server of its own without the MiniLM model (PyTorch would add seconds to its start)."""
+    s = start_server(tmp_path_factory.mktemp("smollm2"), "--parallel", "4",
+                     env={"BASTION_WORKER_POLL_SECONDS": "0.5"})
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def client(srv: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.api, api_key=ADMIN_KEY, max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +117,15 @@ def test_typed_chatml_markers_are_text(client: openai.OpenAI,
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_fine_tuned_from_smollm2(server, tmp_path) -> None:
+def test_fine_tuned_from_smollm2(srv: RunningServer, tmp_path) -> None:
     """SmolLM2 is a fine-tuning base too: transformers' GGUF loader dequantises its Q4_1
     weights; the exported LoRA puts the q/k rows back in the GGUF's rotary order (llama's
     GGUF stores them permuted), so llama.cpp serves what PyTorch trained."""
-    from conftest import make_tenant
     from ftdata import ANSWER, HELD_OUT, duck_examples, write_jsonl
     from polling import wait_until
 
-    org, key = make_tenant(server.api, plan="dedicated", permissions=("training", "inference"))
-    sdk = openai.OpenAI(base_url=server.api, api_key=key["key"], max_retries=0, timeout=300)
+    org, key = make_tenant(srv.api, plan="dedicated", permissions=("training", "inference"))
+    sdk = openai.OpenAI(base_url=srv.api, api_key=key["key"], max_retries=0, timeout=300)
 
     def answer(model: str, question: str) -> str:
         return sdk.chat.completions.create(
