@@ -41,7 +41,6 @@ def assert_same_vectors(a: np.ndarray, b: np.ndarray) -> None:
     """The same inputs in batches of another composition: llama.cpp picks its kernels by batch
     size, so the floats differ in their last digits (cosine 0.9999), never more."""
     cos = np.sum(a * b, axis=1)  # both are unit vectors
-    print(f"lowest cosine between the two batchings: {cos.min():.6f}")
     assert cos.min() > 0.999, cos
 
 
