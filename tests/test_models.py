@@ -11,8 +11,9 @@ from conftest import MODEL
 def test_list_models(client: openai.OpenAI) -> None:
     models = client.models.list()
     ids = [m.id for m in models.data]
-    assert ids == [MODEL, "all-minilm-l6-v2"]  # the bundled chat and embedding models
-    m = models.data[0]
+    # the bundled chat models, the default (instruction-tuned) first, then the embedding model
+    assert ids == ["smollm2-135m-instruct", MODEL, "all-minilm-l6-v2"]
+    m = models.data[1]
     assert m.object == "model" and m.owned_by == "google" and m.created > 0
     extra = m.model_extra
     assert extra["context_length"] == 4096

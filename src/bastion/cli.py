@@ -63,7 +63,7 @@ def serve(
     alias: Annotated[Optional[list[str]], typer.Option(help="NAME=MODEL: one more name for a served model, added to the default aliases (NAME= drops a default one); a bare NAME: the id of the --model at the same position (repeatable).")] = None,
     chat_template: Annotated[Optional[list[str]], typer.Option(help="Chat template for the --model at the same position: auto (the GGUF's own), gemma, chatml or llama3.")] = None,
     mmproj: Annotated[Optional[list[str]], typer.Option(help="Multimodal projector GGUF for the --model at the same position (its image input), or none.")] = None,
-    no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Do not serve the bundled Gemma model.")] = False,
+    no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Do not serve the bundled chat models (SmolLM2 and Gemma).")] = False,
     embedding_model: Annotated[Optional[list[Path]], typer.Option(help="Extra sentence-transformers directory to serve for /v1/embeddings (repeatable; its id is the directory name).")] = None,
     no_bundled_embeddings: Annotated[bool, typer.Option("--no-bundled-embeddings", help="Do not serve the bundled all-MiniLM-L6-v2 embedding model.")] = False,
     upstream: Annotated[Optional[list[str]], typer.Option(help="A model that OpenAI-compatible servers serve (vLLM, llama.cpp server, another Bastion...): ID=URL[,URL...] for its replicas, or a JSON object of its settings (repeatable).")] = None,
@@ -72,7 +72,7 @@ def serve(
     context: Annotated[Optional[int], typer.Option(help="Context window of each sequence.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for llama.cpp.")] = None,
 ) -> None:
-    """Start the API server (the bundled model is assembled into the data directory once)."""
+    """Start the API server (the bundled Gemma GGUF is assembled into the data directory once)."""
     import faulthandler
     import signal
 

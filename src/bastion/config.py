@@ -117,7 +117,8 @@ class ServerSettings(SettingsGroup):
         return self.data_dir / "fine_tuning"
 
 
-DEFAULT_ALIASES = {"gemma": "gemma-3-270m", "all-minilm": "all-minilm-l6-v2"}
+DEFAULT_ALIASES = {"smollm2": "smollm2-135m-instruct", "gemma": "gemma-3-270m",
+                   "all-minilm": "all-minilm-l6-v2"}
 
 
 def parse_aliases(value: object) -> object:

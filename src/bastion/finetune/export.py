@@ -9,6 +9,25 @@ from pathlib import Path
 import numpy as np
 
 SUFFIXES = {"lora_A": "lora_a", "lora_B": "lora_b"}
+# Architectures whose GGUF stores q/k rows permuted for llama.cpp's rotary layout: the
+# converter permutes them and transformers' GGUF loader permutes them back.
+ROPE_PERMUTED = ("llama",)
+
+
+def to_gguf_rows(module: str, rows: np.ndarray, arch: str, heads: tuple[int, int] | None) -> np.ndarray:
+    """Rows (output features) of a q_proj/k_proj weight or LoRA B in transformers' order, put in
+    the GGUF's: llama.cpp's convert_hf_to_gguf `permute`. Other tensors pass unchanged."""
+    if arch not in ROPE_PERMUTED or heads is None:
+        return rows
+    n_head, n_head_kv = heads
+    if module.endswith("q_proj"):
+        n = n_head
+    elif module.endswith("k_proj"):
+        n = n_head_kv
+    else:
+        return rows
+    return (rows.reshape(n, 2, rows.shape[0] // n // 2, *rows.shape[1:])
+            .swapaxes(1, 2).reshape(rows.shape))
 
 
 def gguf_name(hf_module: str, arch: str, n_layers: int) -> str:
@@ -23,9 +42,10 @@ def gguf_name(hf_module: str, arch: str, n_layers: int) -> str:
 
 
 def write_lora_gguf(tensors: dict[str, np.ndarray], *, arch: str, n_layers: int, alpha: float,
-                    out: Path) -> Path:
+                    out: Path, heads: tuple[int, int] | None = None) -> Path:
     """tensors: PEFT names ('...layers.0.self_attn.q_proj.lora_A.weight') to float arrays.
-    lora_A is (rank, in), lora_B (out, rank): the layout llama.cpp expects."""
+    lora_A is (rank, in), lora_B (out, rank): the layout llama.cpp expects. `heads`: (query,
+    key-value) head counts, for architectures whose q/k rows the GGUF stores permuted."""
     import gguf
 
     tmp = out.with_name(out.name + ".partial")
@@ -37,7 +57,9 @@ def write_lora_gguf(tensors: dict[str, np.ndarray], *, arch: str, n_layers: int,
         head, kind, _ = name.rsplit(".", 2)  # '<module>', 'lora_A', 'weight'
         module = head.split("base_model.model.", 1)[-1]
         target = f"{gguf_name(module, arch, n_layers)}.weight.{SUFFIXES[kind]}"
-        writer.add_tensor(target, np.ascontiguousarray(tensors[name], dtype=np.float32))
+        value = tensors[name] if kind == "lora_A" else to_gguf_rows(module, tensors[name], arch,
+                                                                     heads)
+        writer.add_tensor(target, np.ascontiguousarray(value, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -47,7 +69,7 @@ def write_lora_gguf(tensors: dict[str, np.ndarray], *, arch: str, n_layers: int,
 
 
 def write_merged_gguf(base: Path, changed: dict[str, np.ndarray], *, arch: str, n_layers: int,
-                      out: Path) -> Path:
+                      out: Path, heads: tuple[int, int] | None = None) -> Path:
     """A copy of the base GGUF (metadata and untouched tensors byte for byte) in which every
     trained tensor is replaced: linear weights as F16, norms as F32 with Gemma's +1 put back
     (GGUF stores Gemma's RMSNorm weight as 1 + w; transformers loads it as w)."""
@@ -61,7 +83,7 @@ def write_merged_gguf(base: Path, changed: dict[str, np.ndarray], *, arch: str, 
             replace[target] = (value + 1.0).astype(np.float32) if arch.startswith("gemma") \
                 else value.astype(np.float32)
         else:
-            replace[target] = value.astype(np.float16)
+            replace[target] = to_gguf_rows(module, value, arch, heads).astype(np.float16)
     reader = gguf.GGUFReader(str(base))
     tmp = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), arch)

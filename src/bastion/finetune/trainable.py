@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bastion.models.bundled import BUNDLED_ID
 from bastion.models.catalog import Catalog, Deployment
 
-TRAINABLE_ARCHITECTURES = ("gemma3",)
+TRAINABLE_ARCHITECTURES = ("gemma3", "llama")
 
 
 def why_not_fine_tunable(dep: Deployment) -> str | None:
@@ -28,7 +29,11 @@ def base_path(dep: Deployment) -> Path:
 
 
 def default_base(catalog: Catalog) -> Deployment | None:
-    """The base used to check uploaded training data: the first fine-tunable model served."""
+    """The base used to check uploaded training data: the bundled Gemma 3 270M (the
+    fine-tuning base) when it is served, else the first fine-tunable model served."""
+    gemma = catalog.get(BUNDLED_ID)
+    if gemma is not None and why_not_fine_tunable(gemma) is None:
+        return gemma
     for dep in catalog.visible(None):
         if why_not_fine_tunable(dep) is None:
             return dep

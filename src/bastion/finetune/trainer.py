@@ -46,6 +46,7 @@ class TrainSpec:
     seed: int
     workdir: Path
     threads: int | None = None
+    cache_root: Path | None = None  # where the base's PyTorch copy goes if not beside its GGUF
 
 
 @dataclass
@@ -176,7 +177,7 @@ def train(spec: TrainSpec, reporter: Reporter) -> TrainResult:
     from bastion.finetune.base_weights import load_base
 
     started = time.monotonic()
-    base = load_base(spec.base_gguf)
+    base = load_base(spec.base_gguf, spec.cache_root)
     base.config.use_cache = False
     if spec.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -244,6 +245,8 @@ def train(spec: TrainSpec, reporter: Reporter) -> TrainResult:
     model.wrapped.eval()
     result = TrainResult(trained_tokens=tokens, steps=step, metrics=metrics)
     arch = "gemma3" if base.config.model_type.startswith("gemma3") else base.config.model_type
+    heads = (base.config.num_attention_heads,
+             getattr(base.config, "num_key_value_heads", None) or base.config.num_attention_heads)
     out = spec.workdir / "model"
     out.mkdir(parents=True, exist_ok=True)
     if spec.method == "lora":
@@ -254,11 +257,13 @@ def train(spec: TrainSpec, reporter: Reporter) -> TrainResult:
         state = get_peft_model_state_dict(model.wrapped)
         result.adapter = write_lora_gguf({k: v.detach().float().numpy() for k, v in state.items()},
                                          arch=arch, n_layers=base.config.num_hidden_layers,
-                                         alpha=float(hp["lora_alpha"]), out=out / "adapter.gguf")
+                                         alpha=float(hp["lora_alpha"]), out=out / "adapter.gguf",
+                                         heads=heads)
     else:
         from bastion.finetune.export import write_merged_gguf
 
         result.adapter = write_merged_gguf(
             spec.base_gguf, {n: p.detach().float().numpy() for n, p in params.items()},
-            arch=arch, n_layers=base.config.num_hidden_layers, out=out / "model.gguf")
+            arch=arch, n_layers=base.config.num_hidden_layers, out=out / "model.gguf",
+            heads=heads)
     return result

@@ -122,7 +122,8 @@ class Worker:
                          validation=files.get(job.validation_file or ""), method=job.method,
                          hyperparameters=job.hyperparameters, seed=job.seed,
                          workdir=self.settings.jobs_dir / job.id,
-                         threads=self.settings.training_threads)
+                         threads=self.settings.training_threads,
+                         cache_root=self.settings.models_dir)
         reporter = JobReporter(self.sessions, claim, self.stop, self.settings.worker_lease_seconds)
         log.info("training %s (%s on %s)", job.id, job.method, job.model)
         try:

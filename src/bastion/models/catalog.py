@@ -9,8 +9,8 @@ from typing import Any
 from bastion.config import EmbeddingModelSpec, ModelSpec, Settings
 from bastion.engines.base import Engine, engine_class
 from bastion.errors import ModelNotFoundError
-from bastion.models.bundled import (BUNDLED_EMBEDDINGS_ID, BUNDLED_ID, bundled_embeddings,
-                                     bundled_gguf)
+from bastion.models.bundled import (BUNDLED_EMBEDDINGS_ID, BUNDLED_ID, SMOLLM2_ID,
+                                     bundled_embeddings, bundled_gguf, bundled_smollm2)
 
 log = logging.getLogger("bastion.models")
 
@@ -113,10 +113,17 @@ def build_engine(name: str, spec: Any, settings: Settings, **extra: Any) -> Engi
 
 
 def load_catalog(settings: Settings) -> Catalog:
-    """Load every configured model (the bundled one unless disabled) into its engine."""
+    """Load every configured model (the bundled ones unless disabled) into its engine. The
+    instruction-tuned SmolLM2 comes first: it is the default (first listed, the playground's
+    choice); Gemma 3 270M base follows as the fine-tuning base."""
     catalog = Catalog()
     try:
         if settings.serve_bundled_model:
+            path = bundled_smollm2()
+            log.info("loading bundled model %s from %s", SMOLLM2_ID, path)
+            catalog.add(Deployment(SMOLLM2_ID, build_engine(
+                "llamacpp", ModelSpec(path=path, id=SMOLLM2_ID), settings),
+                owned_by="huggingface"))
             path = bundled_gguf(settings.models_dir)
             log.info("loading bundled model %s from %s", BUNDLED_ID, path)
             catalog.add(Deployment(BUNDLED_ID, build_engine(

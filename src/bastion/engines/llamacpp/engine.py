@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from bastion.config import ModelSpec, Settings
-from bastion.engines.base import (MEDIA_TOKEN, Capabilities, DecodedImage, Event,
-                                  GenerationRequest, ModelFailure, ModelInfo, ModelInputError,
-                                  Prompt, PromptMedia, format_parameters)
+from bastion.engines.base import (MEDIA_TOKEN, Capabilities, DecodedImage, EmbeddingPrompt,
+                                  Embeddings, Event, GenerationRequest, ModelFailure, ModelInfo,
+                                  ModelInputError, PreparedPrompt, Prompt, PromptMedia,
+                                  PromptSource, format_parameters)
+from bastion.engines.llamacpp.embedder import LlamaEmbedder
 from bastion.engines.llamacpp.model import LlamaModel
 from bastion.engines.grammar import gbnf
 from bastion.engines.llamacpp.scheduler import Scheduler
@@ -64,12 +66,14 @@ class LlamaCppSettings:
     ctx_per_seq: int
     n_batch: int
     threads: int | None = None
+    embed_batch: int = 64  # inputs per embedding pass (BASTION_EMBEDDING_MAX_BATCH)
 
     @classmethod
     def of(cls, settings: Settings) -> "LlamaCppSettings":
         """From the server's settings (BASTION_PARALLEL, _CONTEXT_PER_SEQUENCE, ...)."""
         return cls(n_seq=settings.parallel, ctx_per_seq=settings.context_per_sequence,
-                   n_batch=settings.batch_tokens, threads=settings.threads)
+                   n_batch=settings.batch_tokens, threads=settings.threads,
+                   embed_batch=settings.embedding_max_batch)
 
 
 class LlamaCppEngine(TokenEngine):
@@ -81,12 +85,15 @@ class LlamaCppEngine(TokenEngine):
         return cls(path=spec.path, name=spec.id or spec.path.stem,
                    chat_template=spec.chat_template, mmproj=spec.mmproj, lora=lora,
                    n_seq=opts.n_seq,
-                   ctx_per_seq=opts.ctx_per_seq, n_batch=opts.n_batch, threads=opts.threads)
+                   ctx_per_seq=opts.ctx_per_seq, n_batch=opts.n_batch, threads=opts.threads,
+                   embed_batch=opts.embed_batch)
 
     def __init__(self, *, path: Path, name: str, n_seq: int, ctx_per_seq: int, n_batch: int,
                  threads: int | None = None, chat_template: str | None = None,
-                 mmproj: Path | None = None, lora: Path | None = None) -> None:
-        """`lora`: a GGUF LoRA adapter that llama.cpp applies to every sequence (fine-tuned)."""
+                 mmproj: Path | None = None, lora: Path | None = None,
+                 embed_batch: int = 64) -> None:
+        """`lora`: a GGUF LoRA adapter that llama.cpp applies to every sequence (fine-tuned).
+        `embed_batch`: inputs per pass of /v1/embeddings (its context is made on first use)."""
         self.model = LlamaModel(path, n_seq=n_seq, ctx_per_seq=ctx_per_seq, n_batch=n_batch,
                                 threads=threads, lora=lora)
         self.path = path
@@ -104,13 +111,16 @@ class LlamaCppEngine(TokenEngine):
             gguf_template=m.chat_template(), name=chat_template,
             bos_token=m.token_text(m.bos), eos_token=m.token_text(m.eos))
         self._fim = m.fim_tokens()
+        self.embedder = LlamaEmbedder(m, name, n_batch=m.n_batch, max_seqs=embed_batch,
+                                      threads=m.n_threads)
         self.capabilities = Capabilities(chat=True, completion=True, infill=self._fim is not None,
-                                         vision=self.projector is not None, constrained=True,
-                                         tools=True)
+                                         vision=self.projector is not None, embeddings=True,
+                                         constrained=True, tools=True)
         self.info = ModelInfo(context_length=m.ctx_per_seq,
                               parameters=m.meta("general.size_label") or format_parameters(m.n_params),
                               vocab_size=m.n_vocab,
-                              created=int((lora or path).stat().st_mtime))
+                              created=int((lora or path).stat().st_mtime),
+                              dimensions=self.embedder.dimensions)
         self.max_parallel = n_seq
         self.scheduler = Scheduler(m, name, self.projector)
 
@@ -175,6 +185,20 @@ class LlamaCppEngine(TokenEngine):
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.model.piece(t) for t in tokens).decode("utf-8", "replace")
 
+    async def count_prompt(self, source: PromptSource) -> PreparedPrompt:
+        if isinstance(source, EmbeddingPrompt):
+            return await asyncio.to_thread(self.embedder.count, source)
+        return await super().count_prompt(source)
+
+    async def embed(self, prompt: PreparedPrompt, *,
+                    dimensions: int | None = None) -> Embeddings:
+        """Pooled, normalised vectors of the model's hidden size (see embedder.py)."""
+        if dimensions is not None and dimensions != self.embedder.dimensions:
+            raise ModelInputError(f"The model '{self.name}' makes {self.embedder.dimensions}-"
+                                  f"dimensional vectors (got dimensions={dimensions}).",
+                                  param="dimensions", code="invalid_value")
+        return Embeddings(await self.embedder.embed(prompt.payload), prompt.n_tokens)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if request.params.output is not None:
             gbnf(request.params.output)  # a schema it cannot convert is a 400, now
@@ -200,6 +224,7 @@ class LlamaCppEngine(TokenEngine):
         self.scheduler.abort_all(message)
 
     def close(self) -> None:
+        self.embedder.close()
         if self.scheduler.stop():  # never free the model under a thread still decoding
             if self.projector is not None:
                 self.projector.close()

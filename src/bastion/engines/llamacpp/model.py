@@ -60,6 +60,7 @@ class LlamaModel:
         self.eos = lc.llama_vocab_eos(self.vocab)
         self.add_bos = lc.llama_vocab_get_add_bos(self.vocab)
         self.ctx = None
+        self.adapter = None  # the LoRA adapter of a fine-tuned model
         if vocab_only:
             return
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.model)
@@ -101,11 +102,19 @@ class LlamaModel:
         if not adapter:
             self.close()
             raise RuntimeError(f"llama.cpp could not load the LoRA adapter at {path}")
-        adapters = (lc.llama_adapter_lora_p_ctypes * 1)(adapter)
-        scales = (ctypes.c_float * 1)(1.0)
-        if lc.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
+        self.adapter = adapter
+        if not self.apply_adapter(self.ctx):
             self.close()
             raise RuntimeError(f"llama.cpp could not apply the LoRA adapter at {path}")
+
+    def apply_adapter(self, ctx: lc.llama_context_p) -> bool:
+        """Put the model's LoRA adapter (if any) on a context: the serving one, or another
+        made on these weights (embeddings)."""
+        if self.adapter is None:
+            return True
+        adapters = (lc.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+        scales = (ctypes.c_float * 1)(1.0)
+        return lc.llama_set_adapters_lora(ctx, adapters, 1, scales) == 0
 
     # --- metadata -------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
