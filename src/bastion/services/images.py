@@ -160,9 +160,10 @@ def check_address(host: str, port: int, param: str) -> str:
     for info in infos:
         ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not is_public(ip):
-            raise ImageError(f"{param}: the image host '{host}' resolves to {ip}, which is not "
-                             f"a public address; Bastion never fetches from internal "
-                             f"addresses.", param=param, code="image_url_forbidden")
+            inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+            raise ImageError(f"{param}: the image host '{host}' resolves to {inner or ip}, "
+                             f"which is not a public address; Bastion never fetches from "
+                             f"internal addresses.", param=param, code="image_url_forbidden")
         addresses.append(str(ip))
     return addresses[0]
 
