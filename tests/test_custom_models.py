@@ -312,3 +312,34 @@ def test_concurrent_requests_n_and_logprobs(srv, tenant, uploaded) -> None:
     assert "".join(lp.tokens).replace(" ", "") == alone.replace(" ", "")
     for token, top in zip(lp.tokens, lp.top_logprobs):
         assert max(top.values()) == top[token]  # greedy picks the most likely token
+
+
+SMALL = {"type": "object", "additionalProperties": False, "required": ["ok", "color", "tag"],
+         "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
+                        "tag": {"type": "string", "maxLength": 6}}}
+
+
+def test_structured_outputs_and_tools_on_the_pytorch_engine(srv, tenant, tmp_path) -> None:
+    """Random weights write nothing sensible: the grammar alone, as a token mask, makes every
+    answer valid JSON of the schema and every tool call match its parameters."""
+    import jsonschema
+
+    tiny_bytes = build_tiny_llama(tmp_path / "bytes", byte_level=True,
+                                  max_position_embeddings=2048)
+    r = upload(srv, tenant["key"], "bytes-model", form(tiny_bytes, "bytes-model"))
+    assert r.status_code == 200, r.text
+    client = sdk(srv, tenant["key"])
+    r = client.chat.completions.create(
+        model="bytes-model", messages=[{"role": "user", "content": "hello"}], n=2,
+        temperature=1.0, max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SMALL}})
+    for choice in r.choices:
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), SMALL)
+    tool = {"type": "function", "function": {"name": "paint", "parameters": SMALL}}
+    r = client.chat.completions.create(
+        model="bytes-model", messages=[{"role": "user", "content": "hello"}], tools=[tool],
+        tool_choice="required", parallel_tool_calls=False, temperature=1.0, max_tokens=200)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "paint"
+    jsonschema.validate(json.loads(call.function.arguments), SMALL)

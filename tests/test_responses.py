@@ -307,26 +307,13 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The weathe
            "strict": True}
 
 
-def chat_refuses(srv: RunningServer, key: str, field: str, value: object) -> bool:
-    """Whether chat completions does not take `field` yet (tools and structured output come
-    to chat in the lead's slice of issue 18; Responses reaches them through its translation)."""
-    r = httpx.post(f"{srv.api}/chat/completions", headers=bearer(key), timeout=120,
-                   json={"model": MODEL, "max_tokens": 1, field: value,
-                         "messages": [{"role": "user", "content": "Hi"}]})
-    return r.status_code == 400 and (r.json()["error"]["param"] or "").startswith(field)
-
-
 def test_function_call_round_trip(srv: RunningServer, client: openai.OpenAI,
                                   tenant: tuple[str, dict]) -> None:
-    chat_tool = {"type": "function", "function": {k: v for k, v in WEATHER.items()
-                                                  if k != "type"}}
-    if chat_refuses(srv, tenant[1]["key"], "tools", [chat_tool]):
-        pytest.skip("chat completions does not take tools yet")
     import json
 
     first = client.responses.create(model=MODEL, input="What is the weather in Paris?",
                                     tools=[WEATHER], tool_choice="required", temperature=0,
-                                    max_output_tokens=64)
+                                    parallel_tool_calls=False, max_output_tokens=64)
     calls = [o for o in first.output if o.type == "function_call"]
     assert calls and first.status == "completed"
     call = calls[0]
@@ -357,9 +344,6 @@ def test_text_format_json_schema(srv: RunningServer, client: openai.OpenAI,
                                  tenant: tuple[str, dict]) -> None:
     schema = {"type": "object", "additionalProperties": False, "required": ["answer"],
               "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}}}
-    if chat_refuses(srv, tenant[1]["key"], "response_format",
-                    {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}):
-        pytest.skip("chat completions does not take json_schema yet")
     import json
 
     import jsonschema

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
 from bastion.api import (chat, completions, embeddings, files, fine_tuning, health, keys,
-                         models, organizations, responses, usage, ws)
+                         metrics, models, organizations, responses, usage, ws)
 from bastion.models.org_models import OrgModels
 from bastion.models.catalog import load_catalog
 from bastion.files.store import BlobStore
@@ -27,11 +27,15 @@ from bastion.admission.gate import Gate
 from bastion.http.admission import AdmissionBinding
 from bastion.http.request_id import RequestId
 from bastion.http.root_paths import RootPaths, api_resources
+from bastion.http.telemetry import RequestTelemetry
 from bastion.gatekeeper import Gatekeeper
 from bastion.services.context import Services
 from bastion.admission.limiter import Limiter
 from bastion.usage.ledger import Ledger
 from bastion.services.common import as_api_error
+from bastion.services.metrics import install as install_scrape
+from bastion.telemetry.metrics import Metrics
+from bastion.telemetry.tracing import Tracing
 from bastion.tenancy.keys import KeyLookup, bootstrap
 from bastion.web.router import install as install_dashboard
 
@@ -70,9 +74,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = Services(
             settings=settings, lifecycle=app.state.lifecycle, db=db,
             sessions=app.state.sessions, key_lookup=app.state.key_lookup,
-            limiter=app.state.limiter, gate=Gate(app.state.limiter, app.state.ledger),
+            limiter=app.state.limiter,
+            gate=Gate(app.state.limiter, app.state.ledger, recorded, tracing),
             ledger=app.state.ledger, catalog=app.state.catalog,
-            blobs=app.state.blobs, org_models=app.state.org_models)
+            blobs=app.state.blobs, org_models=app.state.org_models,
+            metrics=recorded, tracing=tracing)
+        install_scrape(app.state.services)
         sync_task = asyncio.create_task(app.state.org_models.run(settings.worker_poll_seconds))
         worker = embedded.start(settings) if settings.worker else None
         log.info("serving %s", ", ".join(d.id for d in app.state.catalog.visible(None))
@@ -90,14 +97,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.limiter.close()
             app.state.key_lookup.close()
             db.dispose()
+            await run_in_threadpool(tracing.shutdown)  # exports the spans still batched
 
-    # No unauthenticated docs: every route but /health needs a key.
-    # No OpenTelemetry: nothing leaves the machine, and FastAPI's check for a configured
-    # provider otherwise runs on every request.
+    # No unauthenticated docs: every route but /health and /ready needs a key.
+    # OpenTelemetry only when OTEL_EXPORTER_OTLP_ENDPOINT is set: then FastAPI makes each
+    # request's server span with this provider (its dependency and endpoint spans stay off) and
+    # the gate adds admission, queue-and-prefill and decode (telemetry/tracing.py). Otherwise
+    # nothing leaves the machine, and FastAPI's check for a configured provider, which would
+    # run on every request, is off. FastAPI's own OpenTelemetry metrics stay off: Prometheus's
+    # /metrics has them.
+    recorded = Metrics()  # what requests record as they run; /metrics renders it
+    tracing = Tracing.from_environment(__version__)
     app = FastAPI(title="Bastion", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None,
-                  telemetry={"tracing": False, "metrics": False, "logs": False})
+                  telemetry={"tracing": True, "tracer_provider": tracing.provider,
+                             "metrics": False, "logs": False, "operation_spans": False}
+                  if tracing.enabled else {"tracing": False, "metrics": False, "logs": False})
     app.state.settings = settings
+    app.state.metrics = recorded
     app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
 
@@ -106,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(as_api_error(exc))
 
     api = (chat, completions, embeddings, models, organizations, keys, usage, files,
-           fine_tuning, health, ws, responses)
+           fine_tuning, health, metrics, ws, responses)
     for module in api:
         app.include_router(module.router)
     install_dashboard(app)
@@ -117,5 +134,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # /chat/completions is /v1/chat/completions (see the module for why a rewrite)
     app.add_middleware(RootPaths, resources=api_resources(
         route.path for module in api for route in module.router.routes))
-    app.add_middleware(RequestId, access_log=settings.access_log)  # outermost: every answer
+    # counts every answer; with JSON logs it writes the request's line (then RequestId's
+    # plain access line is off: one line per request)
+    app.add_middleware(RequestTelemetry, metrics=recorded,
+                       log_requests=settings.log_format == "json")
+    app.add_middleware(RequestId, access_log=settings.access_log
+                       and settings.log_format != "json")  # outermost: every answer
     return app

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from bastion.config import EmbeddingModelSpec, ModelSpec, Settings, UpstreamSpec, parse_aliases
+from bastion.http.request_id import configure_logging
 
 app = typer.Typer(help="Bastion: your own OpenAI-compatible AI platform.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
@@ -77,7 +77,6 @@ def serve(
     import signal
 
     from bastion.app import create_app
-    from bastion.http.request_id import configure_logging
     from bastion.server import serve as run
 
     # `kill -USR1 <pid>` writes every thread's Python stack to the log: how an operator (or a
@@ -111,7 +110,7 @@ def serve(
         settings.models.append(ModelSpec(path=path, id=aliases[i] if i < len(aliases) else None,
                                          chat_template=_template_name(templates, i),
                                          mmproj=_mmproj_path(projectors, i)))
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     print(f"Bastion on http://{settings.host}:{settings.port}/v1", flush=True)
     run(create_app(settings), settings.host, settings.port, settings.drain_timeout,
         settings.log_level)
@@ -126,8 +125,7 @@ def worker(data_dir: Annotated[Optional[Path], typer.Option(help="Where the data
     from bastion.finetune.worker import Worker
 
     settings = _settings(data_dir=data_dir, training_threads=threads)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     w = Worker(settings, _sessions(data_dir))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: w.stop.set())

@@ -88,6 +88,11 @@ class ServerSettings(SettingsGroup):
     log_level: str = "info"
     access_log: bool = Field(True, description="one log line per request: method, path, "
                              "status, seconds, with its x-request-id")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object "
+                                                "per log line, and a line per request")
+    metrics_token: SecretStr | None = Field(None, min_length=16, description="a bearer token "
+                                            "that may read /metrics (and nothing else), for "
+                                            "Prometheus; the server admin's key may too")
 
     @property
     def resolved_database_url(self) -> str:

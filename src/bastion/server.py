@@ -70,7 +70,11 @@ class HttpProtocol(HttpToolsProtocol):
 
 
 def serve(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str) -> None:
+    # JSON logs: uvicorn's loggers keep no formatter of their own, so they reach the root
+    # logger's JSON handler (telemetry/logs.py) like every other line
+    json_logs = app.state.settings.log_format == "json"
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=HttpProtocol,
                             timeout_graceful_shutdown=5, access_log=False,
+                            log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG,
                             ws_max_size=app.state.settings.max_body_bytes)
     DrainingServer(config, app, drain_timeout).run()

@@ -28,6 +28,9 @@ import anyio
 
 from bastion.admission.limiter import CONCURRENCY_RETRY_S, Limiter, Quota, Ticket
 from bastion.errors import APIError, RateLimitError, ServiceUnavailableError
+from bastion.telemetry.metrics import Metrics
+from bastion.telemetry.timeline import Timeline
+from bastion.telemetry.tracing import Tracing
 from bastion.tenancy.keys import Principal
 from bastion.usage.ledger import Ledger, UsageRow
 
@@ -45,12 +48,38 @@ class RequestContext:
     tickets: list[Ticket] = field(default_factory=list)
     counting: asyncio.Future[None] | None = None  # a GET counted while its route runs
     after_response: bool = False  # HTTP with Redis: releases are written after the last byte
+    arrived: float = field(default_factory=time.monotonic)  # latencies are measured from here
+
+
+REFUSALS = (RateLimitError, ServiceUnavailableError)
 
 
 class Gate:
-    def __init__(self, limiter: Limiter, ledger: Ledger) -> None:
+    def __init__(self, limiter: Limiter, ledger: Ledger, metrics: Metrics | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.limiter = limiter
         self.ledger = ledger
+        self.metrics = metrics or Metrics()
+        self.tracing = tracing or Tracing()
+
+    def _refused(self, exc: APIError, started: float) -> None:
+        """Count a refusal by its reason (the error's code) and trace it."""
+        self.metrics.refused(exc.code)
+        self.tracing.refused(exc.code, started)
+
+    def _observe(self, ticket: Ticket) -> None:
+        """A settled request's latencies, tokens and spans (beside its ledger row)."""
+        t = ticket.timeline
+        if t is None:
+            return
+        try:  # what operators see must never fail the request it describes
+            self.metrics.finished(t, prompt_tokens=ticket.prompt_tokens,
+                                  completion_tokens=ticket.completion_tokens,
+                                  sequences=t.sequences, status=ticket.status)
+            self.tracing.finished(t, status=ticket.status, prompt_tokens=ticket.prompt_tokens,
+                                  completion_tokens=ticket.completion_tokens)
+        except Exception:
+            log.exception("could not record a request's metrics or spans")
 
     # --- 1. at authentication -----------------------------------------------------------------
     async def enter(self, principal: Principal, *, endpoint: str, counting: Counting = "now",
@@ -58,16 +87,21 @@ class Gate:
         """Count the request (now, meanwhile for a GET, or deferred to admission) and, for an
         inference request, refuse it early if it cannot be admitted."""
         limiter = self.limiter
-        if counting == "defer":
-            quota, task = limiter.deferred(principal), None
-        elif counting == "meanwhile":
-            quota, task = await limiter.count_meanwhile(principal)
-        else:
-            quota, task = await limiter.count_request(principal), None
-        ctx = RequestContext(principal, quota, endpoint, counting=task,
-                             after_response=after_response)
-        if inference:
-            self._refuse_early(ctx)
+        started = time.monotonic()
+        try:
+            if counting == "defer":
+                quota, task = limiter.deferred(principal), None
+            elif counting == "meanwhile":
+                quota, task = await limiter.count_meanwhile(principal)
+            else:
+                quota, task = await limiter.count_request(principal), None
+            ctx = RequestContext(principal, quota, endpoint, counting=task,
+                                 after_response=after_response, arrived=started)
+            if inference:
+                self._refuse_early(ctx)
+        except REFUSALS as exc:
+            self._refused(exc, started)
+            raise
         return ctx
 
     def _refuse_early(self, ctx: RequestContext) -> None:
@@ -111,11 +145,21 @@ class Gate:
                 latency_ms=int((time.monotonic() - t.started) * 1000),
                 created_at=datetime.now(timezone.utc)))
 
+        timeline = Timeline(model, endpoint, arrived=ctx.arrived,
+                            admission_started=time.monotonic())
         with anyio.CancelScope(shield=True):
-            ticket = await self.limiter.admit(ctx.quota, estimate)
+            try:
+                ticket = await self.limiter.admit(ctx.quota, estimate)
+            except REFUSALS as exc:
+                self._refused(exc, timeline.admission_started)
+                raise
+            timeline.admitted = time.monotonic()
+            ticket.timeline = timeline
             ticket.after_response = ctx.after_response
             ticket.on_settle.append(bill)
+            ticket.on_settle.append(self._observe)
             ctx.tickets.append(ticket)
+        self.tracing.admitted(timeline)
         return ticket
 
     @asynccontextmanager
@@ -137,6 +181,8 @@ class Gate:
             try:
                 await counting
             except APIError as err:
+                if isinstance(err, REFUSALS):
+                    self._refused(err, ctx.arrived)
                 return err
         if ctx.quota.pending:
             await self.limiter.count_pending(ctx.quota)

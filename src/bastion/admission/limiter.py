@@ -31,6 +31,7 @@ import anyio
 from bastion.errors import InvalidRequestError, RateLimitError, ServiceUnavailableError
 from bastion.admission.headers import Window, rate_limit_headers
 from bastion.admission.store import MemoryStore, Query, Requests, Snapshot, Store, Usage
+from bastion.telemetry.timeline import Timeline
 from bastion.tenancy.keys import Principal
 
 log = logging.getLogger("bastion.admission")
@@ -73,6 +74,7 @@ class Ticket:
     # reads anything the client sends next, so the client's next request finds the slot free.
     after_response: bool = False
     release: Callable[[], Awaitable[object]] | None = None
+    timeline: Timeline | None = None  # the moments its metrics and spans are made of
 
     @property
     def principal(self) -> Principal:

@@ -1,15 +1,18 @@
-"""GET /health: liveness for anyone (load balancers send no key); each engine's queue only to
-a caller with a valid key, since model names and queue depths tell an outsider what runs here
-and how busy it is."""
+"""GET /health (liveness) and GET /ready (readiness), for operators and load balancers. Neither
+needs a key: probes cannot send one. /health adds each engine's queue only for a caller with a
+valid key, since model names and queue depths tell an outsider what runs here and how busy it
+is."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from bastion.api.deps import ServicesDep, bearer_token
 from bastion.services.auth import authenticate
+from bastion.services.readiness import readiness
 
 router = APIRouter()
 
@@ -21,3 +24,9 @@ async def health(request: Request, services: ServicesDep) -> dict[str, Any]:
         return status
     await authenticate(services, bearer_token(request))  # a wrong key is a 401, not a hint
     return {**status, "models": {d.id: d.engine.stats() for d in services.catalog.visible(None)}}
+
+
+@router.get("/ready")
+async def ready(services: ServicesDep) -> JSONResponse:
+    ok, body = await readiness(services)
+    return JSONResponse(body, status_code=200 if ok else 503)

@@ -310,6 +310,8 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+    def batch_sizes(self) -> dict[int, int]: ...  # inputs per forward pass -> passes so far
+
     def abort_all(self, message: str) -> None: ...
 
     def close(self) -> None: ...
@@ -346,6 +348,11 @@ class BaseEngine:
                               code="model_not_supported", param="model")
 
     def stats(self) -> dict[str, int]:
+        return {}
+
+    def batch_sizes(self) -> dict[int, int]:
+        """How many forward passes ran each number of inputs together, for an engine that
+        batches requests (the metrics' histogram); empty for one that does not count them."""
         return {}
 
     def abort_all(self, message: str) -> None:

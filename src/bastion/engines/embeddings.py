@@ -144,6 +144,7 @@ class SentenceTransformerEngine(BaseEngine):
         self._batches_done = 0  # batches collected from the queue
         self._company = True  # the last batch held more than one request
         self._passes_done = 0  # forward passes they were cut into
+        self._pass_sizes: dict[int, int] = {}  # sequences in one pass -> passes (metrics)
         # A copy of the Rust tokenizer (tokenize_many): transformers switches truncation and
         # padding on the shared one per call, and must not cut a too-long input silently here.
         self._fast = None
@@ -293,6 +294,7 @@ class SentenceTransformerEngine(BaseEngine):
             self._busy -= 1
             self._passes_done += 1
             self._sequences_done += len(chunk)
+            self._pass_sizes[len(chunk)] = self._pass_sizes.get(len(chunk), 0) + 1
             for row, (_, j, i) in enumerate(chunk):
                 if failure is None:
                     batch.out[j][i] = vectors[row]
@@ -309,6 +311,10 @@ class SentenceTransformerEngine(BaseEngine):
     def stats(self) -> dict[str, int]:
         return {"queued": len(self._pending), "sequences_done": self._sequences_done,
                 "batches_done": self._batches_done, "forward_passes": self._passes_done}
+
+    def batch_sizes(self) -> dict[int, int]:
+        with self._planning:
+            return dict(self._pass_sizes)
 
     def abort_all(self, message: str) -> None:
         """Embedding batches are short: the running one finishes, queued jobs still run."""

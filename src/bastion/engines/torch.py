@@ -25,6 +25,7 @@ from bastion.engines.base import (Capabilities, Delta, EngineError, Event, Finis
                                   format_parameters)
 from bastion.engines.text import StopMatcher
 from bastion.engines.threaded import DONE, Sink, events_from_thread
+from bastion.engines.token_masks import SequenceMask, TokenMasks
 from bastion.engines.tokens import TokenEngine
 
 log = logging.getLogger("bastion.torch")
@@ -81,6 +82,7 @@ class _Seq:
     text: TextStream
     stops: StopMatcher
     cache: Any = None
+    mask: SequenceMask | None = None  # constrained output
     pending: list[int] = field(default_factory=list)  # fed to the model next pass
     generated: list[int] = field(default_factory=list)
     finished: bool = False
@@ -128,8 +130,17 @@ class TorchEngine(TokenEngine):
         context = (getattr(config, "max_position_embeddings", None)
                    or getattr(config, "n_positions", None) or 2048)
         self.eos = _eos_ids(self.model, self.tokenizer)
-        self.capabilities = Capabilities(chat=bool(getattr(self.tokenizer, "chat_template", None)),
-                                         completion=True)
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        try:  # llguidance reads most tokenizers, not every one (a word-level one without
+            # a decoder, say): such a model simply does not offer structured outputs
+            self.masks: TokenMasks | None = TokenMasks(self.tokenizer, int(config.vocab_size),
+                                                       sorted(self.eos))
+        except Exception as exc:
+            log.info("%s: no structured outputs (%s)", name, exc)
+            self.masks = None
+        constrained = self.masks is not None
+        self.capabilities = Capabilities(chat=chat, completion=True, constrained=constrained,
+                                         tools=chat and constrained)
         self.info = ModelInfo(context_length=int(context),
                               parameters=format_parameters(self.model.num_parameters()),
                               vocab_size=int(config.vocab_size),
@@ -174,6 +185,9 @@ class TorchEngine(TokenEngine):
 
     # --- generation ---------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        if request.params.output is not None and self.masks is not None:
+            self.masks.matcher(request.params.output)  # compiled (and cached) here: a 400 now
+
         def submit(sink: Sink) -> _Job:
             job = _Job(request, sink)
             self._commands.put(("submit", job))
@@ -220,7 +234,10 @@ class TorchEngine(TokenEngine):
                 return
             block = False
             if cmd == "submit":
-                self._admit(arg)  # type: ignore[arg-type]
+                try:
+                    self._admit(arg)  # type: ignore[arg-type]
+                except EngineError as exc:
+                    self._finish(arg, exc)  # type: ignore[arg-type]
             elif cmd == "cancel":
                 if arg in self._jobs:
                     self._jobs.remove(arg)  # type: ignore[arg-type]
@@ -244,7 +261,10 @@ class TorchEngine(TokenEngine):
                             else int(time.time_ns()) ^ (id(job) + i))
             job.seqs.append(_Seq(index=i, tokens=list(job.request.prompt_tokens), params=p,
                                  generator=gen, text=TextStream(self.tokenizer),
-                                 stops=StopMatcher(p.stop),
+                                 # a stop sequence must not cut a constrained answer short
+                                 stops=StopMatcher(() if p.output else p.stop),
+                                 mask=(self.masks.matcher(p.output)
+                                       if p.output and self.masks else None),
                                  pending=list(job.request.prompt_tokens)))
         self._jobs.append(job)
 
@@ -259,7 +279,12 @@ class TorchEngine(TokenEngine):
             out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True)
             seq.cache = out.past_key_values
             logits = out.logits[0, -1].float()
+            if seq.mask is not None and not seq.mask.apply(logits.numpy()):
+                self._end(job, seq, "length")  # nothing fits: the answer is incomplete
+                continue
             token = pick(logits, seq.params, seq.generated, seq.generator)
+            if seq.mask is not None:
+                seq.mask.take(token)
             lp = self._logprob(logits, token, seq.params) if seq.params.logprobs else []
             seq.pending = [token]
             self._accept(job, seq, token, lp)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 from typing import Any, Callable
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from bastion.models.catalog import Catalog, Deployment
@@ -14,6 +14,7 @@ from bastion.db.pagination import page
 from bastion.db.tables import File, FineTuningJob, utcnow
 from bastion.errors import ConflictError, InvalidRequestError, ModelNotFoundError, NotFoundError
 from bastion.finetune.states import ACTIVE_JOB_STATES as ACTIVE
+from bastion.finetune.states import FINISHED_JOB_STATES as FINISHED
 from bastion.files.validate import Summary
 from bastion.finetune import events, hyperparams
 from bastion.finetune.trainable import base_path, why_not_fine_tunable
@@ -148,3 +149,12 @@ def model_name(job: FineTuningJob) -> str:
     """ft:<base>:<org>:<suffix>:<id>, OpenAI's shape; the id part is unique per job."""
     short = job.id.split("-", 1)[1][:8]
     return f"ft:{job.model}:{job.org_id}:{job.suffix or ''}:{short}"
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    """Jobs of every organisation by state, every state present (0 where none): a metric."""
+    counts = dict.fromkeys((*ACTIVE, *FINISHED), 0)
+    for status, n in session.execute(select(FineTuningJob.status, func.count())
+                                     .group_by(FineTuningJob.status)):
+        counts[status] = n
+    return counts

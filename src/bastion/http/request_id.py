@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from typing import Any, Awaitable, Callable
 
 from bastion.errors import APIError, error_response
+from bastion.telemetry.logs import configure
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -52,9 +53,9 @@ class RequestIdFilter(logging.Filter):
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 
-def configure_logging(level: str) -> None:
-    """The root handler, its format naming the request each line belongs to."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """The root handler (text or JSON: telemetry/logs.py), each line naming its request."""
+    configure(level, fmt, text_format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
             handler.addFilter(RequestIdFilter())

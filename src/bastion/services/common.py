@@ -152,11 +152,19 @@ class Meter:
         self.ticket = ticket
         self.ticket.prompt_tokens += prompt_tokens
         self.counts: dict[tuple[int, int], int] = {}
+        # the request's moments for its metrics and spans: handed to the engine now, its
+        # first and last tokens as they pass (the engines themselves report no timings)
+        self.timeline = ticket.timeline
+        if self.timeline is not None:
+            self.timeline.submit()
 
     def count(self, stream: int, ev: Event) -> None:
         key = (stream, getattr(ev, "index", 0))
         if isinstance(ev, Delta):
             self.counts[key] = self.counts.get(key, 0) + ev.n_tokens
+            if ev.n_tokens and self.timeline is not None:
+                self.timeline.token()
+                self.timeline.sequences = len(self.counts)
         elif isinstance(ev, Finished):
             self.counts[key] = ev.completion_tokens
         self.ticket.completion_tokens = sum(self.counts.values())

@@ -3,7 +3,7 @@ built once by the app's lifespan) instead of loose `app.state` attributes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,6 +15,8 @@ from bastion.config import Settings
 from bastion.files.store import BlobStore
 from bastion.models.catalog import Catalog
 from bastion.models.org_models import OrgModels
+from bastion.telemetry.metrics import Metrics
+from bastion.telemetry.tracing import Tracing
 from bastion.tenancy.keys import KeyLookup
 from bastion.usage.ledger import Ledger
 
@@ -34,3 +36,5 @@ class Services:
     catalog: Catalog
     blobs: BlobStore
     org_models: OrgModels
+    metrics: Metrics = field(default_factory=Metrics)
+    tracing: Tracing = field(default_factory=Tracing)

@@ -61,6 +61,11 @@ class Ledger:
             self._recorded += 1
             self._rows.put(row)
 
+    @property
+    def pending(self) -> int:
+        """Rows recorded and not yet written: the writer's queue (a metric)."""
+        return self._recorded - self._written
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every row recorded before this call is in the database (rows recorded
         later, by other requests, are not waited for)."""

@@ -13,7 +13,7 @@ from bastion.engines.base import (MEDIA_TOKEN, Capabilities, DecodedImage, Event
                                   GenerationRequest, ModelFailure, ModelInfo, ModelInputError,
                                   Prompt, PromptMedia, format_parameters)
 from bastion.engines.llamacpp.model import LlamaModel
-from bastion.engines.llamacpp.grammar import gbnf
+from bastion.engines.grammar import gbnf
 from bastion.engines.llamacpp.scheduler import Scheduler
 from bastion.engines.llamacpp.templates import ChatTemplate, pick_template
 from bastion.engines.llamacpp.vision import ImageChunk, Projector

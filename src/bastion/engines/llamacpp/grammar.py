@@ -1,59 +1,17 @@
-"""JSON Schema -> GBNF (llama-cpp-python's converter) -> llama.cpp grammar samplers, compiled
-once per schema and cloned per sequence."""
+"""GBNF grammars (engines/grammar.py) as llama.cpp grammar samplers, compiled once per
+grammar and cloned per sequence."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
-from functools import lru_cache
 
 import llama_cpp as lc
-from llama_cpp.llama_grammar import SchemaConverter
 
 from bastion.engines.base import ModelInputError, OutputFormat
+from bastion.engines.grammar import gbnf
 
 PROTOTYPES = 64  # compiled grammars kept per model
-
-
-@lru_cache(maxsize=256)
-def gbnf(output: OutputFormat) -> str:
-    """The GBNF grammar of an output format. The converter's whitespace rule is a single
-    optional space, so a model cannot pad its answer with whitespace until max_tokens."""
-    try:
-        converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
-                                    raw_pattern=False)
-        if not output.open:
-            _visit(converter, output.schema, "")
-            return converter.format_grammar()
-        _visit(converter, output.schema, "wrapped-value")
-        one = f"{_literal(output.open)} wrapped-value {_literal(output.close)}"
-        body = one
-        for _ in range(output.count - 1):  # nested optionals: at most `count` values
-            body = f'{one} ("\\n" {body})?'
-
-        if output.instead == "text":
-            first = output.open[0].replace("\\", "\\\\").replace("]", "\\]")
-            root = f"[^{first}]* ({body})?"
-        elif output.instead:
-            _visit(converter, output.instead, "answer-value")
-            root = f"answer-value | {body}"
-        else:
-            root = body
-        return f"root ::= {root}\n" + converter.format_grammar()
-    except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:
-        raise ModelInputError(f"The JSON schema cannot be turned into a grammar: {exc}",
-                              param="response_format", code="invalid_schema") from exc
-
-
-def _visit(converter: SchemaConverter, schema: str, name: str) -> None:
-    parsed = converter.resolve_refs(json.loads(schema), "")
-    converter.visit(parsed, name)
-
-
-def _literal(text: str) -> str:
-    """A GBNF string literal (its escapes are JSON's for what a tag can hold)."""
-    return json.dumps(text)
 
 
 class Grammars:

@@ -103,8 +103,12 @@ class Scheduler:
 
 
     def stats(self) -> dict[str, int]:
+        """Read from other threads without a lock: a scrape may see a step half done."""
+        used = sum(seq.n_past for job in list(self._running) for seq in job.seqs)
         return {"running_sequences": self.model.n_seq - len(self._free_slots),
-                "waiting_requests": len(self._waiting), "slots": self.model.n_seq}
+                "waiting_requests": len(self._waiting), "slots": self.model.n_seq,
+                "kv_cache_used_cells": used,
+                "kv_cache_cells": self.model.n_seq * self.model.ctx_per_seq}
 
     # --- the thread ---------------------------------------------------------------------------
     def _run(self) -> None:
