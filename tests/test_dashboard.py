@@ -403,7 +403,7 @@ def test_sign_out(browser: object, server: RunningServer, tenant: dict) -> None:
     assert "/dashboard/login" in page.url
     # a copy of the cookie taken before signing out is dead too
     r = httpx.get(server.base_url + "/dashboard/", cookies=copied)
-    assert r.status_code == 303 and "signed+out" in r.headers["location"]
+    assert r.status_code == 303 and "reason=signed_out" in r.headers["location"]
     r = httpx.post(server.base_url + "/dashboard/api/chat/completions", cookies=copied,
                    headers={"X-CSRF-Token": csrf},
                    json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})

@@ -10,7 +10,7 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import ADMIN_KEY, RunningServer, database_rows, make_tenant
+from conftest import ADMIN_KEY, RunningServer, bearer, database_rows, make_tenant
 from polling import poll
 
 EMBED = "all-minilm-l6-v2"
@@ -83,7 +83,7 @@ def test_concurrent_requests_batch_to_the_same_vectors(client: openai.OpenAI, se
             SENTENCES * 4))
     one_by_one = np.array([r.data[0].embedding for r in singles])
     np.testing.assert_allclose(one_by_one, together, atol=2e-5)
-    health = httpx.get(f"{server.base_url}/health").json()
+    health = httpx.get(f"{server.base_url}/health", headers=bearer(ADMIN_KEY)).json()
     stats = health["models"][EMBED]
     assert stats["forward_passes"] < stats["sequences_done"]  # requests shared forward passes
 

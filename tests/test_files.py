@@ -197,3 +197,64 @@ def test_training_permission_is_required(srv: RunningServer, tmp_path: Path) -> 
     assert "'training'" in exc.value.body["message"]
     with pytest.raises(openai.PermissionDeniedError):
         client.files.list()
+
+
+def multipart(parts: list[tuple[bytes, bytes]], boundary: bytes = b"xyzzy") -> bytes:
+    """A raw multipart body of (headers, data) parts, so a test can send what a client
+    library would refuse to build."""
+    out = b""
+    for headers, data in parts:
+        out += b"--" + boundary + b"\r\n" + headers + b"\r\n\r\n" + data + b"\r\n"
+    return out + b"--" + boundary + b"--\r\n"
+
+
+def text_field(name: str, value: bytes) -> tuple[bytes, bytes]:
+    return f'Content-Disposition: form-data; name="{name}"'.encode(), value
+
+
+def post_raw(srv: RunningServer, body: bytes) -> httpx.Response:
+    """Streamed without a Content-Length, so only the parser's own counting can refuse it."""
+    def chunks():
+        for i in range(0, len(body), 8192):
+            yield body[i:i + 8192]
+
+    return httpx.post(f"{srv.api}/files", content=chunks(), timeout=60,
+                      headers={"Authorization": f"Bearer {ADMIN_KEY}",
+                               "Content-Type": "multipart/form-data; boundary=xyzzy"})
+
+
+@pytest.mark.parametrize("case,parts,fragment", [
+    ("many-fields", [text_field(f"f{i}", b"v") for i in range(2000)], "more than 64 parts"),
+    ("fields-in-total", [text_field(f"f{i}", b"v" * 60_000) for i in range(3)],
+     "text fields are over 131072 bytes together"),
+    ("fat-headers", [(b'Content-Disposition: form-data; name="purpose"'
+                      + b"".join(b"\r\nX-Pad-%d: " % i + b"p" * 4000 for i in range(5)),
+                      b"fine-tune")], "headers are over 16384 bytes"),
+])
+def test_multipart_memory_is_bounded(srv: RunningServer, case: str, parts: list,
+                                     fragment: str) -> None:
+    """Text fields and part headers are held in memory: their count and bytes are capped
+    (each case is under the upload's size limit, so only these caps can refuse it)."""
+    body = multipart(parts + [(b'Content-Disposition: form-data; name="file"; '
+                               b'filename="a.jsonl"', b"{}")])
+    assert len(body) < LIMIT * 2
+    r = post_raw(srv, body)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and fragment in err["message"], err
+    assert leftovers(srv) == []
+
+
+def test_header_bytes_count_toward_the_upload_limit(srv: RunningServer) -> None:
+    """Many parts with fat headers but tiny data used to pass any byte count."""
+    pad = b"".join(b"\r\nX-Pad-%d: " % i + b"p" * 3900 for i in range(4))
+    parts = [(b'Content-Disposition: form-data; name="f%d"' % i + pad, b"") for i in range(60)]
+    r = post_raw(srv, multipart(parts))
+    assert r.status_code == 413, r.text
+    assert f"limit of {LIMIT} bytes" in r.json()["error"]["message"]
+
+
+def test_one_field_over_its_cap(srv: RunningServer) -> None:
+    r = post_raw(srv, multipart([text_field("purpose", b"x" * 70_000)]))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "purpose"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from conftest import ADMIN_KEY, models_cache, start_server, stop_server
 TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n"
             "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 HOSTILE = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+BOMB = "{{ 10 ** (10 ** 10) }}{% for i in range(10**5) %}{% for j in range(10**5) %}x{% endfor %}{% endfor %}"
 
 
 def make_gguf(tmp: Path, name: str, *extra: str) -> Path:
@@ -34,10 +36,12 @@ def custom(tmp_path_factory):
                     "--special-token-by-id", "fim_suf", "68",
                     "--special-token-by-id", "fim_mid", "69")
     hostile = make_gguf(tmp, "hostile.gguf", "--chat-template", HOSTILE)
+    bomb = make_gguf(tmp, "bomb.gguf", "--chat-template", BOMB)
     srv = start_server(tmp, "--no-bundled", "--parallel", "2",
                        "--model", str(own), "--alias", "own-template", "--chat-template", "auto",
                        "--model", str(own), "--alias", "named-chatml", "--chat-template", "chatml",
-                       "--model", str(hostile), "--alias", "hostile")
+                       "--model", str(hostile), "--alias", "hostile",
+                       "--model", str(bomb), "--alias", "bomb")
     yield srv
     stop_server(srv)
 
@@ -52,7 +56,7 @@ def count(vocab, text: str) -> int:
 
 
 def test_models_by_path_are_listed(sdk: openai.OpenAI) -> None:
-    assert sorted(m.id for m in sdk.models.list().data) == ["hostile", "named-chatml",
+    assert sorted(m.id for m in sdk.models.list().data) == ["bomb", "hostile", "named-chatml",
                                                            "own-template"]
 
 
@@ -80,6 +84,23 @@ def test_hostile_gguf_template_is_sandboxed(custom) -> None:
         "message": "The model's chat template attempted an unsafe operation and was stopped by "
                    "the sandbox: access to attribute '__class__' of 'str' object is unsafe.",
         "type": "model_error", "code": "unsafe_chat_template", "param": None}}
+    assert "Traceback" not in custom.log()
+
+
+def test_template_bomb_fails_fast(custom) -> None:
+    """A template that computes 10**(10**10) (which Jinja would once fold while compiling, so
+    the server never started) and loops 10**10 times: the server is up, and each request is
+    refused at once with the model's fault named."""
+    for _ in range(2):
+        started = time.monotonic()
+        r = httpx.post(custom.api + "/chat/completions", timeout=30,
+                       headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                       json={"model": "bomb", "messages": [{"role": "user", "content": "Hi"}]})
+        assert time.monotonic() - started < 3
+        assert r.status_code == 500, r.text
+        err = r.json()["error"]
+        assert err["type"] == "model_error" and err["code"] == "unsafe_chat_template"
+        assert "4096 bits" in err["message"]
     assert "Traceback" not in custom.log()
 
 

@@ -111,6 +111,10 @@ def test_byte_and_count_limits(strict: RunningServer) -> None:
     ("https://10.1.2.3/cat.png", "10.1.2.3"),
     ("https://[::ffff:169.254.169.254]/", "169.254.169.254"),
     ("https://0.0.0.0/", "0.0.0.0"),
+    ("https://[64:ff9b::a9fe:a9fe]/", "169.254.169.254"),   # NAT64
+    ("https://[2002:a9fe:a9fe::1]/", "169.254.169.254"),    # 6to4
+    ("https://[::a9fe:a9fe]/", "::a9fe:a9fe"),              # IPv4-compatible
+    ("https://[fec0::1]/", "fec0::1"),                      # site-local
 ])
 def test_internal_addresses_are_never_fetched(strict: RunningServer, url: str,
                                               address: str) -> None:

@@ -30,7 +30,7 @@ def read_chunks(lines, n: int) -> list[str]:
 
 def running_sequences(url: str) -> int:
     """How many sequences the bundled model is generating now, from /health."""
-    return httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"]
+    return httpx.get(url + "/health", headers=AUTH).json()["models"][MODEL]["running_sequences"]
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_disconnect_frees_the_only_slot(one_slot) -> None:
         # The client went away after 3 of 3000 tokens: the slot must be free within moments,
         # not after the ~40 s the rest of the generation would take.
         poll(lambda: running_sequences(url) == 0, timeout=5, interval=0.05)
-        assert httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"] == 0
+        assert httpx.get(url + "/health", headers=AUTH).json()["models"][MODEL]["running_sequences"] == 0
         t = time.time()
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 5})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
@@ -62,7 +62,7 @@ def test_disconnect_of_non_streamed_request(one_slot) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=1.5)
     poll(lambda: running_sequences(url) == 0, timeout=5, interval=0.05)
-    assert httpx.get(url + "/health").json()["models"][MODEL]["running_sequences"] == 0
+    assert httpx.get(url + "/health", headers=AUTH).json()["models"][MODEL]["running_sequences"] == 0
 
 
 def test_sigterm_drains_running_streams(tmp_path) -> None:

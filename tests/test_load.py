@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from conftest import ADMIN_KEY, MODEL, RunningServer
+from conftest import ADMIN_KEY, MODEL, RunningServer, bearer
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,8 @@ def test_sixteen_concurrent_streams(server: RunningServer) -> None:
             assert r["usage"]["completion_tokens"] == 24
         assert r["text"] or r["finish"] == "stop"
     # Every sequence slot is free again afterwards.
-    health = httpx.get(server.base_url + "/health").json()["models"][MODEL]
+    health = httpx.get(server.base_url + "/health",
+                       headers=bearer(ADMIN_KEY)).json()["models"][MODEL]
     assert health["running_sequences"] == 0 and health["waiting_requests"] == 0
 
 

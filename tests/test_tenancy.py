@@ -201,12 +201,12 @@ def test_control_bytes_in_a_key(server: RunningServer, key: bytes) -> None:
 
 
 def test_every_route_requires_a_key(server: RunningServer) -> None:
-    """Walk the whole route table: only /health answers without a key. (The dashboard's
+    """Walk the whole route table: only /health and /ready answer without a key. (The dashboard's
     pages authenticate with a session instead: test_dashboard walks those.)"""
     from bastion.app import create_app
 
     app = create_app()
-    allow = {"/health"}
+    allow = {"/health", "/ready"}
     seen = 0
     for included in app.routes:
         for route in getattr(included, "original_router", included).routes:

@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import (ADMIN_KEY, MODEL, RunningServer, models_cache, noise_image, start_server,
-                      stop_server)
+from conftest import (ADMIN_KEY, MODEL, RunningServer, bearer, models_cache, noise_image,
+                      start_server, stop_server)
 from tiny_vlm import IMAGE_TOKENS, write_mmproj
 
 VLM = "tiny-vlm"
@@ -113,7 +113,8 @@ def test_text_on_the_bundled_model_keeps_working_beside_images(
     for r in image_results:
         assert r.usage.prompt_tokens == plain + IMAGE_TOKENS
         assert r.choices[0].finish_reason in ("stop", "length")
-    health = httpx.get(vlm_server.base_url + "/health").json()["models"]
+    health = httpx.get(vlm_server.base_url + "/health",
+                       headers=bearer(ADMIN_KEY)).json()["models"]
     assert all(m["running_sequences"] == 0 and m["waiting_requests"] == 0
                for m in health.values())
 

@@ -204,6 +204,40 @@ def test_protocol_errors_never_crash(server: RunningServer) -> None:
         assert ok["type"] == "done"
 
 
+def closed_code(ws: ClientConnection) -> int:
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(timeout=10)
+    return closed.value.rcvd.code
+
+
+def test_auth_attempts_are_limited_per_socket(server: RunningServer) -> None:
+    """Three wrong keys and the socket is closed: no key-guessing loop on one connection."""
+    with connect(ws_url(server)) as ws:
+        for attempt in range(3):
+            ws.send(json.dumps({"type": "auth", "api_key": f"sk-bst-guess-{attempt}"}))
+            assert recv(ws)["error"]["code"] == "invalid_api_key"
+        m = recv(ws)
+        assert m["error"]["code"] == "too_many_auth_attempts", m
+        assert closed_code(ws) == 1008
+    with authed(server) as ws:  # a fresh socket with the right key is unaffected
+        ws.send(json.dumps({"type": "ping"}))
+        assert recv(ws)["type"] == "pong"
+
+
+def test_big_frames_before_auth_close_the_socket(server: RunningServer) -> None:
+    """Before auth a message is an auth message: a 1 MiB frame closes the socket; after auth
+    the same frame is an ordinary (here: invalid) request."""
+    big = json.dumps({"type": "auth", "api_key": "k" * (1 << 20)})
+    with connect(ws_url(server)) as ws:
+        ws.send(big)
+        m = recv(ws)
+        assert m["error"]["code"] == "message_too_large" and "16384" in m["error"]["message"]
+        assert closed_code(ws) == 1008
+    with authed(server) as ws:
+        ws.send(json.dumps({"type": "ping", "pad": "p" * (1 << 20)}))
+        assert recv(ws)["type"] == "pong"
+
+
 def test_unauthenticated_socket_is_closed(tmp_path) -> None:
     srv = start_server(tmp_path, "--no-bundled", env={"BASTION_WS_AUTH_TIMEOUT": "1"})
     try:

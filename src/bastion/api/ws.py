@@ -34,6 +34,10 @@ from bastion.tenancy.keys import Principal
 router = APIRouter()
 log = logging.getLogger("bastion.ws")
 POLICY_VIOLATION = 1008  # RFC 6455 close code for an unauthenticated socket
+# Before a socket has authenticated, anyone may hold it: an auth message is small, and a
+# client gets a few tries at its key, not a key-guessing loop on one connection.
+MAX_UNAUTHENTICATED_FRAME = 16 * 1024
+MAX_AUTH_ATTEMPTS = 3
 RequestId = str | int | None
 
 
@@ -54,6 +58,7 @@ class Connection:
         self.running: dict[RequestId, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
         self.closed = False
+        self.auth_failures = 0
 
     async def serve(self) -> None:
         await self.ws.accept()
@@ -86,12 +91,24 @@ class Connection:
                     return
                 if message["type"] == "websocket.disconnect":
                     return
+                if self.principal is None and len(message.get("text") or message.get("bytes")
+                                                  or "") > MAX_UNAUTHENTICATED_FRAME:
+                    await self.refuse(InvalidRequestError(
+                        f"Before authenticating, a message may be at most "
+                        f"{MAX_UNAUTHENTICATED_FRAME} bytes; closing.",
+                        code="message_too_large"))
+                    return
                 if message.get("text") is None:
                     await self.send_error(InvalidRequestError(
                         "Binary frames are not supported: send JSON text messages.",
                         code="invalid_message"), None)
                     continue
                 await self.handle(message["text"])
+                if self.principal is None and self.auth_failures >= MAX_AUTH_ATTEMPTS:
+                    await self.refuse(AuthenticationError(
+                        f"{MAX_AUTH_ATTEMPTS} failed auth attempts on this socket; closing.",
+                        code="too_many_auth_attempts"))
+                    return
         except WebSocketDisconnect:
             return
         finally:
@@ -100,6 +117,11 @@ class Connection:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def refuse(self, err: APIError) -> None:
+        """Say why, then close an unauthenticated socket as a policy violation."""
+        await self.send_error(err, None)
+        await self.ws.close(POLICY_VIOLATION)
 
     # --- messages ------------------------------------------------------------------------------
     async def handle(self, text: str) -> None:
@@ -143,9 +165,14 @@ class Connection:
                                       code="already_authenticated")
         key = msg.get("api_key")
         if not isinstance(key, str) or not key:
+            self.auth_failures += 1
             raise AuthenticationError("The auth message needs an 'api_key' string.",
                                       code="missing_api_key")
-        self.principal = await authenticate(self.services, key)
+        try:
+            self.principal = await authenticate(self.services, key)
+        except AuthenticationError:
+            self.auth_failures += 1
+            raise
         self._key = key
         await self.send({"type": "authenticated", **_tag(rid)})
 

@@ -1,5 +1,9 @@
 """Multipart uploads streamed straight to disk: never held whole in memory, cut off with a 413
-as soon as they pass the size limit."""
+as soon as they pass the size limit.
+
+What does stay in memory is bounded too: at most MAX_PARTS parts, each text field at most
+MAX_FIELD_BYTES and all of them together at most MAX_FIELDS_BYTES, each part's headers at
+most MAX_HEADER_BYTES; header bytes count toward the upload's size limit like data."""
 
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ from bastion.errors import InvalidRequestError, PayloadTooLargeError
 from bastion.files.store import BlobStore
 
 MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELDS_BYTES = 128 * 1024  # every text field together (the forms here have a handful)
+MAX_PARTS = 64                 # text fields and files together
+MAX_HEADER_BYTES = 16 * 1024   # one part's headers
 
 
 @dataclass
@@ -37,7 +44,7 @@ def _disposition(headers: dict[bytes, bytes]) -> tuple[str, str | None]:
     _, opts = parse_options_header(headers.get(b"content-disposition", b""))
     name = opts.get(b"name")
     if name is None:
-        raise InvalidRequestError("A multipart part has no name.", code="invalid_multipart")
+        raise InvalidRequestError("A multipart part has no name.")
     filename = opts.get(b"filename")
     return name.decode("utf-8", "replace"), (filename.decode("utf-8", "replace")
                                              if filename is not None else None)
@@ -61,15 +68,36 @@ async def receive_upload(request: Request, store: BlobStore, limit: int) -> Uplo
     current: dict[str, object] = {}
     sink: list[BinaryIO | None] = [None]
     total = [0]
+    parts = [0]
+    field_bytes = [0]
+    header_bytes = [0]
+
+    def count(n: int) -> None:
+        total[0] += n
+        if total[0] > limit:
+            raise PayloadTooLargeError(f"The upload is larger than the limit of {limit} bytes.")
+
+    def count_header(n: int) -> None:
+        count(n)
+        header_bytes[0] += n
+        if header_bytes[0] > MAX_HEADER_BYTES:
+            raise PayloadTooLargeError(f"A multipart part's headers are over "
+                                       f"{MAX_HEADER_BYTES} bytes.")
 
     def on_part_begin() -> None:
         headers.clear()
         current.clear()
+        header_bytes[0] = 0
+        parts[0] += 1
+        if parts[0] > MAX_PARTS:
+            raise PayloadTooLargeError(f"The form has more than {MAX_PARTS} parts.")
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
+        count_header(end - start)
         header_name.extend(data[start:end])
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
+        count_header(end - start)
         header_value.extend(data[start:end])
 
     def on_header_end() -> None:
@@ -92,9 +120,7 @@ async def receive_upload(request: Request, store: BlobStore, limit: int) -> Uplo
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
-        total[0] += len(chunk)
-        if total[0] > limit:
-            raise PayloadTooLargeError(f"The upload is larger than the limit of {limit} bytes.")
+        count(len(chunk))
         if "file" in current:
             sink[0].write(chunk)  # type: ignore[union-attr]
             current["file"].size += len(chunk)  # type: ignore[attr-defined]
@@ -104,6 +130,10 @@ async def receive_upload(request: Request, store: BlobStore, limit: int) -> Uplo
             if len(value) > MAX_FIELD_BYTES:
                 raise InvalidRequestError(f"The form field '{current['name']}' is too long.",
                                           param=str(current["name"]))
+            field_bytes[0] += len(chunk)
+            if field_bytes[0] > MAX_FIELDS_BYTES:
+                raise PayloadTooLargeError(f"The form's text fields are over "
+                                           f"{MAX_FIELDS_BYTES} bytes together.")
 
     def on_part_end() -> None:
         if sink[0] is not None:

@@ -23,12 +23,23 @@ def safe_next(path: object) -> str:
     return "/dashboard/"
 
 
+# Why a session ended, by the code the sign-in redirect carries. The page shows only these fixed
+# texts: the query string is the attacker's to choose, so its text is never shown.
+SIGN_IN_REASONS = {
+    "signed_out": "you signed out.",
+    "api_key_revoked": "this API key has been revoked.",
+    "invalid_api_key": "this API key no longer exists.",
+    "organization_deleted": "this API key's organization has been deleted.",
+    "key_invalid": "this API key no longer works.",
+}
+
+
 def login_page(request: Request, codec: SessionCodec, *, status: int = 200, error: str = "",
                next_path: str = "") -> Response:
     form = codec.read(request, LOGIN_COOKIE) or WebSession.new()
     response = render(request, "login.html", status=status, csrf=form.csrf, error=error,
                       next=safe_next(next_path or request.query_params.get("next")),
-                      reason=request.query_params.get("reason", ""))
+                      reason=SIGN_IN_REASONS.get(request.query_params.get("reason", ""), ""))
     codec.write(response, request, form, LOGIN_COOKIE)
     return response
 

@@ -92,7 +92,7 @@ async def load_viewer(request: Request, codec: Codec, services: ServicesDep) -> 
     if session is None or session.key_id is None:
         raise SignInRequired(request.url.path)
     if await signed_out(request, codec, session):
-        raise SignInRequired(request.url.path, "you signed out.")
+        raise SignInRequired(request.url.path, "signed_out")
     factory = services.sessions
     key_id = session.key_id
 
@@ -106,7 +106,7 @@ async def load_viewer(request: Request, codec: Codec, services: ServicesDep) -> 
     try:
         viewer = await run_in_threadpool(lookup)
     except AuthenticationError as exc:  # revoked key or deleted org: the session is over
-        raise SignInRequired(request.url.path, exc.message) from exc
+        raise SignInRequired(request.url.path, exc.code or "key_invalid") from exc
     request.state.viewer = viewer
     return viewer
 

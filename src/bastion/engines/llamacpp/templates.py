@@ -7,9 +7,10 @@ from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bastion.engines.base import ModelFailure, ModelInputError
+from bastion.engines.llamacpp.sandbox import (MIN_OUTPUT_CHARS, BoundedSandbox, RenderLimitError,
+                                              input_chars, render_bounded)
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     # Gemma's turn format; a system prompt is folded into the first user turn, as Gemma does.
@@ -51,29 +52,56 @@ def _raise(message: str) -> None:
     raise TemplateRenderError(f"The model's chat template rejected the messages: {message}")
 
 
+PROBE_MESSAGES = [{"role": "system", "content": "You are helpful."},
+                  {"role": "user", "content": "Hello"},
+                  {"role": "assistant", "content": "Hi."},
+                  {"role": "user", "content": "Bye"}]
+
+
 class ChatTemplate:
-    """A compiled chat template; untrusted GGUF templates cannot reach Python internals."""
+    """A compiled chat template; untrusted GGUF templates cannot reach Python internals, and
+    one render is bounded in time and size (see sandbox.py)."""
 
     def __init__(self, source: str, *, bos_token: str, eos_token: str, name: str) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.template = env.from_string(source)
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.name = name
+        self.broken: ModelFailure | None = None
+        self._probe()
+
+    def _probe(self) -> None:
+        """Render a plain conversation once at load: a template that blows its limits on
+        every input is marked broken, and its requests fail at once instead of each spending
+        the whole time limit. Other failures wait for a real request (a template may refuse a
+        system message, which says nothing about its safety)."""
+        try:
+            self.render(PROBE_MESSAGES)
+        except ModelFailure as exc:
+            if isinstance(exc.__cause__, RenderLimitError):
+                self.broken = exc
+        except TemplateRenderError:
+            pass
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self.broken is not None:
+            raise ModelFailure(str(self.broken), code="unsafe_chat_template")
         try:
-            return self.template.render(messages=messages, bos_token=self.bos_token,
-                                        eos_token=self.eos_token,
-                                        add_generation_prompt=add_generation_prompt)
+            return render_bounded(
+                self.template, {"messages": messages, "bos_token": self.bos_token,
+                                "eos_token": self.eos_token,
+                                "add_generation_prompt": add_generation_prompt},
+                max_chars=MIN_OUTPUT_CHARS + 4 * input_chars(messages))
         except TemplateRenderError:
             raise
         except SecurityError as exc:  # the operator's model is at fault, not the client
             raise ModelFailure(f"The model's chat template attempted an unsafe operation and was "
                              f"stopped by the sandbox: {exc}", code="unsafe_chat_template") from exc
-        except (TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError,
+                ArithmeticError) as exc:
             raise TemplateRenderError(
                 f"The model's chat template could not render these messages: {exc}") from exc
 
