@@ -11,7 +11,6 @@ it printed must have every field the document's response has."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
