@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install install-test system-test-deps serve test bench clean
+.PHONY: install install-test node-test-deps system-test-deps serve test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,14 @@ $(LLAMA_WHEELS)/.built: | $(BIN)/python
 install: $(BIN)/python $(LLAMA_WHEELS)/.built
 	$(BIN)/pip install --find-links $(LLAMA_WHEELS) -e .
 
-install-test: $(BIN)/python system-test-deps $(LLAMA_WHEELS)/.built
+install-test: $(BIN)/python system-test-deps $(LLAMA_WHEELS)/.built node-test-deps
 	$(BIN)/pip install --find-links $(LLAMA_WHEELS) -e ".[test]"
+
+# The Node.js clients the tests run (the `openai` npm package, pinned in tests/node/package-lock.json)
+# go into tests/node/node_modules. Without node/npm those tests are skipped.
+node-test-deps:
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/node --no-audit --no-fund; \
+	else echo "node/npm are not installed: the Node.js tests will be skipped"; fi
 
 # The tests start their own redis-server and PostgreSQL and drive the dashboard in Debian's
 # chromium (through Playwright, never `playwright install`); install them where we may (root
