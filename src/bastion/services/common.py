@@ -152,6 +152,7 @@ class Meter:
         self.ticket = ticket
         self.ticket.prompt_tokens += prompt_tokens
         self.counts: dict[tuple[int, int], int] = {}
+        self.cached: dict[int, int] = {}  # prompt tokens each stream reused (prefix cache)
 
     def count(self, stream: int, ev: Event) -> None:
         key = (stream, getattr(ev, "index", 0))
@@ -159,6 +160,8 @@ class Meter:
             self.counts[key] = self.counts.get(key, 0) + ev.n_tokens
         elif isinstance(ev, Finished):
             self.counts[key] = ev.completion_tokens
+            self.cached[stream] = ev.cached_tokens
+            self.ticket.cached_tokens = sum(self.cached.values())
         self.ticket.completion_tokens = sum(self.counts.values())
 
 
