@@ -169,6 +169,8 @@ class EngineSettings(SettingsGroup):
     context_per_sequence: int = Field(4096, ge=256, description="context window of one sequence")
     batch_tokens: int = Field(512, ge=32, description="tokens in one llama_decode batch; at least `parallel`")
     threads: int | None = None
+    prefix_cache: bool = Field(True, description="reuse the KV cache of a prompt's shared "
+                               "prefix (same organisation only); false prefills every prompt")
 
 
 class EmbeddingSettings(SettingsGroup):

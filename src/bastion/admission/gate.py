@@ -141,7 +141,8 @@ class Gate:
             ledger.record(UsageRow(
                 request_id=request_id, org_id=principal.org_id, key_id=principal.key_id,
                 model=model, endpoint=endpoint, prompt_tokens=t.prompt_tokens,
-                completion_tokens=t.completion_tokens, status=t.status,
+                completion_tokens=t.completion_tokens, cached_tokens=t.cached_tokens,
+                status=t.status,
                 latency_ms=int((time.monotonic() - t.started) * 1000),
                 created_at=datetime.now(timezone.utc)))
 

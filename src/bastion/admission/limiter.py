@@ -66,6 +66,7 @@ class Ticket:
     started: float = field(default_factory=time.monotonic)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those the engine's prefix cache reused
     status: str = "ok"
     done: bool = False
     on_settle: list[Callable[["Ticket"], None]] = field(default_factory=list)

@@ -300,7 +300,8 @@ def _tag(rid: RequestId) -> dict[str, Any]:
     return {} if rid is None else {"id": rid}
 
 
-def _usage(ticket: Ticket) -> dict[str, int]:
+def _usage(ticket: Ticket) -> dict[str, Any]:
     return {"prompt_tokens": ticket.prompt_tokens,
             "completion_tokens": ticket.completion_tokens,
-            "total_tokens": ticket.prompt_tokens + ticket.completion_tokens}
+            "total_tokens": ticket.prompt_tokens + ticket.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": ticket.cached_tokens}}

@@ -162,12 +162,16 @@ class GenerationRequest:
     # Whether the caller relays events as they come; an engine that answers a whole request
     # more cheaply or more exactly (an upstream's non-streamed call) may do so when False.
     stream: bool = True
+    # Who may share cached prompt prefixes with this request (the organisation): an engine
+    # with a prefix cache reuses only KV cached under the same key, because how fast a prompt
+    # is answered tells whether someone else sent its prefix.
+    cache_key: str = ""
 
     @classmethod
     def of(cls, prompt: PreparedPrompt, params: SamplingParams, n: int = 1,
-           stream: bool = True) -> "GenerationRequest":
+           stream: bool = True, cache_key: str = "") -> "GenerationRequest":
         return cls(prompt_tokens=prompt.tokens, params=params, n=n, media=prompt.media,
-                   payload=prompt.payload, stream=stream)
+                   payload=prompt.payload, stream=stream, cache_key=cache_key)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,7 @@ class Finished:
     index: int
     finish_reason: str
     completion_tokens: int
+    cached_tokens: int = 0  # the request's prompt tokens that were not prefilled (prefix cache)
 
 
 @dataclass(frozen=True)

@@ -96,8 +96,8 @@ async def prepare_chat(body: ChatCompletionRequest, deployment: Deployment, sett
     params = sampling_params(body, max_tokens=max_tokens, vocab_size=engine.info.vocab_size,
                              logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0,
                              output=output)
-    return PreparedChat(body, deployment, prompt, GenerationRequest.of(prompt, params, body.n),
-                        tools)
+    request = GenerationRequest.of(prompt, params, body.n, cache_key=principal.org_id)
+    return PreparedChat(body, deployment, prompt, request, tools)
 
 
 def _logprobs(items: list[TokenLogprob]) -> list[TokenLogprobContent]:
@@ -139,8 +139,7 @@ async def complete_chat(prep: PreparedChat, ticket: Ticket) -> ChatCompletion:
                for i in range(n)]
     return ChatCompletion(id=prep.id, created=prep.created, model=prep.deployment.id,
                           choices=choices, service_tier=SERVED_TIER,
-                          usage=WireUsage(prompt_tokens=prompt, completion_tokens=completion,
-                                          total_tokens=prompt + completion))
+                          usage=WireUsage.of(prompt, completion, ticket.cached_tokens))
 
 
 def _message(prep: PreparedChat, text: str, reason: str) -> AssistantMessage:
@@ -217,6 +216,5 @@ async def stream_chat(prep: PreparedChat, ticket: Ticket
                     prompt = reported_prompt(ticket, prompt, ev)
     if include_usage:
         completion = ticket.completion_tokens
-        yield {**base, "choices": [], "usage": {"prompt_tokens": prompt,
-                                                "completion_tokens": completion,
-                                                "total_tokens": prompt + completion}}
+        yield {**base, "choices": [],
+               "usage": WireUsage.of(prompt, completion, ticket.cached_tokens).model_dump()}

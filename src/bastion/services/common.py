@@ -157,6 +157,7 @@ class Meter:
         self.timeline = ticket.timeline
         if self.timeline is not None:
             self.timeline.submit()
+        self.cached: dict[int, int] = {}  # prompt tokens each stream reused (prefix cache)
 
     def count(self, stream: int, ev: Event) -> None:
         key = (stream, getattr(ev, "index", 0))
@@ -167,6 +168,8 @@ class Meter:
                 self.timeline.sequences = len(self.counts)
         elif isinstance(ev, Finished):
             self.counts[key] = ev.completion_tokens
+            self.cached[stream] = ev.cached_tokens
+            self.ticket.cached_tokens = sum(self.cached.values())
         self.ticket.completion_tokens = sum(self.counts.values())
 
 

@@ -92,7 +92,8 @@ async def prepare_completion(body: CompletionRequest, deployment: Deployment,
                                  vocab_size=engine.info.vocab_size, logprobs=want_lp,
                                  top_logprobs=body.logprobs or 0,
                                  prompt_logprobs=want_lp and body.echo, output=output)
-        requests.append(GenerationRequest.of(prompt, params, body.n))
+        requests.append(GenerationRequest.of(prompt, params, body.n,
+                                             cache_key=principal.org_id))
     echo = [p.text or "" for p in prompts]
     pieces = [p.pieces or [] for p in prompts] if want_lp and body.echo else []
     return PreparedCompletion(body, deployment, prompts, echo, requests, pieces)
@@ -149,8 +150,7 @@ class _Prompts:
 
     def usage(self, completion: int) -> WireUsage:
         prompt = sum(self.counts)
-        return WireUsage(prompt_tokens=prompt, completion_tokens=completion,
-                         total_tokens=prompt + completion)
+        return WireUsage.of(prompt, completion, self.ticket.cached_tokens)
 
 
 async def complete(prep: PreparedCompletion, ticket: Ticket) -> Completion:

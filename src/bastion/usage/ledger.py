@@ -38,6 +38,7 @@ class UsageRow:
     status: str
     latency_ms: int
     created_at: datetime
+    cached_tokens: int = 0  # of prompt_tokens, those the engine's prefix cache reused
 
 
 class Ledger:

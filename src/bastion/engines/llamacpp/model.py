@@ -39,9 +39,11 @@ class LlamaModel:
     """Owns the llama_model, the llama_context with one KV stream per sequence slot, and a batch."""
 
     def __init__(self, path: Path, *, n_seq: int, ctx_per_seq: int, n_batch: int,
-                 threads: int | None, lora: Path | None = None, vocab_only: bool = False) -> None:
+                 threads: int | None, lora: Path | None = None, vocab_only: bool = False,
+                 swa_full: bool = False) -> None:
         """`lora`: a GGUF LoRA adapter applied to every sequence (a fine-tuned model).
-        `vocab_only`: tokenizer and metadata without weights or context (fine-tuning data)."""
+        `vocab_only`: tokenizer and metadata without weights or context (fine-tuning data).
+        `swa_full`: sliding-window layers keep every position (prefix caching needs it)."""
         _init_backend()
         mparams = lc.llama_model_default_params()
         mparams.vocab_only = vocab_only
@@ -79,7 +81,10 @@ class LlamaModel:
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         cparams.kv_unified = False  # one KV stream per slot: attention never scans other sequences
-        cparams.swa_full = False  # sliding-window layers keep only their window: far less memory
+        # Sliding-window layers keep only their window unless told otherwise: far less memory,
+        # but then a kept prefix lacks the window before its end once a longer sequence ran
+        # in its slot, and cannot be reused. Prefix caching pays the memory to keep it.
+        cparams.swa_full = swa_full
         # The graph reserves logits for every possible output; bounding the outputs per step
         # keeps that buffer small (262k-token vocabularies make it 1 MiB per output).
         self.n_outputs_max = max(64, 2 * n_seq)
@@ -94,6 +99,7 @@ class LlamaModel:
         self.memory = lc.llama_get_memory(self.ctx)
         self.batch = lc.llama_batch_init(n_batch, 0, 1)
         self.n_params = lc.llama_model_n_params(self.model)
+        self.n_swa = lc.llama_model_n_swa(self.model)
         if lora is not None:
             self._apply_lora(lora)
 
@@ -183,6 +189,17 @@ class LlamaModel:
 
     def clear_slot(self, slot: int) -> None:
         lc.llama_memory_seq_rm(self.memory, slot, -1, -1)
+
+    def trim_slot(self, slot: int, keep: int) -> bool:
+        """Drop the slot's KV from position `keep` on; False if what remains cannot be
+        extended exactly (a sliding-window layer lost positions the next token attends to)."""
+        if keep <= 0:
+            self.clear_slot(slot)
+            return True
+        if not lc.llama_memory_seq_rm(self.memory, slot, keep, -1):
+            return False
+        pos_min = lc.llama_memory_seq_pos_min(self.memory, slot)
+        return 0 <= pos_min <= max(0, keep - self.n_swa) if self.n_swa else pos_min == 0
 
     def copy_slot(self, src: int, dst: int) -> None:
         lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)

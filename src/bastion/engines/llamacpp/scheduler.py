@@ -11,6 +11,14 @@ image in batches as usual; the image's embeddings are then decoded into the sequ
 by libmtmd at the start of the next step, on this thread and outside the shared batch (a batch
 holds tokens or embeddings, not both). The other sequences wait for that one decode, which
 costs about what prefilling as many text tokens does.
+
+Prefix caching: a finished sequence's slot keeps its KV, and the scheduler remembers which
+tokens it holds. A new request's leader takes the free slot (of the same cache key: the
+organisation) whose tokens share the longest prefix with its prompt, drops that slot's KV after
+the shared part and prefills only the rest; the last prompt token is always decoded again, for
+the logits the first token is sampled from. Without a match it takes the least recently used
+free slot. KV that follows an image is never kept (the tokens do not show which image it was),
+and a prompt with images, or one whose every token is scored (prompt logprobs), starts afresh.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from bastion.engines.base import (Delta, EngineError, Event, Finished, GenerationRequest,
-                                  ModelUnavailable, PromptLogprobs, PromptMedia, TokenLogprob)
+from bastion.engines.base import (MEDIA_TOKEN, Delta, EngineError, Event, Finished,
+                                  GenerationRequest, ModelUnavailable, PromptLogprobs,
+                                  PromptMedia, TokenLogprob)
 from bastion.engines.llamacpp import sampling
 from bastion.engines.llamacpp.grammar import Grammars
 from bastion.engines.llamacpp.model import LlamaModel
@@ -50,6 +59,7 @@ class _Seq:
     decoding: bool = False
     finished: bool = False
     pending_lp: list[TokenLogprob] = field(default_factory=list)
+    fed: list[int] = field(default_factory=list)  # generated tokens decoded into its KV
 
 
 @dataclass(eq=False)
@@ -63,6 +73,7 @@ class Job:
     prompt_lp: list[TokenLogprob | None] = field(default_factory=list)
     cancelled: bool = False
     media: dict[int, PromptMedia] = field(default_factory=dict)  # by prompt offset
+    cached: int = 0  # prompt tokens found in the leader's slot, not prefilled
 
     def next_media(self, start: int) -> int:
         """Offset of the first image at or after start (the prompt's length if none)."""
@@ -70,9 +81,17 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, model: LlamaModel, name: str, projector: Projector | None = None) -> None:
+    def __init__(self, model: LlamaModel, name: str, projector: Projector | None = None,
+                 *, prefix_cache: bool = False) -> None:
         self.model = model
         self.projector = projector
+        self.prefix_cache = prefix_cache
+        # What each slot's KV holds (the tokens at positions 0..), under which cache key,
+        # and when it was last released (LRU eviction); a slot in use holds nothing reusable.
+        self._slot_tokens: list[list[int]] = [[] for _ in range(model.n_seq)]
+        self._slot_key: list[str] = [""] * model.n_seq
+        self._slot_used: list[int] = [0] * model.n_seq
+        self._clock = 0
         self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
@@ -161,12 +180,11 @@ class Scheduler:
                 continue
             p = job.request.params
             self._running.append(job)
+            slots = self._take_slots(job)
             try:
                 # A stop sequence must not cut a constrained answer short of valid JSON.
                 stops = () if p.output else p.stop
-                for i in range(job.request.n):
-                    slot = self._free_slots.pop(0)
-                    self.model.clear_slot(slot)
+                for i, slot in enumerate(slots):
                     grammar = self.grammars.sampler(p.output) if p.output else None
                     sampler = sampling.SequenceSampler(p, n_vocab=self.model.n_vocab,
                                                        penalty_window=self.model.ctx_per_seq,
@@ -175,10 +193,36 @@ class Scheduler:
                                          max_tokens=p.max_tokens, stops=StopMatcher(stops)))
             except Exception as exc:  # one bad request must not take others down
                 log.exception("could not start a sequence")
-                if slot not in {seq.slot for seq in job.seqs}:
-                    self._free_slots.append(slot)
+                taken = {seq.slot for seq in job.seqs}
+                self._free_slots += [slot for slot in slots if slot not in taken]
                 self._finish_job(job, exc if isinstance(exc, EngineError) else EngineError(
                     f"The model could not start generating: {exc}"))
+
+    def _take_slots(self, job: Job) -> list[int]:
+        """Free slots for the job's n sequences, the leader's holding the longest cached
+        prefix of its prompt (job.prefilled starts after it); the others emptied."""
+        prompt = job.request.prompt_tokens
+        leader, shared = -1, 0
+        if self.prefix_cache and not job.media and not job.request.params.prompt_logprobs:
+            limit = len(prompt) - 1  # the last prompt token is decoded again, for its logits
+            for slot in self._free_slots:
+                if self._slot_key[slot] == job.request.cache_key:
+                    n = _common_prefix(self._slot_tokens[slot], prompt, limit)
+                    if n > shared:
+                        leader, shared = slot, n
+        if leader >= 0 and not self.model.trim_slot(leader, shared):
+            shared = 0
+        slots = [leader] if leader >= 0 else []
+        self._free_slots = [s for s in self._free_slots if s != leader]
+        self._free_slots.sort(key=lambda s: self._slot_used[s])  # least recently used first
+        slots += self._free_slots[:job.request.n - len(slots)]
+        del self._free_slots[:job.request.n - 1 + (leader < 0)]
+        for slot in slots:
+            if slot != leader or not shared:
+                self.model.clear_slot(slot)
+            self._slot_tokens[slot], self._slot_key[slot] = [], ""
+        job.prefilled = job.cached = shared
+        return slots
 
     def _step(self) -> None:
         # rows: (slot, position, token, wants_logits); sorted by slot below, because llama.cpp
@@ -251,6 +295,7 @@ class Scheduler:
         for seq, job in decoders:
             idx = index[(seq.slot, seq.n_past)]
             seq.n_past += 1
+            seq.fed.append(seq.last_token)
             draws.append((seq, job, idx, touched.setdefault(id(job), (job, []))[1]))
         for (seq, job, idx, events), tok in zip(draws, self._draw(draws)):
             self._accept(seq, job, idx, tok, events)
@@ -300,10 +345,10 @@ class Scheduler:
     def _accept(self, seq: _Seq, job: Job, idx: int, tok: int, events: list[Event]) -> None:
         p = job.request.params
         if tok == sampling.DEAD_END:  # the grammar allows nothing: the answer is incomplete
-            self._end_seq(seq, "length", events)
+            self._end_seq(seq, job, "length", events)
             return
         if self.model.is_eog(tok):
-            self._end_seq(seq, "stop", events)
+            self._end_seq(seq, job, "stop", events)
             return
         seq.generated += 1
         if p.logprobs:
@@ -312,10 +357,10 @@ class Scheduler:
         text, hit = seq.stops.feed(seq.utf8.feed(self.model.piece(tok)))
         if hit:
             self._emit(seq, text, events)
-            self._end_seq(seq, "stop", events, flush=False)
+            self._end_seq(seq, job, "stop", events, flush=False)
         elif seq.generated >= seq.max_tokens or seq.n_past >= self.model.ctx_per_seq:
             self._emit(seq, text, events)
-            self._end_seq(seq, "length", events)
+            self._end_seq(seq, job, "length", events)
         else:
             self._emit(seq, text, events)
             seq.last_token = tok
@@ -328,7 +373,8 @@ class Scheduler:
             seq.pending_lp = []
             seq.reported = seq.generated
 
-    def _end_seq(self, seq: _Seq, reason: str, events: list[Event], flush: bool = True) -> None:
+    def _end_seq(self, seq: _Seq, job: Job, reason: str, events: list[Event],
+                 flush: bool = True) -> None:
         if flush:
             self._emit(seq, seq.stops.feed(seq.utf8.flush())[0] + seq.stops.flush(), events)
         elif seq.pending_lp:
@@ -336,7 +382,7 @@ class Scheduler:
         seq.finished = True
         seq.decoding = False
         events.append(Finished(index=seq.index, finish_reason=reason,
-                               completion_tokens=seq.generated))
+                               completion_tokens=seq.generated, cached_tokens=job.cached))
 
     def _describe(self, token: int) -> tuple[str, list[int]]:
         hit = self._describe_cache.get(token)
@@ -347,18 +393,37 @@ class Scheduler:
                 self._describe_cache[token] = hit
         return hit
 
-    def _release(self, job: Job) -> None:
+    def _release(self, job: Job, keep: bool = True) -> None:
+        """Free the job's slots, keeping their KV for later prompts unless `keep` is False
+        (a failed decode leaves it unknown)."""
         if job in self._running:
             self._running.remove(job)
+        self._clock += 1
         for seq in job.seqs:
             seq.sampler.close()
-            self.model.clear_slot(seq.slot)
+            tokens = self._kept(job, seq) if keep and self.prefix_cache else []
+            if not tokens:
+                self.model.clear_slot(seq.slot)
+            self._slot_tokens[seq.slot] = tokens
+            self._slot_key[seq.slot] = job.request.cache_key
+            self._slot_used[seq.slot] = self._clock if tokens else 0
             self._free_slots.append(seq.slot)
-        self._free_slots.sort()
         job.seqs = []
 
+    @staticmethod
+    def _kept(job: Job, seq: _Seq) -> list[int]:
+        """The tokens whose KV the sequence's slot holds, up to its first image."""
+        prompt = job.request.prompt_tokens
+        if job.prefilled < len(prompt) or seq.n_past < len(prompt):  # cut off in prefill
+            tokens = prompt[:job.prefilled] if seq is job.seqs[0] else []
+        else:
+            tokens = prompt + seq.fed
+        if job.media:
+            tokens = tokens[:min(job.media)]
+        return tokens if MEDIA_TOKEN not in tokens else tokens[:tokens.index(MEDIA_TOKEN)]
+
     def _finish_job(self, job: Job, error: EngineError | None = None) -> None:
-        self._release(job)
+        self._release(job, keep=error is None)
         if not job.cancelled:
             job.sink(error if error is not None else DONE)
 
@@ -369,3 +434,18 @@ class Scheduler:
             job = self._waiting.popleft()
             if not job.cancelled:
                 job.sink(error)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens a and b share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    if a[:n] == b[:n]:  # the common case (a cached system prompt or earlier turns): C speed
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]: halve with slice comparisons
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
