@@ -75,6 +75,7 @@ class Gate:
         try:  # what operators see must never fail the request it describes
             self.metrics.finished(t, prompt_tokens=ticket.prompt_tokens,
                                   completion_tokens=ticket.completion_tokens,
+                                  cached_tokens=ticket.cached_tokens,
                                   sequences=t.sequences, status=ticket.status)
             self.tracing.finished(t, status=ticket.status, prompt_tokens=ticket.prompt_tokens,
                                   completion_tokens=ticket.completion_tokens)

@@ -68,8 +68,8 @@ class Metrics:
             MODEL, registry=r)
         self.cache_hits = Counter(
             "vllm:prefix_cache_hits",
-            "Prompt tokens found in the prefix cache (cached tokens; 0 until prefix caching "
-            "reports them).", MODEL, registry=r)
+            "Prompt tokens found in the prefix cache (usage's cached tokens).", MODEL,
+            registry=r)
         self.request_prompt_tokens = Histogram(
             "vllm:request_prompt_tokens", "Prompt tokens per request.", MODEL,
             buckets=TOKEN_BUCKETS, registry=r)
