@@ -34,9 +34,12 @@ def assert_error(r: httpx.Response, status: int, param: str | None, code: str | 
 CHAT_CASES = [
     (chat(messages=[]), "messages", "invalid_value",
      "Invalid value for 'messages': List should have at least 1 item after validation, not 0."),
-    (chat(messages=[{"role": "tool", "content": "x"}]), "messages[0].role", "invalid_value",
-     "Invalid value for 'messages[0].role': Input should be 'system', 'developer', 'user' or "
-     "'assistant' (got 'tool')."),
+    (chat(messages=[{"role": "robot", "content": "x"}]), "messages[0].role", "invalid_value",
+     "Invalid value for 'messages[0].role': Input should be 'system', 'developer', 'user', "
+     "'assistant' or 'tool' (got 'robot')."),
+    (chat(messages=[{"role": "tool", "content": "x"}]), "messages[0]", "invalid_value",
+     "Invalid value for 'messages[0]': a tool message needs the tool_call_id of the call it "
+     "answers."),
     (chat(messages=[{"role": "user"}]), "messages[0]", "invalid_value",
      "Invalid value for 'messages[0]': a user message needs content."),
     (chat(messages="hello"), "messages", "invalid_value",
