@@ -221,6 +221,7 @@ def test_jobs_page_lists_an_sdk_job_and_cancels_it(page: Page, org: dict,
 def test_start_a_job_from_the_form(page: Page, org: dict, tmp_path: Path) -> None:
     train = upload_sdk(org, write_jsonl(tmp_path / "form.jsonl", duck_examples(6)))
     page.goto("/dashboard/fine-tuning")
+    page.get_by_label("Base model").select_option(MODEL)  # SmolLM2 is listed first
     page.get_by_label("Training file").select_option(train)
     page.get_by_label("Method").select_option("full")
     page.get_by_label("Epochs").fill("2")
