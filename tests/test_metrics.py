@@ -46,21 +46,24 @@ def traffic(srv: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dic
     """Real requests of every kind; what their responses reported, per model."""
     sdk = openai.OpenAI(base_url=srv.api, api_key=ADMIN_KEY, max_retries=0, timeout=120)
     prompt = {MODEL: 0, EMBED: 0}
-    completion = 0
+    completion = cached = 0
     chat = sdk.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
                                        messages=[{"role": "user", "content": "Say hello."}])
     prompt[MODEL] += chat.usage.prompt_tokens
     completion += chat.usage.completion_tokens
+    cached += chat.usage.prompt_tokens_details.cached_tokens
     stream = sdk.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, stream=True,
                                          stream_options={"include_usage": True},
                                          messages=[{"role": "user", "content": "Count to 3."}])
     usage = [c.usage for c in stream if c.usage is not None][-1]
     prompt[MODEL] += usage.prompt_tokens
     completion += usage.completion_tokens
+    cached += usage.prompt_tokens_details.cached_tokens
     legacy = sdk.completions.create(model=MODEL, prompt="The sky is", max_tokens=6, n=2,
                                     temperature=0.7, seed=1)
     prompt[MODEL] += legacy.usage.prompt_tokens
     completion += legacy.usage.completion_tokens
+    cached += legacy.usage.prompt_tokens_details.cached_tokens
     emb = sdk.embeddings.create(model=EMBED, input=["one", "two words", "three more words"])
     prompt[EMBED] += emb.usage.prompt_tokens
 
@@ -71,6 +74,7 @@ def traffic(srv: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dic
                                            messages=[{"role": "user", "content": "Hi"}])
     prompt[MODEL] += first.usage.prompt_tokens
     completion += first.usage.completion_tokens
+    cached += first.usage.prompt_tokens_details.cached_tokens
     with pytest.raises(openai.RateLimitError) as refused:
         tenant.chat.completions.create(model=MODEL, max_tokens=4,
                                        messages=[{"role": "user", "content": "Hi again"}])
@@ -82,7 +86,9 @@ def traffic(srv: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dic
     path = write_jsonl(tmp_path_factory.mktemp("ft") / "t.jsonl", duck_examples(12))
     f = ft.files.create(file=open(path, "rb"), purpose="fine-tune")
     job = ft.fine_tuning.jobs.create(model=MODEL, training_file=f.id)
-    return {"prompt": prompt, "completion": completion, "job_status": job.status,
+    assert cached > 0  # chat turns share the template's opening tokens: the prefix cache
+    return {"prompt": prompt, "completion": completion, "cached": cached,
+            "job_status": job.status,
             "generations": 4, "inputs": 3}
 
 
@@ -133,7 +139,7 @@ def test_counters_match_the_responses(srv: RunningServer, traffic: dict) -> None
         assert value(m, "vllm:generation_tokens_total", model_name=MODEL) == traffic["completion"]
         assert value(m, "vllm:prefix_cache_queries_total",
                      model_name=MODEL) == traffic["prompt"][MODEL]
-        assert value(m, "vllm:prefix_cache_hits_total", model_name=MODEL) == 0
+        assert value(m, "vllm:prefix_cache_hits_total", model_name=MODEL) == traffic["cached"]
     m = by_admin
     assert value(m, "bastion_model_requests_total", model_name=MODEL,
                  endpoint="/v1/chat/completions", status="ok") == 3
