@@ -78,7 +78,11 @@ def test_stream_equals_whole_answer(client: openai.OpenAI) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
     assert text == whole.choices[0].message.content
-    assert chunks[-1].usage == whole.usage
+    # the same counts; the second request reused the first's prompt (prefix cache)
+    streamed = chunks[-1].usage
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (
+        whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    assert streamed.prompt_tokens_details.cached_tokens == streamed.prompt_tokens - 1
 
 
 def test_template_is_the_ggufs_chatml(client: openai.OpenAI, smol_vocab: llama_cpp.Llama) -> None:

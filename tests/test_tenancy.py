@@ -118,7 +118,8 @@ def test_permissions_are_enforced(server: RunningServer, tenants: dict) -> None:
         training.completions.create(model=MODEL, prompt="x", max_tokens=1)
     inference = openai.OpenAI(base_url=server.api, api_key=b["inference"], max_retries=0)
     assert inference.completions.create(model=MODEL, prompt="x", max_tokens=1).choices
-    assert [m.id for m in inference.models.list().data] == [MODEL, "all-minilm-l6-v2"]
+    assert [m.id for m in inference.models.list().data] == [
+        "smollm2-135m-instruct", MODEL, "all-minilm-l6-v2"]
     r = httpx.get(f"{server.api}/organizations/{b['org']['id']}/api-keys",
                   headers=bearer(b["inference"]))
     assert r.status_code == 403 and "'admin'" in r.json()["error"]["message"]

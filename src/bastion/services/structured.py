@@ -62,8 +62,9 @@ def check_schema(schema: Any, param: str) -> None:
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
-        raise InvalidRequestError(f"Invalid JSON schema: {exc.message}", param=param,
-                                  code="invalid_schema") from exc
+        where = "/".join(str(p) for p in exc.path) or "#"
+        raise InvalidRequestError(f"Invalid JSON schema at '{where}': {exc.message}",
+                                  param=param, code="invalid_schema") from exc
     _walk(schema, "#", param, 0)
 
 
