@@ -85,20 +85,7 @@ class SequenceSampler:
             return lc.llama_sampler_sample(self.chain, ctx, batch_index)
         if self.plain:
             return self._categorical(logits)
-        cand = self._candidates(logits)
-        data = np.empty(len(cand), dtype=TOKEN_DATA)
-        data["id"] = cand
-        data["logit"] = logits[cand]
-        data["p"] = 0.0
-        arr = lc.llama_token_data_array(
-            data=data.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), size=len(cand),
-            selected=-1, sorted=False)
-        lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
-        token = int(data["id"][arr.selected])
-        lc.llama_sampler_accept(self.chain, token)
-        if self.penalised:
-            self.history.append(token)
-        return token
+        return self._through_chain(self._candidates(logits), logits)
 
     # --- constrained output -------------------------------------------------------------------
     def _sample_constrained(self, logits: np.ndarray) -> int:
@@ -116,13 +103,7 @@ class SequenceSampler:
 
     def _allowed(self, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """The ids among `ids` that the grammar allows next."""
-        data = np.empty(len(ids), dtype=TOKEN_DATA)
-        data["id"] = ids
-        data["logit"] = logits[ids]
-        data["p"] = 0.0
-        arr = lc.llama_token_data_array(
-            data=data.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), size=len(ids),
-            selected=-1, sorted=False)
+        data, arr = _token_array(ids, logits)
         lc.llama_sampler_apply(self.grammar, ctypes.byref(arr))
         return data["id"][np.isfinite(data["logit"])].astype(np.int64)
 
@@ -180,13 +161,11 @@ class SequenceSampler:
             cand = self._allowed(np.arange(self.n_vocab), logits)
             if not cand.size:
                 return DEAD_END
-        data = np.empty(len(cand), dtype=TOKEN_DATA)
-        data["id"] = cand
-        data["logit"] = logits[cand]
-        data["p"] = 0.0
-        arr = lc.llama_token_data_array(
-            data=data.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), size=len(cand),
-            selected=-1, sorted=False)
+        return self._through_chain(cand, logits)
+
+    def _through_chain(self, cand: np.ndarray, logits: np.ndarray) -> int:
+        """The chain's choice among the candidate tokens, accepted into its state."""
+        data, arr = _token_array(cand, logits)
         lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
         token = int(data["id"][arr.selected])
         lc.llama_sampler_accept(self.chain, token)
@@ -241,6 +220,20 @@ class SequenceSampler:
         if self.grammar:
             lc.llama_sampler_free(self.grammar)
             self.grammar = None
+
+
+def _token_array(ids: np.ndarray, logits: np.ndarray
+                 ) -> tuple[np.ndarray, lc.llama_token_data_array]:
+    """Candidate tokens as llama.cpp's token data array, over a numpy buffer that the
+    samplers edit in place (the buffer must outlive the array's use)."""
+    data = np.empty(len(ids), dtype=TOKEN_DATA)
+    data["id"] = ids
+    data["logit"] = logits[ids]
+    data["p"] = 0.0
+    arr = lc.llama_token_data_array(
+        data=data.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), size=len(ids),
+        selected=-1, sorted=False)
+    return data, arr
 
 
 def token_logprob(logits: np.ndarray, token: int, top_n: int, describe: Describe) -> TokenLogprob:
