@@ -12,17 +12,18 @@ import os
 import time
 from pathlib import Path
 
-from bastion.models.bundled import bundled_gguf
+from bastion.models.bundled import bundled_gguf, bundled_smollm2
 from bastion.engines.llamacpp.model import LlamaModel
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", choices=("gemma", "smollm2"), default="gemma")
     ap.add_argument("--data-dir", type=Path, default=Path.home() / ".cache" / "bastion-bench")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
-    path = bundled_gguf(args.data_dir / "models")
+    path = bundled_gguf(args.data_dir / "models") if args.model == "gemma" else bundled_smollm2()
     model = LlamaModel(path, n_seq=16, ctx_per_seq=4096, n_batch=512, threads=args.threads)
     prompt = model.tokenize("Once upon a time", add_special=True, parse_special=False)
     n = len(prompt)

@@ -4,6 +4,8 @@
    one after another, under one shared ~1,500-token system prompt: TTFT p50/p90, aggregate
    completion tokens/s, cached tokens, errors.
 2. A 10-turn conversation (one client): each turn's TTFT and cached tokens.
+3. A 0 % hit rate: C clients x Q completions whose prompts share no prefix (serving.py's load
+   with ~200 filler words of their own each): what the cache costs when it never hits.
 The two servers run one after the other so they never compete for the CPU.
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import ADMIN_KEY, RESULTS_DIR, Server, percentile, running  # noqa: E402
+from serving import ADMIN_KEY, RESULTS_DIR, Server, percentile, run_level, running  # noqa: E402
 
 MODEL = "gemma-3-270m"
 SYSTEM = "You are the help desk of the Harbor Street library. " + " ".join(
@@ -133,6 +135,12 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(f"| {name} | {s['requests']} | {s['errors']} | {fmt(s['ttft_p50_ms'])} | "
                      f"{fmt(s['ttft_p90_ms'])} | {fmt(s['tokens_per_s'], 1)} | "
                      f"{fmt(s['cached_tokens_mean'])} |")
+    lines += ["", "0 % hit rate (no shared prefix, streaming completions):", "",
+              "| cache | requests | errors | TTFT p50 ms | tokens/s |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        m = r["miss"]
+        lines.append(f"| {name} | {m['requests']} | {m['errors']} | {fmt(m['ttft_p50_ms'])} | "
+                     f"{fmt(m['tok_s'], 1)} |")
     lines += ["", "| turn | " + " | ".join(f"TTFT ms ({n}) | cached ({n})" for n in results)
               + " |", "|---|" + "---|---|" * len(results)]
     names = list(results)
@@ -151,6 +159,8 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=4)
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--miss-words", type=int, default=200,
+                   help="filler words per prompt in the 0 %% hit-rate load")
     p.add_argument("--data-dir", type=Path, default=Path.home() / ".cache" / "bastion-bench")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--start-timeout", type=float, default=180.0)
@@ -164,18 +174,21 @@ def main() -> None:
                          "--no-bundled-embeddings"],
                         {"BASTION_ADMIN_KEY": ADMIN_KEY, "BASTION_DRAIN_TIMEOUT": "5",
                          "BASTION_PREFIX_CACHE": flag, "BASTION_RATE_LIMITS": "false"},
-                        "/health", {}, MODEL)
+                        "/health", {"Authorization": f"Bearer {ADMIN_KEY}"}, MODEL)
         log_path = args.data_dir / "logs" / stamp / f"{server.name}.log"
         with running(server, log_path, args.start_timeout) as (base, _pid):
             shared = asyncio.run(shared_prompt(base, args.clients, args.questions,
                                                args.max_tokens))
             turns = asyncio.run(conversation(base, args.turns, args.max_tokens))
+            miss = asyncio.run(run_level(base, server, MODEL, args.clients, args.questions,
+                                         args.max_tokens, args.miss_words))
+            miss.pop("raw")
             system_tokens = httpx.post(
                 base + "/v1/chat/completions", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                 json={"model": MODEL, "max_tokens": 1, "messages": [
                     {"role": "system", "content": SYSTEM}, {"role": "user", "content": "x"}]},
                 timeout=600).json()["usage"]["prompt_tokens"]
-        results[name] = {"shared": shared, "turns": turns}
+        results[name] = {"shared": shared, "turns": turns, "miss": miss}
     meta = {"timestamp": stamp, "cpus": os.cpu_count(), "clients": args.clients,
             "questions": args.questions, "max_tokens": args.max_tokens,
             "system_tokens": system_tokens}

@@ -1,7 +1,9 @@
-"""Serving benchmark: Bastion vs llama_cpp.server on the bundled Gemma 3 270M.
+"""Serving benchmark: Bastion vs llama_cpp.server on a bundled chat model (Gemma 3 270M or
+SmolLM2-135M-Instruct), read against the decode ceiling measured in the same run.
 
-Both servers get the same streaming /v1/completions load at several concurrency levels, one
-server after the other so they never compete for the CPU. See bench/README.md.
+Every server gets the same streaming /v1/completions load at several concurrency levels, one
+server after the other so they never compete for the CPU. With --baseline, other versions of
+Bastion (their src/ trees) run in the same way, for before/after comparisons. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -26,12 +28,21 @@ from typing import Any, Callable, Iterator
 
 import httpx
 import psutil
+import random
 
 ADMIN_KEY = "sk-bench-local-admin-key"  # loopback only; not a secret
 PROMPTS = ("Once upon a time", "The history of the city began", "It was a cold morning when",
            "Long ago, in a small village by the sea,", "The old lighthouse keeper had a secret:",
            "Nobody expected the letter to arrive on a Sunday.")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Filler for --prompt-words: every request draws its own words, so no two prompts share a
+# prefix that a prompt cache could reuse, and TTFT includes a real prefill.
+WORDS = ("river stone window garden market letter morning silver forest candle bridge winter "
+         "harbor lantern meadow village painter story island mountain teacher kitchen music "
+         "summer yellow engine basket ladder orange blanket castle doctor feather mirror "
+         "pocket rabbit saddle thunder valley wagon anchor butter cotton dragon eagle farmer "
+         "glass hammer jacket kettle lemon needle ocean pepper quilt rocket shadow tiger").split()
+MODELS = {"gemma": "gemma-3-270m", "smollm2": "smollm2-135m-instruct"}
 
 
 @dataclass
@@ -187,8 +198,16 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else None
 
 
+def prompt_for(n: int, words: int) -> str:
+    """The n-th request's prompt: a story opening, after `words` filler words of its own."""
+    if not words:
+        return PROMPTS[n % len(PROMPTS)]
+    rng = random.Random(n)
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + ". " + PROMPTS[n % len(PROMPTS)]
+
+
 async def run_level(base: str, server: Server, model: str, concurrency: int, per_client: int,
-                    max_tokens: int) -> dict[str, Any]:
+                    max_tokens: int, words: int = 0) -> dict[str, Any]:
     """`concurrency` clients, each sending `per_client` requests back to back."""
     async def client_loop(k: int) -> list[RequestResult]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -198,8 +217,9 @@ async def run_level(base: str, server: Server, model: str, concurrency: int, per
             for i in range(per_client):
                 n = k * per_client + i
                 out.append(await one_request(client, {
-                    "model": model, "prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": max_tokens,
-                    "temperature": 0.8, "stream": True, "seed": 1000 * concurrency + n}))
+                    "model": model, "prompt": prompt_for(1000 * concurrency + n, words),
+                    "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
+                    "seed": 1000 * concurrency + n}))
             return out
 
     t0 = time.perf_counter()
@@ -231,7 +251,8 @@ async def drive(base: str, pid: int, server: Server, args: argparse.Namespace) -
         monitor.start()
         try:
             level = await run_level(base, server, model, c,
-                                    args.requests_per_client or (3 if c < 8 else 2), args.max_tokens)
+                                    args.requests_per_client or (3 if c < 8 else 2), args.max_tokens,
+                                    args.prompt_words)
         finally:
             stats = monitor.stop()
         level["peak_rss_mib"], level["other_cpu_pct"] = stats
@@ -250,44 +271,81 @@ def fmt(v: float | None, digits: int = 0) -> str:
 
 
 def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
-    b, r = results.get("bastion"), results.get("reference")
-
-    def cell(level: dict[str, Any] | None, *keys: str, digits: int = 0) -> str:
-        return "/".join(fmt(level[k], digits) for k in keys) if level else "-"
-
+    """One row per level and server; ratios against the first server and the decode ceiling."""
+    ceiling: dict[int, float] = meta.get("ceiling") or {}
+    first = "bastion" if "bastion" in results else next(iter(results), None)
     lines = [f"Run {meta['timestamp']} on {meta['cpus']} CPUs ({meta['platform']}); "
-             f"{meta['model_file']}, max_tokens={meta['max_tokens']}, streaming /v1/completions.",
-             "", "| concurrency | bastion tok/s | reference tok/s | ratio | bastion TTFT p50/p99 ms "
-             "| reference TTFT p50/p99 ms | errors (b/r) | requests (b/r) | other CPU % (b/r) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{meta['model_file']}, max_tokens={meta['max_tokens']}, "
+             f"prompt {meta['prompt_words']} filler words + a story opening, streaming "
+             "/v1/completions.", "",
+             f"| concurrency | server | tok/s | of ceiling | ÷ {first} | TTFT p50/p99 ms "
+             "| errors | requests | other CPU % |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in meta["levels"]:
-        lb, lr = (res["levels"].get(c) if res else None for res in (b, r))
-        ratio = f"{lb['tok_s'] / lr['tok_s']:.2f}x" if lb and lr and lr["tok_s"] else "-"
-        lines.append(" | ".join([
-            f"| {c}", cell(lb, "tok_s", digits=1), cell(lr, "tok_s", digits=1), ratio,
-            cell(lb, "ttft_p50_ms", "ttft_p99_ms"), cell(lr, "ttft_p50_ms", "ttft_p99_ms"),
-            f"{cell(lb, 'errors')}/{cell(lr, 'errors')}",
-            f"{cell(lb, 'requests')}/{cell(lr, 'requests')}",
-            f"{cell(lb, 'other_cpu_pct')}/{cell(lr, 'other_cpu_pct')} |"]))
-    top = max(meta["levels"])
+        base = results[first]["levels"].get(c) if first else None
+        for name, res in results.items():
+            lv = res["levels"].get(c)
+            if not lv:
+                continue
+            top = ceiling.get(c)
+            lines.append(" | ".join([
+                f"| {c}", name, f"{lv['tok_s']:.1f}",
+                f"{lv['tok_s'] / top:.0%}" if top else "-",
+                f"{lv['tok_s'] / base['tok_s']:.2f}x" if base and base["tok_s"] else "-",
+                f"{fmt(lv['ttft_p50_ms'])}/{fmt(lv['ttft_p99_ms'])}", str(lv["errors"]),
+                str(lv["requests"]), f"{lv['other_cpu_pct']:.0f} |"]))
+    if ceiling:
+        lines += ["", "Decode ceiling (`bench/decode_ceiling.py`, same run): " + ", ".join(
+            f"{c} seq {v:.0f} tok/s" for c, v in sorted(ceiling.items()))]
+    top_level = max(meta["levels"])
     lines += ["", "other CPU %: share of all cores used by processes other than the server and "
               "this script; above ~10% that level ran on a busy machine.", ""]
-    for name, res in (("bastion", b), ("reference", r)):
-        if res:
-            lines.append(f"- {name}: peak RSS at concurrency {top}: "
-                         f"{res['levels'][top]['peak_rss_mib']:.0f} MiB (idle after warm-up "
-                         f"{res['idle_rss_mib']:.0f} MiB; startup {res['startup_s']:.1f}s)")
+    for name, res in results.items():
+        lines.append(f"- {name}: peak RSS at concurrency {top_level}: "
+                     f"{res['levels'][top_level]['peak_rss_mib']:.0f} MiB (idle after warm-up "
+                     f"{res['idle_rss_mib']:.0f} MiB; startup {res['startup_s']:.1f}s)")
     return "\n".join(lines) + "\n"
+
+
+def decode_ceiling(model: str, data_dir: Path, threads: int) -> dict[int, float]:
+    """tok/s of bare llama_decode per batch size, from bench/decode_ceiling.py's table."""
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("decode_ceiling.py")),
+                          "--model", model, "--data-dir", str(data_dir), "--threads", str(threads)],
+                         capture_output=True, text=True, check=True).stdout
+    print(out, file=sys.stderr)
+    rows = (line.strip("|").split("|") for line in out.splitlines() if line.startswith("| "))
+    return {int(r[0]): float(r[1]) for r in rows if r[0].strip().isdigit()}
+
+
+def bastion_server(name: str, args: argparse.Namespace, data_dir: Path,
+                   env: dict[str, str]) -> Server:
+    return Server(name, [sys.executable, "-m", "bastion.cli", "serve", "--port", "{port}",
+                         "--data-dir", str(data_dir), "--threads", str(args.threads)],
+                  {"BASTION_ADMIN_KEY": ADMIN_KEY, "BASTION_DRAIN_TIMEOUT": "5", **env}, "/health",
+                  {"Authorization": f"Bearer {ADMIN_KEY}"}, MODELS[args.model])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("bastion", "reference"))
+    p.add_argument("--model", choices=tuple(MODELS), default="gemma")
+    p.add_argument("--only", choices=("bastion", "reference"),
+                   help="run only Bastion (and any --baseline) or only the reference server")
     p.add_argument("--levels", default="1,4,8,16", help="comma-separated concurrency levels",
                    type=lambda s: [int(x) for x in s.split(",") if x.strip()])
     p.add_argument("--requests-per-client", type=int, default=None,
                    help="requests each client sends (default: 3 below concurrency 8, else 2)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-words", type=int, default=0,
+                   help="filler words of its own before each request's story opening")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also time bare llama_decode (bench/decode_ceiling.py) in this run")
+    p.add_argument("--bastion-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for this version's Bastion (repeatable)")
+    p.add_argument("--baseline", action="append", default=[], metavar="LABEL=SRC",
+                   help="also run another Bastion version from its src/ directory (e.g. "
+                        "`git archive <commit> src | tar -x -C /tmp/base`), in the same run")
+    p.add_argument("--reverse", action="store_true",
+                   help="run the servers in reverse order (reference, baselines, this version): "
+                        "a second run with it balances drift across the run")
     p.add_argument("--data-dir", type=Path, default=Path.home() / ".cache" / "bastion-bench",
                    help="Bastion's data dir; the assembled GGUF is kept here between runs")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -295,37 +353,40 @@ def main() -> None:
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks run
 
-    from bastion.models.bundled import bundled_gguf
+    from bastion.models.bundled import bundled_gguf, bundled_smollm2
 
-    gguf = bundled_gguf(args.data_dir / "models")
+    gguf = bundled_gguf(args.data_dir / "models") if args.model == "gemma" else bundled_smollm2()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     threads = str(args.threads)
-    servers = [
-        Server("bastion", [sys.executable, "-m", "bastion.cli", "serve", "--port", "{port}",
-                           "--data-dir", str(args.data_dir), "--threads", threads],
-               {"BASTION_ADMIN_KEY": ADMIN_KEY, "BASTION_DRAIN_TIMEOUT": "5"}, "/health",
-               {"Authorization": f"Bearer {ADMIN_KEY}"}, "gemma-3-270m"),
-        # interrupt_requests=false: by default a queued request cuts the running stream short.
-        Server("reference", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
-                             "--host", "127.0.0.1", "--port", "{port}", "--n_ctx", "4096",
-                             "--n_threads", threads, "--n_threads_batch", threads,
-                             "--interrupt_requests", "false"], {}, "/v1/models", {}, None),
-    ]
+    env = dict(kv.split("=", 1) for kv in args.bastion_env)
+    servers = [bastion_server("bastion", args, args.data_dir, env)]
+    for spec in args.baseline:
+        label, src = spec.split("=", 1)
+        servers.append(bastion_server(label, args, args.data_dir / f"baseline-{label}",
+                                      {"PYTHONPATH": str(Path(src).resolve())}))
+    # interrupt_requests=false: by default a queued request cuts the running stream short.
+    servers.append(Server("reference", [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+        "--port", "{port}", "--n_ctx", "4096", "--n_threads", threads, "--n_threads_batch",
+        threads, "--interrupt_requests", "false"], {}, "/v1/models", {}, None))
     results: dict[str, Any] = {}
-    for server in servers:
-        if args.only in (None, server.name):
+    for server in reversed(servers) if args.reverse else servers:
+        if args.only is None or (server.name == "reference") == (args.only == "reference"):
             log_path = args.data_dir / "logs" / stamp / f"{server.name}.log"
             t0 = time.perf_counter()
             with running(server, log_path, args.start_timeout) as (base, pid):
                 startup = time.perf_counter() - t0
                 results[server.name] = asyncio.run(drive(base, pid, server, args))
             results[server.name].update(startup_s=startup, log=str(log_path))
+    ceiling = decode_ceiling(args.model, args.data_dir, args.threads) if args.ceiling else {}
 
     meta = {"timestamp": stamp, "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "model_file": gguf.name,
             "max_tokens": args.max_tokens, "levels": args.levels, "threads": args.threads,
+            "prompt_words": args.prompt_words, "ceiling": ceiling,
             "requests_per_client": args.requests_per_client,
-            "commands": {s.name: s.cmd for s in servers if s.name in results}}
+            "commands": {s.name: s.cmd for s in servers if s.name in results},
+            "envs": {s.name: s.env for s in servers if s.name in results}}
     table = render(results, meta)
     print(table)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ garbles the answer from its first tokens."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -100,6 +101,20 @@ def test_multi_turn_chat_reuses_the_earlier_turns(servers) -> None:
     plain = sdk(off).chat.completions.create(model=MODEL, messages=messages, **ARGS)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) \
         == plain.choices[0].message.content
+
+
+def test_requests_arriving_together_prefill_their_shared_prompt_once(servers) -> None:
+    """The second request waits for the first one's prefill of the system prompt and starts
+    from a copy of its slot; without that, both would prefill all of it."""
+    on, off = servers
+    system = "Requests arriving together. " + SYSTEM  # no slot holds this prompt yet
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda q: ask(sdk(on), q, system=system), QUESTIONS[:2]))
+    first, second = sorted(both, key=cached)
+    assert cached(first) < 16  # at most the template's opening tokens, from another slot
+    assert 400 < cached(second) < second.usage.prompt_tokens
+    plain = ask(sdk(off), QUESTIONS[both.index(second)], system=system)
+    assert second.choices[0].message.content == plain.choices[0].message.content
 
 
 def test_another_organisation_never_reuses_the_cache(servers) -> None:

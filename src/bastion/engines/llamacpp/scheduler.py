@@ -17,7 +17,10 @@ tokens it holds. A new request's leader takes the free slot (of the same cache k
 organisation) whose tokens share the longest prefix with its prompt, drops that slot's KV after
 the shared part and prefills only the rest; the last prompt token is always decoded again, for
 the logits the first token is sampled from. Without a match it takes the least recently used
-free slot. KV that follows an image is never kept (the tokens do not show which image it was),
+free slot. A running request's prompt counts too: a request whose prompt shares at least
+AWAIT_SHARED tokens with one still being prefilled waits until those tokens are in that request's
+slot, then starts from a copy of it, so a burst of requests under one system prompt prefills it
+once. KV that follows an image is never kept (the tokens do not show which image it was),
 and a prompt with images, or one whose every token is scored (prompt logprobs), starts afresh.
 """
 
@@ -42,6 +45,7 @@ from bastion.engines.threaded import DONE, Sink
 log = logging.getLogger("bastion.scheduler")
 
 PROMPT_LOGPROB_CHUNK = 32  # prompt tokens scored per step, so echo+logprobs never stalls others
+AWAIT_SHARED = 64  # shared prompt tokens worth waiting for another request's prefill
 
 
 @dataclass(eq=False)
@@ -170,8 +174,12 @@ class Scheduler:
             self._release(job)
 
     def _admit(self) -> None:
+        held: list[Job] = []
         while self._waiting and len(self._free_slots) >= self._waiting[0].request.n:
             job = self._waiting.popleft()
+            if self._awaits_prefill(job):
+                held.append(job)
+                continue
             if not job.request.prompt_tokens:  # nothing to decode would spin forever
                 self._finish_job(job, EngineError("The prompt has no tokens."))
                 continue
@@ -197,19 +205,47 @@ class Scheduler:
                 self._free_slots += [slot for slot in slots if slot not in taken]
                 self._finish_job(job, exc if isinstance(exc, EngineError) else EngineError(
                     f"The model could not start generating: {exc}"))
+        self._waiting.extendleft(reversed(held))
+
+    def _cacheable(self, job: Job) -> bool:
+        return self.prefix_cache and not job.media and not job.request.params.prompt_logprobs
+
+    def _sources(self, job: Job) -> list[Job]:
+        """Running requests of the same cache key whose leader's KV the job could copy."""
+        return [other for other in self._running
+                if other is not job and other.seqs and self._cacheable(other)
+                and other.request.cache_key == job.request.cache_key]
+
+    def _awaits_prefill(self, job: Job) -> bool:
+        """Whether a running request is still prefilling a long prefix the job's prompt shares:
+        waiting a step or two for it costs less than prefilling the same tokens twice."""
+        if not self._cacheable(job):
+            return False
+        prompt = job.request.prompt_tokens
+        for other in self._sources(job):
+            theirs = other.request.prompt_tokens
+            if other.prefilled < len(theirs):
+                n = _common_prefix(theirs, prompt, len(prompt) - 1)
+                if n >= AWAIT_SHARED and other.prefilled < n:
+                    return True
+        return False
 
     def _take_slots(self, job: Job) -> list[int]:
         """Free slots for the job's n sequences, the leader's holding the longest cached
         prefix of its prompt (job.prefilled starts after it); the others emptied."""
         prompt = job.request.prompt_tokens
-        leader, shared = -1, 0
-        if self.prefix_cache and not job.media and not job.request.params.prompt_logprobs:
+        leader, shared, source = -1, 0, -1
+        if self._cacheable(job):
             limit = len(prompt) - 1  # the last prompt token is decoded again, for its logits
             for slot in self._free_slots:
                 if self._slot_key[slot] == job.request.cache_key:
                     n = _common_prefix(self._slot_tokens[slot], prompt, limit)
                     if n > shared:
                         leader, shared = slot, n
+            for other in self._sources(job):  # the prompt part already in a running slot
+                n = _common_prefix(other.request.prompt_tokens[:other.prefilled], prompt, limit)
+                if n > shared:
+                    leader, shared, source = -1, n, other.seqs[0].slot
         if leader >= 0 and not self.model.trim_slot(leader, shared):
             shared = 0
         slots = [leader] if leader >= 0 else []
@@ -217,6 +253,12 @@ class Scheduler:
         self._free_slots.sort(key=lambda s: self._slot_used[s])  # least recently used first
         slots += self._free_slots[:job.request.n - len(slots)]
         del self._free_slots[:job.request.n - 1 + (leader < 0)]
+        if source >= 0:  # the first slot becomes a copy of the running one, cut to the prefix
+            leader = slots[0]
+            self.model.clear_slot(leader)
+            self.model.copy_slot(source, leader)
+            if not self.model.trim_slot(leader, shared):
+                shared = 0
         for slot in slots:
             if slot != leader or not shared:
                 self.model.clear_slot(slot)
