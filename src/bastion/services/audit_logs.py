@@ -7,7 +7,7 @@ are written by the services that make the changes (tenancy.audit.record)."""
 from __future__ import annotations
 
 from bastion.db.tables import Organization
-from bastion.errors import NotFoundError
+from bastion.errors import InvalidRequestError, NotFoundError
 from bastion.protocol.audit_logs import AuditLogList, audit_log_list
 from bastion.services.context import Services
 from bastion.tenancy import audit, orgs
@@ -29,6 +29,9 @@ def listing(services: Services, principal: Principal, org_id: str, *, after: str
                                     code="organization_not_found")
         else:
             orgs.get(s, principal, org_id)
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidRequestError(f"limit must be between 1 and {MAX_LIMIT} (got {limit}).",
+                                      param="limit", code="invalid_value")
         rows, more = audit.listing(s, org_id, after=after, limit=limit,
                                    event_types=event_types, actor_ids=actor_ids)
         return audit_log_list(rows, more)

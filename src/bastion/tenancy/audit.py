@@ -32,6 +32,7 @@ EVENT_TYPES = (
 ActorType = Literal["api_key", "session", "cli", "system"]
 CLI = "cli"  # the key id of the Principal the command line acts as
 MAX_USER_AGENT = 512
+MAX_FILTER_VALUES = 100
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,13 @@ def listing(session: Session, org_id: str, *, after: str | None, limit: int,
             event_types: list[str] | None = None,
             actor_ids: list[str] | None = None) -> tuple[list[AuditEvent], bool]:
     """One page of the organisation's events, newest first, and whether more follow."""
+    for name, values in (("event_types[]", event_types), ("actor_ids[]", actor_ids)):
+        if len(values or []) > MAX_FILTER_VALUES:
+            raise InvalidRequestError(f"At most {MAX_FILTER_VALUES} values of {name} at once.",
+                                      param=name, code="invalid_value")
     unknown = [t for t in event_types or [] if t not in EVENT_TYPES]
     if unknown:
-        raise InvalidRequestError(f"Unknown event type '{unknown[0]}'; the audit log records "
+        raise InvalidRequestError(f"Unknown event type {unknown[0][:64]!r}; the audit log records "
                                   f"{', '.join(EVENT_TYPES)}.", param="event_types[]",
                                   code="invalid_value")
     query = select(AuditEvent).where(AuditEvent.org_id == org_id)
