@@ -258,7 +258,7 @@ def command(srv: RunningServer, *args: str) -> str:
                            str(srv.data_dir)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout.strip()
+    return done.stdout.strip().splitlines()[-1]
 
 
 def test_the_command_line_is_audited_too(srv: RunningServer, story: dict) -> None:
