@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -104,8 +103,9 @@ def story(srv: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dict:
              for name, path in (("file", "model.safetensors"), ("config", "config.json"),
                                 ("tokenizer", "tokenizer.json"),
                                 ("tokenizer_config", "tokenizer_config.json"))}
-    if (tiny / "chat_template.jinja").exists():
-        files["chat_template"] = ("chat_template.jinja", (tiny / "chat_template.jinja").read_bytes())
+    template = tiny / "chat_template.jinja"  # where transformers 5 keeps it
+    if template.exists():
+        files["chat_template"] = (template.name, template.read_bytes())
     r = call("POST", f"{api}/models", key, data={"model_id": "audited-model"}, files=files)
     assert r.status_code == 200, r.text
     r = call("DELETE", f"{api}/models/audited-model", key)
