@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from typing import Iterator
 
 import httpx
@@ -280,13 +281,16 @@ def test_the_command_line_is_audited_too(srv: RunningServer, story: dict) -> Non
     story["raw_keys"].append({"key": raw, "prefix": raw[:12]})
 
 
-def sign_in(srv: RunningServer, key: str) -> httpx.Client:
-    web = httpx.Client(base_url=srv.base_url, timeout=120, headers={"User-Agent": DASHBOARD_UA})
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', web.get("/dashboard/login").text)
-    assert csrf is not None
-    r = web.post("/dashboard/login", data={"api_key": key, "csrf_token": csrf.group(1)})
-    assert r.status_code == 303, r.text
-    return web
+@contextmanager
+def sign_in(srv: RunningServer, key: str) -> Iterator[httpx.Client]:
+    """A dashboard session of `key`, signed in as a browser does (HTTP only, no browser)."""
+    with httpx.Client(base_url=srv.base_url, timeout=120,
+                      headers={"User-Agent": DASHBOARD_UA}) as web:
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', web.get("/dashboard/login").text)
+        assert csrf is not None
+        r = web.post("/dashboard/login", data={"api_key": key, "csrf_token": csrf.group(1)})
+        assert r.status_code == 303, r.text
+        yield web
 
 
 def form_token(page: str) -> str:
