@@ -56,6 +56,9 @@ def test_replicas_started_together_bootstrap_once(tmp_path: Path) -> None:
         assert [o["name"] for o in orgs] == ["Default"]
         keys = database_rows(servers[0], "api_keys")
         assert len(keys) == 1 and keys[0]["is_server_admin"]
+        events = database_rows(servers[0], "audit_events")  # the key's creation, once
+        assert [(e["type"], e["target_id"], e["actor_type"]) for e in events] == [
+            ("api_key.created", keys[0]["id"], "system")]
         for srv in servers:
             r = httpx.get(f"{srv.api}/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
             assert r.status_code == 200

@@ -248,7 +248,7 @@ def test_key_material_never_logged_or_stored(server: RunningServer) -> None:
     secret = raw[len(created["prefix"]):]
     assert secret not in server.log()
     dump = "\n".join(repr(database_rows(server, t))
-                     for t in ("organizations", "api_keys", "usage_records"))
+                     for t in ("organizations", "api_keys", "usage_records", "audit_events"))
     raw_files = "".join(p.read_bytes().decode("latin-1")
                         for p in server.data_dir.glob("bastion.db*"))  # SQLite, WAL included
     assert secret not in dump and secret not in raw_files

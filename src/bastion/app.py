@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
-from bastion.api import (chat, completions, embeddings, files, fine_tuning, health, keys,
-                         metrics, models, organizations, responses, usage, ws)
+from bastion.api import (audit_logs, chat, completions, embeddings, files, fine_tuning, health,
+                         keys, metrics, models, organizations, responses, usage, ws)
 from bastion.models.org_models import OrgModels
 from bastion.models.catalog import load_catalog
 from bastion.files.store import BlobStore
@@ -25,6 +25,7 @@ from bastion.errors import error_response, install_error_handlers
 from bastion.admission.draining import Lifecycle
 from bastion.admission.gate import Gate
 from bastion.http.admission import AdmissionBinding
+from bastion.http.origin import ClientOrigin
 from bastion.http.request_id import RequestId
 from bastion.http.root_paths import RootPaths, api_resources
 from bastion.http.telemetry import RequestTelemetry
@@ -122,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    api = (chat, completions, embeddings, models, organizations, keys, usage, files,
+    api = (chat, completions, embeddings, models, organizations, keys, audit_logs, usage, files,
            fine_tuning, health, metrics, ws, responses)
     for module in api:
         app.include_router(module.router)
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         route.path for module in api for route in module.router.routes))
     # counts every answer; with JSON logs it writes the request's line (then RequestId's
     # plain access line is off: one line per request)
+    app.add_middleware(ClientOrigin)  # where a request came from, for the audit log
     app.add_middleware(RequestTelemetry, metrics=recorded,
                        log_requests=settings.log_format == "json")
     app.add_middleware(RequestId, access_log=settings.access_log

@@ -150,6 +150,29 @@ def _sessions(data_dir: Path | None):  # type: ignore[no-untyped-def]
     return session_factory(engine)
 
 
+def _cli_principal(org_id: str):  # type: ignore[no-untyped-def]
+    """The command line acts as the server administrator (it holds the database); the audit
+    log names it `cli`, with the operating-system user and host it ran as."""
+    from bastion.tenancy.audit import CLI
+    from bastion.tenancy.keys import Principal
+
+    return Principal(key_id=CLI, org_id=org_id, is_server_admin=True)
+
+
+def _audit_origin() -> None:
+    """From where, for the audit log: who ran the command, on which machine."""
+    import getpass
+    import socket
+
+    from bastion.tenancy.audit import Origin, origin
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (a container's numeric user)
+        user = "unknown"
+    origin.set(Origin(via="cli", user_agent=f"bastion-cli ({user}@{socket.gethostname()})"))
+
+
 DataDir = Annotated[Optional[Path], typer.Option(help="Data directory (default ~/.bastion).")]
 
 
@@ -158,15 +181,14 @@ def orgs_create(name: Annotated[str, typer.Option()],
                 plan: Annotated[str, typer.Option(help="spark, seed, scale or dedicated")] = "spark",
                 data_dir: DataDir = None) -> None:
     """Create an organisation; prints its id."""
-    from bastion.tenancy import orgs
-    from bastion.tenancy.keys import Principal
+    from bastion.services.organizations import found
     from bastion.tenancy.plans import PLANS
 
     if plan not in PLANS:
         raise typer.BadParameter(f"unknown plan {plan!r}; plans: {', '.join(PLANS)}")
+    _audit_origin()
     with _sessions(data_dir).begin() as session:
-        org = orgs.create(session, Principal(key_id="cli", org_id="", is_server_admin=True),
-                          name, plan)
+        org = found(session, _cli_principal(""), name, plan)
     typer.echo(org.id)
 
 
@@ -190,8 +212,12 @@ def keys_create(name: Annotated[str, typer.Option()] = "CLI key",
                 rate_limit: Annotated[Optional[int], typer.Option(help="Requests per minute for this key.")] = None,
                 data_dir: DataDir = None) -> None:
     """Create an API key; the key is printed once and never stored."""
+    from pydantic import ValidationError
+
     from bastion.db.tables import Organization
-    from bastion.tenancy.keys import ALL_PERMISSIONS, create_key, default_org
+    from bastion.protocol.keys import ApiKeyCreate
+    from bastion.services.keys import issue
+    from bastion.tenancy.keys import ALL_PERMISSIONS, default_org
 
     perms = [p.strip() for p in permissions.split(",") if p.strip()]
     unknown = [p for p in perms if p not in ALL_PERMISSIONS]
@@ -199,11 +225,16 @@ def keys_create(name: Annotated[str, typer.Option()] = "CLI key",
         raise typer.BadParameter(f"unknown permissions {unknown}; choose from {', '.join(ALL_PERMISSIONS)}")
     if rate_limit is not None and not 1 <= rate_limit <= 1_000_000:
         raise typer.BadParameter("rate limit must be between 1 and 1000000 requests per minute")
+    try:
+        body = ApiKeyCreate(name=name, permissions=perms, rate_limit=rate_limit)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc.errors()[0].get("msg", exc))) from None
+    _audit_origin()
     with _sessions(data_dir).begin() as session:
         target = session.get(Organization, org) if org else default_org(session)
         if target is None or target.deleted_at is not None:
             raise typer.BadParameter(f"no organization {org!r}")
-        _, raw = create_key(session, target.id, name, permissions=perms, rate_limit=rate_limit)
+        _, raw = issue(session, _cli_principal(target.id), target.id, body)
     typer.echo(raw)
 
 
@@ -228,14 +259,14 @@ def keys_list(org: Annotated[Optional[str], typer.Option()] = None, data_dir: Da
 def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
     """Revoke a key; every replica refuses it from its next request on."""
     from bastion.db.tables import ApiKey
-    from bastion.tenancy.keys import Principal, revoke_key
+    from bastion.services.keys import withdraw
 
+    _audit_origin()
     with _sessions(data_dir).begin() as session:
         row = session.get(ApiKey, key_id)
         if row is None:
             raise typer.BadParameter(f"no API key {key_id!r}")
-        revoke_key(session, Principal(key_id="cli", org_id=row.org_id, is_server_admin=True),
-                   row.org_id, key_id)
+        withdraw(session, _cli_principal(row.org_id), row.org_id, key_id)
     typer.echo(f"revoked {key_id}")
 
 

@@ -1,5 +1,5 @@
 """SQLAlchemy tables: organisations, API keys, usage, files, fine-tuning jobs, uploaded models,
-stored responses."""
+stored responses, the audit log."""
 
 from __future__ import annotations
 
@@ -201,4 +201,27 @@ class StoredResponse(Base):
     body: Mapped[dict] = mapped_column(JSON)
     input_items: Mapped[list] = mapped_column(JSON)
     conversation: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """One change an operator may need to account for later (a key made or revoked, a plan
+    raised, a model deleted, ...): who made it, from where, what changed. Written in the
+    transaction of the change itself, so a change is never without its event. `details` holds
+    what changed and never key material (a key is named by its id)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_org_time", "org_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # audit_log-…
+    org_id: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(64))  # api_key.created, plan.updated, ...
+    target_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    details: Mapped[dict] = mapped_column(JSON)
+    actor_type: Mapped[str] = mapped_column(String(16))  # api_key | session | cli | system
+    actor_key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    actor_server_admin: Mapped[bool] = mapped_column(default=False)
+    ip_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    user_agent: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,10 +1,13 @@
 """Creating and deleting an organisation's own models, for the API and the dashboard alike:
-checked, placed, loaded, then recorded, so whatever fails leaves nothing behind."""
+checked, placed, loaded, then recorded, so whatever fails leaves nothing behind. The caller's
+`audit` runs in the transaction that records the change (services/models.py writes the audit
+event there)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,14 +16,15 @@ from starlette.concurrency import run_in_threadpool
 from bastion.models.org_models import OrgModels
 from bastion.models.catalog import Catalog, Deployment
 from bastion.config import Settings
+from bastion.db.tables import CustomModel
 from bastion.errors import AuthorizationError, ConflictError, InvalidRequestError
 from bastion.files.upload import Upload
 from bastion.models import uploads as service
 
 
 async def create(upload: Upload, org_id: str, *, catalog: Catalog,
-                 sessions: sessionmaker[Session], settings: Settings,
-                 org_models: OrgModels) -> Deployment:
+                 sessions: sessionmaker[Session], settings: Settings, org_models: OrgModels,
+                 audit: Callable[[Session, CustomModel], None] | None = None) -> Deployment:
     """A received multipart upload (its temporary files are always discarded) to a served
     model of `org_id`."""
     try:
@@ -47,6 +51,8 @@ async def create(upload: Upload, org_id: str, *, catalog: Catalog,
         try:
             with sessions.begin() as s:
                 s.add(row)
+                if audit is not None:
+                    audit(s, row)
         except IntegrityError:
             await run_in_threadpool(dep.engine.close)
             raise ConflictError(f"A model named '{model_id}' was uploaded at the same time.",
@@ -59,7 +65,8 @@ async def create(upload: Upload, org_id: str, *, catalog: Catalog,
 
 
 async def delete(dep: Deployment, org_id: str, *, sessions: sessionmaker[Session],
-                 org_models: OrgModels) -> None:
+                 org_models: OrgModels,
+                 audit: Callable[[Session], None] | None = None) -> None:
     """An uploaded or fine-tuned model of the caller's organisation; the server's own models
     are configuration, not the organisation's to delete."""
     if dep.source == "configured":
@@ -69,6 +76,8 @@ async def delete(dep: Deployment, org_id: str, *, sessions: sessionmaker[Session
     remove = service.delete_uploaded if dep.source == "uploaded" else service.delete_fine_tuned
     with sessions.begin() as s:
         path = remove(s, org_id, dep.id)
+        if audit is not None:
+            audit(s)
     await org_models.sync()  # out of the catalog now; closed when idle
     if path is not None:  # served from memory or a mapping, so the files can go at once
         await run_in_threadpool(_remove, path)

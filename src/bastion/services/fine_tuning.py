@@ -1,7 +1,7 @@
 """The fine-tuning use cases, for /v1/fine_tuning/jobs and the dashboard's Fine-tuning pages
 alike: create (every check before anything is written), list, retrieve, cancel, events,
-checkpoints, and the base models a job may start from. Blocking (database, tokenizer): the
-callers run these in a worker thread."""
+checkpoints, and the base models a job may start from; creating and cancelling are audited.
+Blocking (database, tokenizer): the callers run these in a worker thread."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from bastion.models.catalog import Deployment
 from bastion.protocol.fine_tuning import (CheckpointList, Job, JobCreate, JobEventList, JobList,
                                           checkpoint_view, event_view, job_view)
 from bastion.services.context import Services
+from bastion.tenancy import audit
 from bastion.tenancy.keys import Principal
 
 
@@ -33,7 +34,13 @@ def rechecker(services: Services) -> Callable[[Deployment, File], Summary]:
 def create(services: Services, principal: Principal, body: JobCreate) -> Job:
     recheck = rechecker(services)
     with services.sessions.begin() as s:
-        return job_view(jobs.create(s, services.catalog, principal.org_id, body, recheck))
+        job = jobs.create(s, services.catalog, principal.org_id, body, recheck)
+        audit.record(s, principal, "fine_tuning.job.created", principal.org_id,
+                     target_id=job.id,
+                     details={"model": job.model, "training_file": job.training_file,
+                              "validation_file": job.validation_file, "suffix": job.suffix,
+                              "method": job.method})
+        return job_view(job)
 
 
 def listing(services: Services, principal: Principal, *, after: str | None = None,
@@ -51,7 +58,12 @@ def retrieve(services: Services, principal: Principal, job_id: str) -> Job:
 def cancel(services: Services, principal: Principal, job_id: str) -> Job:
     """Queued jobs stop at once; a job that has finished is a 409."""
     with services.sessions.begin() as s:
-        return job_view(jobs.cancel(s, principal.org_id, job_id))
+        was = jobs.get(s, principal.org_id, job_id).status
+        job = jobs.cancel(s, principal.org_id, job_id)
+        if was != "cancelled" and job.status == "cancelled":  # this call cancelled it
+            audit.record(s, principal, "fine_tuning.job.cancelled", principal.org_id,
+                         target_id=job.id, details={"status_before": was})
+        return job_view(job)
 
 
 def list_events(services: Services, principal: Principal, job_id: str, *,

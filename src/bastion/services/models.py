@@ -1,11 +1,15 @@
 """The model use cases, for /v1/models and the dashboard's Models page alike: what an
 organisation can use (a model made on another replica is looked up before a 404), upload and
-delete of its own models (the checks and placing live in models.custom)."""
+delete of its own models (the checks and placing live in models.custom), each audited in the
+transaction that records it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sqlalchemy.orm import Session
+
+from bastion.db.tables import CustomModel
 from bastion.errors import ModelNotFoundError
 from bastion.files.store import BlobStore
 from bastion.files.upload import Upload
@@ -13,6 +17,7 @@ from bastion.models import custom
 from bastion.models.catalog import Deployment
 from bastion.protocol.models import ModelCard, ModelDeleted, ModelList, card
 from bastion.services.context import Services
+from bastion.tenancy import audit
 from bastion.tenancy.keys import Principal
 
 
@@ -61,9 +66,14 @@ def upload_store(services: Services) -> BlobStore:
 async def upload(services: Services, principal: Principal, received: Upload) -> ModelCard:
     """A received multipart upload (its temporary files are always discarded) to a model
     served to the caller's organisation."""
+    def audited(s: Session, row: CustomModel) -> None:
+        audit.record(s, principal, "model.uploaded", principal.org_id, target_id=row.model_id,
+                     details={"model_type": row.model_type, "format": row.format,
+                              "bytes": row.bytes})
+
     dep = await custom.create(received, principal.org_id, catalog=services.catalog,
                               sessions=services.sessions, settings=services.settings,
-                              org_models=services.org_models)
+                              org_models=services.org_models, audit=audited)
     return card(dep)
 
 
@@ -71,8 +81,13 @@ async def delete(services: Services, principal: Principal, model_id: str) -> Mod
     """An uploaded or fine-tuned model of the caller's organisation; refused while a
     fine-tuning job still needs it, and for the server's configured models."""
     dep = await resolve(services, model_id, principal)
+
+    def audited(s: Session) -> None:
+        audit.record(s, principal, "model.deleted", principal.org_id, target_id=dep.id,
+                     details={"source": dep.source})
+
     await custom.delete(dep, principal.org_id, sessions=services.sessions,
-                        org_models=services.org_models)
+                        org_models=services.org_models, audit=audited)
     return ModelDeleted(id=dep.id)
 
 

@@ -212,18 +212,27 @@ def create_key(session: Session, org_id: str, name: str, *, permissions: list[st
 def bootstrap(factory: sessionmaker[Session], admin_key: str | None) -> str | None:
     """Create the default organisation and the server's admin key on first start.
 
-    Returns a generated key (to be printed once) or None when nothing new was generated.
+    Returns a generated key (to be printed once) or None when nothing new was generated. A key
+    made here is in the audit log as made by the server itself ("system").
     """
+    from bastion.tenancy.audit import record  # audit names a Principal, defined above
+
     with factory.begin() as session:
         org = default_org(session)
+        made: tuple[ApiKey, str] | None = None
         if admin_key:
             if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(admin_key))) is None:
-                create_key(session, org.id, "Admin key (BASTION_ADMIN_KEY)", raw=admin_key,
-                           permissions=list(ALL_PERMISSIONS), is_server_admin=True)
+                made = create_key(session, org.id, "Admin key (BASTION_ADMIN_KEY)", raw=admin_key,
+                                  permissions=list(ALL_PERMISSIONS), is_server_admin=True)
+        elif session.scalar(select(ApiKey).where(ApiKey.is_server_admin.is_(True),
+                                                 ApiKey.revoked_at.is_(None)).limit(1)) is None:
+            made = create_key(session, org.id, "Admin key", permissions=list(ALL_PERMISSIONS),
+                              is_server_admin=True)
+        if made is None:
             return None
-        has_admin = session.scalar(select(ApiKey).where(ApiKey.is_server_admin.is_(True),
-                                                        ApiKey.revoked_at.is_(None)).limit(1))
-        if has_admin is not None:
-            return None
-        return create_key(session, org.id, "Admin key", permissions=list(ALL_PERMISSIONS),
-                          is_server_admin=True)[1]
+        row, raw = made
+        session.flush()
+        record(session, None, "api_key.created", org.id, target_id=row.id,
+               details={"name": row.name, "permissions": list(row.permissions),
+                        "rate_limit": row.rate_limit, "server_admin": True})
+        return None if admin_key else raw

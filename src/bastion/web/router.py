@@ -6,8 +6,8 @@ from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import RedirectResponse, Response
 
-from bastion.web import (auth, files, fine_tuning, keys, models, orgs, overview, playground,
-                         usage)
+from bastion.web import (audit, auth, files, fine_tuning, keys, models, orgs, overview,
+                         playground, usage)
 from bastion.web.render import HERE, PageRoute, make_templates
 
 home = APIRouter(route_class=PageRoute)
@@ -20,7 +20,8 @@ def dashboard_root() -> Response:
 
 def install(app: FastAPI) -> None:
     app.state.web_templates = make_templates()
-    for module in (auth, overview, keys, usage, models, playground, orgs, fine_tuning, files):
+    for module in (auth, overview, keys, audit, usage, models, playground, orgs, fine_tuning,
+                   files):
         app.include_router(module.router)
     app.include_router(playground.api)
     app.include_router(home)
