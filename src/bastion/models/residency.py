@@ -223,7 +223,7 @@ class Residency:
             with self._lock:
                 if lazy.closed:
                     raise ModelUnavailable(f"The model '{lazy.name}' was deleted.",
-                                           code="model_not_found")
+                                           code="model_deleted")
                 if lazy.engine is not None:
                     return lazy.engine
                 victims = self._make_room(lazy)
