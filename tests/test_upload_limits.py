@@ -248,7 +248,7 @@ def test_uploads_load_lazily_within_the_memory_budget(tmp_path, tiny) -> None:
         async def busy_then_other() -> tuple[int, dict, str]:
             async with httpx.AsyncClient(base_url=srv.api, headers=bearer(key),
                                          timeout=300) as client:
-                body = {"model": "g1", "prompt": "Once upon a time", "max_tokens": 400,
+                body = {"model": "g1", "prompt": "Once upon a time", "max_tokens": 200,
                         "stream": True, "temperature": 1.0, "seed": 3}
                 async with client.stream("POST", "/completions", json=body) as stream:
                     assert stream.status_code == 200
