@@ -32,7 +32,7 @@ POSTGRES_MODULES = frozenset({
     "test_files", "test_fine_tuning", "test_fine_tuning_worker", "test_custom_models",
     "test_dashboard", "test_dashboard_finetune", "test_dashboard_models", "test_hardening",
     "test_responses", "test_startup", "test_models", "test_lifecycle", "test_metrics",
-    "test_audit_log",
+    "test_audit_log", "test_upload_quotas",
 })
 
 

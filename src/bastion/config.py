@@ -221,6 +221,27 @@ class FileSettings(SettingsGroup):
                                  description="largest model upload (all its parts together)")
 
 
+class CustomModelSettings(SettingsGroup):
+    """Organisations' uploaded models: how many and how much each organisation may keep (a
+    plan may allow less, tenancy/plans.py), how much memory the loaded ones may take together,
+    and how long a tenant's GGUF may take to be parsed at upload (in a process of its own)."""
+
+    custom_models_per_org: int = Field(20, ge=0, description="uploaded models one "
+                                       "organisation may keep")
+    custom_model_bytes_per_org: int = Field(50 * 1024 ** 3, ge=0, description="bytes of "
+                                            "uploaded models one organisation may keep")
+    custom_model_memory: int = Field(8 * 1024 ** 3, ge=1, description="estimated memory all "
+                                     "loaded uploaded models may take together; loading one "
+                                     "more unloads the least recently used idle ones")
+    custom_model_idle_seconds: float = Field(1800.0, gt=0, description="an uploaded model "
+                                             "unused this long is unloaded (loaded again on "
+                                             "its next request)")
+    gguf_probe_seconds: float = Field(120.0, gt=0, description="longest parse of an uploaded "
+                                      "GGUF (metadata, vocabulary, tensor index)")
+    gguf_probe_memory: int = Field(2 * 1024 ** 3, ge=64 * 1024 ** 2, description="memory the "
+                                   "parse may take beyond mapping the file")
+
+
 class FineTuneSettings(SettingsGroup):
     """Fine-tuning jobs and the worker that runs them."""
 
@@ -243,9 +264,9 @@ class DashboardSettings(SettingsGroup):
 
 
 # Later bases come first in `model_fields`: listed bottom-up so the fields keep their old order.
-class Settings(DashboardSettings, FineTuneSettings, FileSettings, LimitSettings, ImageSettings,
-               RequestSettings, EngineSettings, EmbeddingSettings, CatalogSettings,
-               ServerSettings, BaseSettings):
+class Settings(DashboardSettings, FineTuneSettings, CustomModelSettings, FileSettings,
+               LimitSettings, ImageSettings, RequestSettings, EngineSettings,
+               EmbeddingSettings, CatalogSettings, ServerSettings, BaseSettings):
     """Every group, read flat from BASTION_* environment variables (`settings.parallel`, not
     `settings.engine.parallel`): the variable names stay what they always were."""
 

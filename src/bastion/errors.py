@@ -90,6 +90,15 @@ class RateLimitError(APIError):
         return body
 
 
+class QuotaExceededError(APIError):
+    """A standing quota (not a rate) is used up: a 403, which no client retries, since only
+    deleting something frees it."""
+
+    status = 403
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class ModelError(APIError):
     status = 500
     type = "model_error"

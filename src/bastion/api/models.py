@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from bastion.api.deps import CurrentKey, ServicesDep, require
-from bastion.files.upload import receive_upload
 from bastion.protocol.models import ModelCard, ModelDeleted, ModelList
 from bastion.services import models
 from bastion.tenancy.keys import Principal
@@ -29,8 +28,7 @@ async def retrieve_model(model_id: str, key: CurrentKey, services: ServicesDep) 
 
 @router.post("/v1/models", response_model=ModelCard)
 async def upload_model(request: Request, key: ModelsKey, services: ServicesDep) -> ModelCard:
-    received = await receive_upload(request, models.upload_store(services),
-                                    services.settings.max_model_bytes)
+    received = await models.receive(services, key, request)
     return await models.upload(services, key, received)
 
 

@@ -13,51 +13,65 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from bastion.engines.base import ModelUnavailable
 from bastion.models.org_models import OrgModels
 from bastion.models.catalog import Catalog, Deployment
+from bastion.models.quotas import ModelQuota, check as check_quota
 from bastion.config import Settings
 from bastion.db.tables import CustomModel
-from bastion.errors import AuthorizationError, ConflictError, InvalidRequestError
+from bastion.errors import (AuthorizationError, ConflictError, InvalidRequestError,
+                            ServiceUnavailableError)
 from bastion.files.upload import Upload
 from bastion.models import uploads as service
 
 
 async def create(upload: Upload, org_id: str, *, catalog: Catalog,
                  sessions: sessionmaker[Session], settings: Settings, org_models: OrgModels,
+                 quota: ModelQuota,
                  audit: Callable[[Session, CustomModel], None] | None = None) -> Deployment:
     """A received multipart upload (its temporary files are always discarded) to a served
-    model of `org_id`."""
+    model of `org_id`, within the organisation's `quota`."""
     try:
         model_id, model_type = service.fields(upload)
         taken = catalog.taken(model_id) or catalog.has(model_id, org_id)
         if not taken:
             with sessions() as s:
                 taken = service.find(s, org_id, model_id) is not None
+                if not taken:
+                    check_quota(s, org_id, quota, sum(f.size for f in upload.files.values()))
         if taken:
             raise ConflictError(f"A model named '{model_id}' already exists; choose another "
                                 f"model_id or delete that model first.", param="model_id",
                                 code="model_exists")
         target = service.new_directory(settings.uploads_dir, org_id)
-        placed = await run_in_threadpool(service.place, upload, target)
+        placed = await run_in_threadpool(service.place, upload, target, settings)
     finally:
         upload.discard()
+    lazy = None
     try:
         row = service.record(org_id, model_id, model_type, placed)
+        lazy = org_models.uploaded(row, placed.cost)
         try:  # loaded before it is recorded, so a record is always servable
-            dep = await run_in_threadpool(org_models.load, row)
+            await run_in_threadpool(org_models.residency.load_now, lazy)
+        except ModelUnavailable as exc:  # the memory for uploads is all serving requests
+            raise ServiceUnavailableError(exc.message, code=exc.code) from None
         except Exception as exc:
             raise InvalidRequestError(f"The model passed its checks but failed to load: {exc}",
                                       param="file", code="invalid_model") from None
+        org_models.save_profile(lazy, placed.directory)  # other replicas list it unloaded
+        dep = Deployment(model_id, lazy, owned_by=org_id, org_id=org_id, source="uploaded")
         try:
             with sessions.begin() as s:
+                check_quota(s, org_id, quota, placed.size)  # another upload may have landed
                 s.add(row)
                 if audit is not None:
                     audit(s, row)
         except IntegrityError:
-            await run_in_threadpool(dep.engine.close)
             raise ConflictError(f"A model named '{model_id}' was uploaded at the same time.",
                                 param="model_id", code="model_exists") from None
     except BaseException:
+        if lazy is not None:
+            await run_in_threadpool(lazy.close)
         await run_in_threadpool(shutil.rmtree, placed.directory, True)
         raise
     await org_models.adopt(dep)

@@ -2,7 +2,8 @@
 adapter on its base, served by the same llama.cpp engine, continuous batching included) and
 every uploaded model (GGUF on llama.cpp, safetensors on PyTorch). Synced from the database, so
 a model trained by any worker or uploaded to any replica appears on every replica, and a
-deleted one disappears from all of them."""
+deleted one disappears from all of them. An uploaded model is listed from the profile saved
+at upload and loaded on its first request, within a memory budget (residency.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from bastion.models.catalog import Catalog, Deployment, build_engine
+from bastion.models.residency import LazyEngine, Profile, Residency
 from bastion.config import ModelSpec, Settings
 from bastion.db.tables import CustomModel, FineTuningJob
 
@@ -35,6 +37,8 @@ class OrgModels:
         self._failed: set[tuple[str, str]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._retired: list[Deployment] = []  # out of the catalog, engine not yet closed
+        self.residency = Residency(settings.custom_model_memory,
+                                   settings.custom_model_idle_seconds)
 
     def _wanted(self) -> Wanted:
         with self.sessions() as s:
@@ -47,13 +51,15 @@ class OrgModels:
             return wanted
 
     def load(self, record: FineTuningJob | CustomModel) -> Deployment:
-        """The engine for a record (slow: call off the event loop)."""
+        """The engine for a record (slow: call off the event loop). An uploaded model with a
+        profile is not loaded here, only on its first request."""
         if isinstance(record, CustomModel):
-            path = Path(record.path)
-            gguf = record.format == "gguf"
-            spec = ModelSpec(path=path / "model.gguf" if gguf else path, id=record.model_id)
-            engine = build_engine("llamacpp" if gguf else "torch", spec, self.settings)
-            return Deployment(record.model_id, engine, owned_by=record.org_id,
+            profile = Profile.read(Path(record.path))
+            lazy = self.uploaded(record, profile.cost if profile else record.bytes, profile)
+            if profile is None:  # uploaded before profiles were kept: learn it by loading
+                self.residency.load_now(lazy)
+                self.save_profile(lazy, Path(record.path))
+            return Deployment(record.model_id, lazy, owned_by=record.org_id,
                               org_id=record.org_id, source="uploaded")
         artifact = Path(str(record.artifact))
         full = record.method == "full"  # a whole GGUF; a LoRA is an adapter on the base GGUF
@@ -62,6 +68,25 @@ class OrgModels:
         engine = build_engine("llamacpp", spec, self.settings, lora=None if full else artifact)
         return Deployment(str(record.fine_tuned_model), engine, owned_by=record.org_id,
                           org_id=record.org_id, source="fine-tuned")
+
+    def uploaded(self, record: CustomModel, cost: int,
+                 profile: Profile | None = None) -> LazyEngine:
+        """An uploaded model's engine, loaded when first needed."""
+        path = Path(record.path)
+        gguf = record.format == "gguf"
+        spec = ModelSpec(path=path / "model.gguf" if gguf else path, id=record.model_id)
+        return LazyEngine(record.model_id,
+                          lambda: build_engine("llamacpp" if gguf else "torch", spec,
+                                               self.settings),
+                          cost, self.residency, profile)
+
+    @staticmethod
+    def save_profile(lazy: LazyEngine, directory: Path) -> None:
+        if lazy.profile is not None:
+            try:
+                lazy.profile.save(directory)
+            except OSError:
+                log.warning("could not save the profile of %s in %s", lazy.name, directory)
 
     async def adopt(self, dep: Deployment) -> None:
         """Serve a model loaded by this replica's upload handler (unless a sync beat it)."""
@@ -129,6 +154,7 @@ class OrgModels:
         while True:
             try:
                 await self.sync()
+                await run_in_threadpool(self.residency.sweep)
             except Exception:
                 log.exception("model sync failed")
             await asyncio.sleep(interval)

@@ -1,7 +1,11 @@
 """What an uploaded model must pass before anything loads it: the weights are safetensors or
 GGUF (never pickle), the safetensors header is whole and consistent with the file's size, the
-config names an architecture transformers ships (no remote code), and every tensor has the shape
-the config implies. Each failure says exactly what is wrong, so the uploader can fix it."""
+config names an architecture transformers ships (no remote code), its sizes are within bounds
+and imply no more parameters than were uploaded (checked on the JSON, before transformers
+builds anything: a 1 KB upload claiming fifty million layers is refused by arithmetic), and
+every tensor has the shape the config implies. A GGUF is parsed in a process of its own
+(engines/llamacpp/probe.py). Each failure says exactly what is wrong, so the uploader can fix
+it."""
 
 from __future__ import annotations
 
@@ -12,9 +16,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bastion.engines.llamacpp.probe import GgufFacts, ProbeError, probe
 from bastion.errors import InvalidRequestError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own bound
+MAX_CONFIG_BYTES = 1024 * 1024  # config.json: real ones are a few KB
+# Bounds on config.json's sizes, by the names architectures give them, each well above any
+# released model's (the largest have ~130 layers, hidden sizes of ~25k, vocabularies of ~260k).
+CONFIG_BOUNDS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "layers": (1024, ("num_hidden_layers", "n_layer", "n_layers", "num_layers")),
+    "hidden": (65536, ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim",
+                       "kv_lora_rank", "q_lora_rank")),
+    "head": (4096, ("head_dim", "kv_channels", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim")),
+    "heads": (4096, ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads",
+                     "n_head_kv", "num_kv_heads", "multi_query_group_num")),
+    "vocab": (1 << 21, ("vocab_size", "padded_vocab_size")),
+    "intermediate": (1 << 19, ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size",
+                               "moe_intermediate_size", "shared_expert_intermediate_size")),
+    "positions": (1 << 24, ("max_position_embeddings", "n_positions", "max_seq_len",
+                            "seq_length", "n_ctx", "max_sequence_length", "sliding_window")),
+    "experts": (1024, ("num_experts", "num_local_experts", "n_routed_experts",
+                       "num_experts_per_tok", "n_shared_experts")),
+}
+BOUNDED = {name: (bound, kind) for kind, (bound, names) in CONFIG_BOUNDS.items()
+           for name in names}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 PICKLE_HINT = ("Only safetensors and GGUF weights are accepted: pickle files (.bin, .pt, .pth, "
@@ -57,7 +83,7 @@ def safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise bad(f"The safetensors header is not valid JSON ({exc}); the file is damaged or "
                   f"not safetensors.") from None
     if not isinstance(header, dict):
@@ -73,8 +99,10 @@ def safetensors_header(path: Path) -> dict[str, TensorInfo]:
             shape = tuple(int(d) for d in shape)
         except (TypeError, KeyError, ValueError):
             raise bad(f"Tensor '{name}' has a malformed safetensors header entry.") from None
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise bad(f"Tensor '{name}' has unknown dtype {dtype!r}.")
+        if any(d < 0 for d in shape) or not isinstance(begin, int) or not isinstance(end, int):
+            raise bad(f"Tensor '{name}' has a negative dimension or a malformed byte range.")
         want = math.prod(shape) * DTYPE_BYTES[dtype]
         if end - begin != want or begin < 0:
             raise bad(f"Tensor '{name}' ({dtype} {list(shape)}) needs {want} bytes but its "
@@ -96,13 +124,18 @@ def safetensors_header(path: Path) -> dict[str, TensorInfo]:
 
 
 def read_config(path: Path) -> Any:
-    """A transformers config of an architecture transformers itself implements."""
+    """A transformers config of an architecture transformers itself implements, its sizes
+    within CONFIG_BOUNDS (checked before transformers sees it: some configs build per-layer
+    lists in their constructor)."""
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise bad(f"config.json is {path.stat().st_size} bytes; the limit is "
+                  f"{MAX_CONFIG_BYTES}.", param="config")
     try:
         raw = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise bad(f"config.json is not valid JSON: {exc}", param="config") from None
     if not isinstance(raw, dict):
         raise bad("config.json must be a JSON object.", param="config")
@@ -116,6 +149,7 @@ def read_config(path: Path) -> Any:
         raise bad(f"config.json's model_type {model_type!r} is not a causal language model "
                   f"transformers supports (for example llama, mistral, qwen2, gemma3_text, "
                   f"gpt2).", param="config", code="unsupported_architecture")
+    check_bounds(raw)
     try:
         return CONFIG_MAPPING[model_type].from_dict(raw)
     except Exception as exc:
@@ -123,13 +157,84 @@ def read_config(path: Path) -> Any:
                   param="config") from None
 
 
+def check_bounds(raw: dict[str, Any], where: str = "") -> None:
+    """Every size config.json gives (at any depth: text_config, attn_config...) is a whole
+    number within its bound, so nothing built from it can be huge."""
+    for key, value in raw.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict) and where.count(".") < 4:
+            check_bounds(value, f"{name}.")
+            continue
+        if key not in BOUNDED or value is None:
+            continue
+        bound, kind = BOUNDED[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(f"config.json's {name} must be a whole number, not {value!r}.",
+                      param="config", code="invalid_config")
+        if not 0 <= value <= bound:
+            raise bad(f"config.json's {name} is {value}; it must be between 0 and {bound} "
+                      f"(no released model's {kind} size comes near).", param="config",
+                      code="invalid_config")
+
+
+def _size(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_parameter_floor(config: Any, tensors: dict[str, TensorInfo]) -> int:
+    """The uploaded weights' parameter count, refused when config.json implies more than
+    that: at least vocab_size x hidden_size for the embedding, and hidden_size^2 / 4 per layer
+    (a layer's attention output alone is hidden x heads x head_dim). Arithmetic on the config,
+    before anything is built from it."""
+    uploaded = sum(math.prod(t.shape) for t in tensors.values())
+    uploaded_bytes = sum(math.prod(t.shape) * DTYPE_BYTES[t.dtype] for t in tensors.values())
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = _size(text, "hidden_size", "n_embd", "d_model")
+    vocab = _size(text, "vocab_size")
+    layers = _size(text, "num_hidden_layers", "n_layer", "num_layers")
+    if hidden is None:
+        return uploaded
+    embedding = (vocab or 0) * hidden
+    per_layer = hidden * hidden // 4
+    floor = embedding + (layers or 0) * per_layer
+
+    def refuse(field: str, value: str, at_least: int) -> InvalidRequestError:
+        return bad(f"config.json's {field} ({value}) implies at least {at_least:,} parameters "
+                   f"(about {_human(at_least * 2)} in 16-bit weights), but the uploaded "
+                   f"weights hold {uploaded:,} ({_human(uploaded_bytes)}).",
+                   param="config", code="config_mismatch")
+
+    if embedding > uploaded:
+        raise refuse("vocab_size x hidden_size", f"{vocab} x {hidden}", embedding)
+    if floor > uploaded:
+        raise refuse("num_hidden_layers", f"{layers}, with hidden_size {hidden}", floor)
+    return uploaded
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"  # pragma: no cover
+
+
 def check_shapes(config: Any, tensors: dict[str, TensorInfo]) -> None:
-    """Build the architecture on the meta device (no memory) and compare every parameter."""
+    """Build the architecture on the meta device (no memory) and compare every parameter;
+    the config's sizes were bounded first (read_config, check_parameter_floor)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # e.g. a hidden size that the heads do not divide
+        raise bad(f"A {config.model_type} model cannot be built from this config.json: "
+                  f"{exc}", param="config", code="invalid_config") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = {k for k in expected if k == "lm_head.weight"} \
         if getattr(config, "tie_word_embeddings", False) else set()
@@ -148,19 +253,13 @@ def check_shapes(config: Any, tensors: dict[str, TensorInfo]) -> None:
                       f"{list(expected[name])}.", code="config_mismatch")
 
 
-def check_gguf(path: Path) -> str:
-    """The GGUF's architecture; a damaged or truncated GGUF is refused before llama.cpp sees it."""
-    import gguf
-
+def check_gguf(path: Path, *, seconds: float, memory: int) -> GgufFacts:
+    """What the GGUF holds, read in a process of its own (probe.py): a damaged, truncated or
+    crafted GGUF is refused before the server's own process opens it."""
     try:
-        reader = gguf.GGUFReader(str(path))
-        field = reader.get_field("general.architecture")
-        arch = field.contents() if field is not None else None
-    except Exception as exc:
-        raise bad(f"The GGUF file cannot be read ({exc}): it is truncated or damaged.") from None
-    if not arch:
-        raise bad("The GGUF file has no general.architecture.")
-    return str(arch)
+        return probe(path, seconds=seconds, memory=memory)
+    except ProbeError as exc:
+        raise bad(f"The GGUF file was refused: {exc}.") from None
 
 
 def check_tokenizer(path: Path, config: Any) -> None:

@@ -1,6 +1,7 @@
 """Uploading and deleting an organisation's own models. An upload is checked whole (see
-checks.py), moved into its own directory by one rename, loaded, and only then recorded, so a
-failure at any step leaves nothing behind; a delete refuses while a job still needs the model."""
+upload_checks.py), moved into its own directory by one rename, loaded, and only then recorded,
+so a failure at any step leaves nothing behind; a delete refuses while a job still needs the
+model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from bastion.config import Settings
 from bastion.db.tables import CustomModel, FineTuningJob, utcnow
 from bastion.errors import ConflictError, InvalidRequestError
 from bastion.finetune.states import ACTIVE_JOB_STATES
@@ -33,6 +35,7 @@ class Placed:
     format: str  # "safetensors" or "gguf"
     directory: Path
     size: int
+    cost: int  # estimated bytes in memory once loaded (residency.py's budget counts it)
 
     @property
     def weights(self) -> Path:
@@ -60,13 +63,18 @@ def fields(upload: Upload) -> tuple[str, str]:
     return model_id, model_type
 
 
-def place(upload: Upload, target: Path) -> Placed:
+def place(upload: Upload, target: Path, settings: Settings) -> Placed:
     """Check every part, then move them into `target` (a new directory) in one rename."""
     weights = upload.files["file"].temp
     fmt = checks.sniff(weights)
     parts: dict[str, Path] = {}
     if fmt == "gguf":
-        checks.check_gguf(weights)
+        facts = checks.check_gguf(weights, seconds=settings.gguf_probe_seconds,
+                                  memory=settings.gguf_probe_memory)
+        context = settings.context_per_sequence
+        if facts.n_ctx_train > 0:
+            context = min(context, facts.n_ctx_train)
+        cost = facts.size + facts.kv_bytes(context * settings.parallel)
         parts["model.gguf"] = weights
     else:
         for name in ("config", "tokenizer"):
@@ -77,6 +85,8 @@ def place(upload: Upload, target: Path) -> Placed:
                     param=name, code="missing_required_parameter")
         tensors = checks.safetensors_header(weights)
         config = checks.read_config(upload.files["config"].temp)
+        parameters = checks.check_parameter_floor(config, tensors)
+        cost = parameters * 4  # the PyTorch engine runs float32
         checks.check_shapes(config, tensors)
         checks.check_tokenizer(upload.files["tokenizer"].temp, config)
         parts["model.safetensors"] = weights
@@ -84,13 +94,18 @@ def place(upload: Upload, target: Path) -> Placed:
         for part, filename in TOKENIZER_PARTS.items():
             if part in upload.files:
                 parts[filename] = upload.files[part].temp
+    if cost > settings.custom_model_memory:
+        raise InvalidRequestError(
+            f"The model needs about {cost // 2 ** 20} MiB of memory when loaded; this server "
+            f"loads uploaded models within {settings.custom_model_memory // 2 ** 20} MiB "
+            f"(BASTION_CUSTOM_MODEL_MEMORY).", param="file", code="model_too_large")
     size = sum(p.stat().st_size for p in parts.values())
     partial = target.with_name(target.name + ".partial")
     partial.mkdir(parents=True)
     for filename, temp in parts.items():
         os.replace(temp, partial / filename)
     os.replace(partial, target)
-    return Placed(fmt, target, size)
+    return Placed(fmt, target, size, cost)
 
 
 def find(session: Session, org_id: str, model_id: str) -> CustomModel | None:

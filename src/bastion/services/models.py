@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 
 from bastion.db.tables import CustomModel
-from bastion.errors import ModelNotFoundError
+from bastion.errors import ModelNotFoundError, PayloadTooLargeError
 from bastion.files.store import BlobStore
-from bastion.files.upload import Upload
-from bastion.models import custom
+from bastion.files.upload import Upload, receive_upload
+from bastion.models import custom, quotas
 from bastion.models.catalog import Deployment
 from bastion.protocol.models import ModelCard, ModelDeleted, ModelList, card
 from bastion.services.context import Services
@@ -63,6 +65,29 @@ def upload_store(services: Services) -> BlobStore:
     return BlobStore(services.settings.uploads_dir)
 
 
+def quota(services: Services, principal: Principal) -> quotas.ModelQuota:
+    return quotas.ModelQuota.of(principal.limits, services.settings)
+
+
+def _bytes_left(services: Services, principal: Principal) -> int:
+    with services.sessions() as s:
+        return quotas.bytes_left(s, principal.org_id, quota(services, principal))
+
+
+async def receive(services: Services, principal: Principal, request: Request) -> Upload:
+    """The multipart body of an upload, streamed to disk: refused before a byte is read when
+    the organisation's model quota is full, and cut off where its bytes run out (a 403 that
+    says so) or at BASTION_MAX_MODEL_BYTES (a 413)."""
+    left = await run_in_threadpool(_bytes_left, services, principal)
+    limit = services.settings.max_model_bytes
+    try:
+        return await receive_upload(request, upload_store(services), min(limit, left))
+    except PayloadTooLargeError:
+        if left < limit:
+            raise quotas.over_bytes(quota(services, principal), left) from None
+        raise
+
+
 async def upload(services: Services, principal: Principal, received: Upload) -> ModelCard:
     """A received multipart upload (its temporary files are always discarded) to a model
     served to the caller's organisation."""
@@ -73,7 +98,8 @@ async def upload(services: Services, principal: Principal, received: Upload) -> 
 
     dep = await custom.create(received, principal.org_id, catalog=services.catalog,
                               sessions=services.sessions, settings=services.settings,
-                              org_models=services.org_models, audit=audited)
+                              org_models=services.org_models,
+                              quota=quota(services, principal), audit=audited)
     return card(dep)
 
 

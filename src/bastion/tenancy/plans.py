@@ -11,11 +11,18 @@ class Limits:
     concurrent_requests: int | None
     tokens_per_request: int | None
     tokens_per_hour: int | None
+    # Uploaded models the organisation may keep, and their bytes together: the server's
+    # BASTION_CUSTOM_MODELS_PER_ORG / _BYTES_PER_ORG apply to every plan, a plan may allow less.
+    custom_models: int | None = None
+    custom_model_bytes: int | None = None
 
 
+GIB = 1024 ** 3
 PLANS: dict[str, Limits] = {
-    "spark": Limits(concurrent_requests=5, tokens_per_request=2048, tokens_per_hour=10_000),
-    "seed": Limits(concurrent_requests=20, tokens_per_request=4096, tokens_per_hour=100_000),
+    "spark": Limits(concurrent_requests=5, tokens_per_request=2048, tokens_per_hour=10_000,
+                    custom_models=2, custom_model_bytes=2 * GIB),
+    "seed": Limits(concurrent_requests=20, tokens_per_request=4096, tokens_per_hour=100_000,
+                   custom_models=5, custom_model_bytes=10 * GIB),
     "scale": Limits(concurrent_requests=100, tokens_per_request=8192, tokens_per_hour=None),
     "dedicated": Limits(concurrent_requests=None, tokens_per_request=16384, tokens_per_hour=None),
 }

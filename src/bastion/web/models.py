@@ -8,7 +8,6 @@ from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
 from bastion.errors import APIError
-from bastion.files.upload import receive_upload
 from bastion.models.uploads import MODEL_ID
 from bastion.services import models
 from bastion.services.context import Services
@@ -43,8 +42,7 @@ async def list_page(request: Request, viewer: CurrentViewer, services: ServicesD
 async def upload(request: Request, viewer: ModelsViewer, codec: Codec,
                  services: ServicesDep) -> Response:
     try:
-        received = await receive_upload(request, models.upload_store(services),
-                                        services.settings.max_model_bytes)
+        received = await models.receive(services, viewer.principal, request)
     except APIError as exc:  # not multipart, too large: nothing was kept
         return models_page(request, services, viewer, status=exc.status, error=exc.message)
     try:
