@@ -33,7 +33,8 @@ def rechecker(services: Services) -> Callable[[Deployment, File], Summary]:
 def create(services: Services, principal: Principal, body: JobCreate) -> Job:
     recheck = rechecker(services)
     with services.sessions.begin() as s:
-        return job_view(jobs.create(s, services.catalog, principal.org_id, body, recheck))
+        return job_view(jobs.create(s, services.catalog, principal, body, recheck,
+                                    max_base_bytes=services.settings.fine_tune_max_base_bytes))
 
 
 def listing(services: Services, principal: Principal, *, after: str | None = None,
