@@ -17,6 +17,7 @@ from bastion.db.tables import FineTuningJob, utcnow
 from bastion.usage.ledger import FINE_TUNING_ENDPOINT, UsageRow, record_in
 
 BILLED_STATES = ("succeeded", "cancelled")
+MAX_MS = 2**31 - 1  # the ledger's latency column is a 32-bit integer (24 days)
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -38,5 +39,6 @@ def bill(session: Session, job: FineTuningJob) -> bool:
     record_in(session, UsageRow(
         request_id=job.id, org_id=job.org_id, key_id=job.key_id or "", model=job.model,
         endpoint=FINE_TUNING_ENDPOINT, prompt_tokens=0, completion_tokens=0,
-        trained_tokens=tokens, status=job.status, latency_ms=max(0, ran_ms), created_at=ended))
+        trained_tokens=tokens, status=job.status, latency_ms=min(max(0, ran_ms), MAX_MS),
+        created_at=ended))
     return True

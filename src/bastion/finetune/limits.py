@@ -5,6 +5,8 @@ more tokens than its plan allows in an hour."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -19,22 +21,31 @@ QUEUE_FULL_RETRY_S = 600
 GB = 1e9
 
 
-def float32_bytes(dep: Deployment) -> int | None:
-    """The base model's weights as the trainer holds them (float32), from the parameter count
-    llama.cpp read from the GGUF; None when its engine does not say."""
+def float32_bytes(dep: Deployment) -> tuple[int, bool] | None:
+    """(bytes, exact): the base model's weights as the trainer holds them (float32). Exact
+    from the parameter count llama.cpp read from the loaded GGUF; else, for a GGUF not loaded
+    (yet), its file size: a lower bound, as float32 is the widest type a GGUF holds, so
+    dequantising never makes the weights smaller than the file."""
     n = getattr(getattr(dep.engine, "model", None), "n_params", None)
-    return int(n) * 4 if isinstance(n, int) and n > 0 else None
+    if isinstance(n, int) and n > 0:
+        return n * 4, True
+    path = getattr(dep.engine, "path", None)
+    try:
+        return (Path(path).stat().st_size, False) if path is not None else None
+    except OSError:
+        return None
 
 
 def check_base_size(dep: Deployment, max_bytes: int) -> None:
-    size = float32_bytes(dep)
-    if size is not None and size > max_bytes:
+    found = float32_bytes(dep)
+    if found is not None and found[0] > max_bytes:
+        size, exact = found
         raise InvalidRequestError(
             f"The model '{dep.id}' is too large to fine-tune here: its weights take "
-            f"{size / GB:.2f} GB as float32, which the trainer works in, and this server's "
-            f"workers take base models of at most {max_bytes / GB:.2f} GB "
-            f"(BASTION_FINE_TUNE_MAX_BASE_BYTES). Choose a smaller base model.",
-            param="model", code="model_too_large")
+            f"{'' if exact else 'at least '}{size / GB:.2f} GB as float32, which the trainer "
+            f"works in, and this server's workers take base models of at most "
+            f"{max_bytes / GB:.2f} GB (BASTION_FINE_TUNE_MAX_BASE_BYTES). Choose a smaller "
+            f"base model.", param="model", code="model_too_large")
 
 
 def _lock_org(session: Session, org_id: str) -> None:
@@ -80,4 +91,3 @@ def check_trained_tokens(tokens: int, limits: Limits) -> None:
             f"n_epochs), more than your organization's plan allows in an hour "
             f"({budget:,}). Use fewer epochs or a smaller training file.",
             param="training_file", code="tokens_per_hour_exceeded")
-
