@@ -104,7 +104,7 @@ def usage_page(request: Request, viewer: CurrentViewer, services: ServicesDep) -
     tokens = stacked_bars(labels, [
         Series("prompt", "bar-a", [t.prompt_tokens for t in summary.days.values()]),
         Series("completion", "bar-b", [t.completion_tokens for t in summary.days.values()]),
-        Series("trained", "bar-c", [t.trained_tokens for t in summary.days.values()])],
+        Series("trained", "bar-d", [t.trained_tokens for t in summary.days.values()])],
         title="Tokens per day", unit="tokens")
     requests = stacked_bars(labels, [Series("requests", "bar-c",
                                             [t.requests for t in summary.days.values()])],
