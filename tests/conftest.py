@@ -29,7 +29,8 @@ _postgres: dict[str, object] = {}
 # protocol shapes) runs the same SQL either way and is not run twice.
 POSTGRES_MODULES = frozenset({
     "test_auth", "test_tenancy", "test_usage", "test_ratelimit", "test_redis_limits",
-    "test_files", "test_fine_tuning", "test_fine_tuning_worker", "test_custom_models",
+    "test_files", "test_fine_tuning", "test_fine_tuning_worker", "test_fine_tuning_limits",
+    "test_custom_models",
     "test_dashboard", "test_dashboard_finetune", "test_dashboard_models", "test_hardening",
     "test_responses", "test_startup", "test_models", "test_lifecycle", "test_metrics",
     "test_audit_log", "test_upload_quotas",

@@ -40,7 +40,7 @@ def test_created_key_is_shown_once(server: RunningServer, tenants: dict) -> None
     org = tenants["alpha"]["org"]
     assert org["object"] == "organization" and org["plan"] == "seed"
     assert org["limits"] == {"concurrent_requests": 20, "tokens_per_request": 4096,
-                             "tokens_per_hour": 100000}
+                             "tokens_per_hour": 100000, "fine_tuning_jobs": 3}
     r = httpx.post(f"{server.api}/organizations/{org['id']}/api-keys",
                    headers=bearer(tenants["alpha"]["admin"]),
                    json={"name": "Production Key", "permissions": ["inference", "training"],
@@ -100,7 +100,7 @@ def test_server_admin_powers(server: RunningServer, tenants: dict) -> None:
     assert r.status_code == 200
     assert r.json()["plan"] == "scale"
     assert r.json()["limits"] == {"concurrent_requests": 7, "tokens_per_request": 8192,
-                                  "tokens_per_hour": None}
+                                  "tokens_per_hour": None, "fine_tuning_jobs": 10}
     r = httpx.patch(f"{server.api}/organizations/{org}", headers=bearer(b["admin"]),
                     json={"plan": "seed", "name": "beta renamed"})
     assert r.status_code == 200 and r.json()["plan"] == "seed" and r.json()["name"] == "beta renamed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -242,6 +243,15 @@ class CustomModelSettings(SettingsGroup):
                                    "parse may take beyond mapping the file")
 
 
+def default_max_base_bytes() -> int:
+    """A quarter of the physical memory (a worker on another machine: set it to a quarter of
+    that machine's). 8 GiB where the memory cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024 ** 3
+
+
 class FineTuneSettings(SettingsGroup):
     """Fine-tuning jobs and the worker that runs them."""
 
@@ -254,6 +264,11 @@ class FineTuneSettings(SettingsGroup):
                                        "for queued jobs")
     training_threads: int | None = Field(None, ge=1, description="torch threads for training "
                                          "(default: half the cores)")
+    fine_tune_max_base_bytes: int = Field(
+        default_factory=lambda: default_max_base_bytes(), ge=1,
+        description="the largest base model a job may start from, as float32 weights (the "
+        "trainer dequantises the GGUF to float32); default: a quarter of this machine's memory, "
+        "as full fine-tuning holds the weights, their gradients and two Adam moments")
 
 
 class DashboardSettings(SettingsGroup):

@@ -64,6 +64,8 @@ class UsageRecord(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer)
     # of prompt_tokens, those a prefix cache reused (billed as prompt tokens all the same)
     cached_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # a fine-tuning job's row (one per job, its id as request_id): tokens x epochs trained
+    trained_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     status: Mapped[str] = mapped_column(String(16))
     latency_ms: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -95,6 +97,7 @@ class FineTuningJob(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     org_id: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # billed to this key
     model: Mapped[str] = mapped_column(String(256))
     base_path: Mapped[str] = mapped_column(String(1024))  # the base model's GGUF
     training_file: Mapped[str] = mapped_column(String(64))

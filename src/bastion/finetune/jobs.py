@@ -16,11 +16,11 @@ from bastion.errors import ConflictError, InvalidRequestError, ModelNotFoundErro
 from bastion.finetune.states import ACTIVE_JOB_STATES as ACTIVE
 from bastion.finetune.states import FINISHED_JOB_STATES as FINISHED
 from bastion.files.validate import Summary
-from bastion.finetune import events, hyperparams
+from bastion.finetune import billing, events, hyperparams, limits
 from bastion.finetune.trainable import base_path, why_not_fine_tunable
 from bastion.ids import new_id
 from bastion.protocol.fine_tuning import JobCreate
-
+from bastion.tenancy.keys import Principal
 
 
 def get(session: Session, org_id: str, job_id: str) -> FineTuningJob:
@@ -76,10 +76,15 @@ def method_of(body: JobCreate) -> tuple[str, Any, dict[str, Any]]:
     return method, hp, extra
 
 
-def create(session: Session, catalog: Catalog, org_id: str, body: JobCreate,
-           recheck: Callable[[Deployment, File], Summary]) -> FineTuningJob:
-    """Check everything, then write the job and its first events in one transaction."""
+def create(session: Session, catalog: Catalog, principal: Principal, body: JobCreate,
+           recheck: Callable[[Deployment, File], Summary], *,
+           max_base_bytes: int) -> FineTuningJob:
+    """Check everything, the cheap things first, then write the job and its first events in
+    one transaction. The job is billed to the calling key."""
+    org_id = principal.org_id
     dep = base_model(catalog, body.model, org_id)
+    limits.check_base_size(dep, max_base_bytes)
+    limits.check_active_jobs(session, org_id, principal.limits)
     train = training_input(session, org_id, body.training_file, "training_file")
     valid = (training_input(session, org_id, body.validation_file, "validation_file")
              if body.validation_file else None)
@@ -99,10 +104,12 @@ def create(session: Session, catalog: Catalog, org_id: str, body: JobCreate,
     method, hp, extra = method_of(body)
     resolved = hyperparams.resolve(hp, method=method,
                                    n_examples=summaries["training_file"]["examples"], **extra)
+    limits.check_trained_tokens(summaries["training_file"]["tokens"] * resolved["n_epochs"],
+                                principal.limits)
     now = utcnow()
     job = FineTuningJob(
-        id=new_id("ftjob"), org_id=org_id, model=dep.id, base_path=str(base_path(dep)),
-        training_file=train.id,
+        id=new_id("ftjob"), org_id=org_id, key_id=principal.key_id, model=dep.id,
+        base_path=str(base_path(dep)), training_file=train.id,
         validation_file=valid.id if valid else None, suffix=body.suffix, method=method,
         hyperparameters=resolved, seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         status="queued", created_at=now, attempts=0, meta=body.metadata,
@@ -117,6 +124,7 @@ def create(session: Session, catalog: Catalog, org_id: str, body: JobCreate,
                data={"training": summaries["training_file"],
                      "validation": summaries.get("validation_file")})
     session.flush()
+    limits.check_active_jobs(session, org_id, principal.limits, written=True)
     return job
 
 
@@ -142,6 +150,8 @@ def cancel(session: Session, org_id: str, job_id: str) -> FineTuningJob:
         events.add(session, job_id, "Job cancelled")
     session.flush()
     session.refresh(job)
+    if done:  # what it trained before the cancel is billed, as on OpenAI
+        billing.bill(session, job)
     return job
 
 

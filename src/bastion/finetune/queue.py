@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from bastion.db.tables import FineTuningJob, utcnow
-from bastion.finetune import events
+from bastion.finetune import billing, events
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,27 @@ def _mine(claim: Claim) -> Any:
             & (FineTuningJob.status == "running"))
 
 
+def fair_order() -> Any:
+    """Queued jobs in the order workers should take them: round robin across organisations.
+    The organisation served longest ago (or never) goes first, with its oldest queued job;
+    one organisation's backlog never holds another's first job behind it. "Served" is the
+    newest heartbeat of any of the organisation's jobs: a job running now counts as just
+    served, so with several workers a second organisation is not made to wait for a first
+    one's second job."""
+    served = (select(FineTuningJob.org_id, func.max(FineTuningJob.heartbeat_at).label("at"))
+              .group_by(FineTuningJob.org_id).subquery())
+    return (select(FineTuningJob.id)
+            .join(served, served.c.org_id == FineTuningJob.org_id)
+            .where(FineTuningJob.status == "queued")
+            .order_by(served.c.at.asc().nulls_first(), FineTuningJob.created_at,
+                      FineTuningJob.id))
+
+
 def claim_next(sessions: sessionmaker[Session], worker_id: str) -> Claim | None:
     with sessions.begin() as s:
-        query = (select(FineTuningJob.id).where(FineTuningJob.status == "queued")
-                 .order_by(FineTuningJob.created_at).limit(5))
+        query = fair_order().limit(5)
         if s.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
+            query = query.with_for_update(skip_locked=True, of=FineTuningJob)
         for job_id in list(s.scalars(query)):
             token = secrets.token_hex(16)
             now = utcnow()
@@ -71,6 +86,9 @@ def finish(sessions: sessionmaker[Session], claim: Claim, status: str, *messages
         if done:
             for message in messages:
                 events.add(s, claim.job_id, message, level=level)
+            job = s.get(FineTuningJob, claim.job_id)
+            assert job is not None
+            billing.bill(s, job)
         return done
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bastion.finetune.encode import IGNORE, ChatTokenizer, encode
+from bastion.finetune.failures import TrainingError
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -58,11 +59,16 @@ class TrainResult:
 
 
 def read_examples(path: Path, tok: ChatTokenizer) -> list[tuple[list[int], list[int]]]:
+    """A file that passed validation; an example the chat template cannot split into turns
+    is the tenant's to fix, and says which line it is."""
     out = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if line.strip():
-                out.append(encode(json.loads(line), tok))
+                try:
+                    out.append(encode(json.loads(line), tok))
+                except ValueError as exc:
+                    raise TrainingError(f"line {number} of the training data: {exc}") from exc
     return out
 
 

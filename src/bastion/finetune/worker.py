@@ -18,6 +18,7 @@ from bastion.config import Settings
 from bastion.db.tables import File, FineTuningCheckpoint, FineTuningJob, utcnow
 from bastion.files.store import BlobStore
 from bastion.finetune import events, queue
+from bastion.finetune.failures import public_error
 from bastion.finetune.jobs import model_name
 from bastion.ids import new_id
 
@@ -133,13 +134,12 @@ class Worker:
                 queue.release(self.sessions, claim, "The worker is shutting down")
             log.info("stopped %s", job.id)
             return
-        except Exception as exc:
-            log.error("job %s failed: %s", job.id, exc)
+        except Exception as exc:  # details in the log; the tenant gets a code and a message
+            log.error("job %s failed: %s: %s", job.id, type(exc).__name__, exc)
             log.debug("job %s failed", job.id, exc_info=True)
-            queue.finish(self.sessions, claim, "failed", f"Training failed: {exc}",
-                         level="error", error={"code": "training_failed",
-                                               "message": f"Training failed: {exc}",
-                                               "param": None})
+            public = public_error(exc, job.id)
+            queue.finish(self.sessions, claim, "failed", public.message, level="error",
+                         error=public.as_dict())
             return
         finally:
             reporter.close()

@@ -21,6 +21,7 @@ class LimitsOverride(BaseModel):
     concurrent_requests: Limit = Field(None, ge=1, le=100_000)
     tokens_per_request: Limit = Field(None, ge=1, le=10_000_000)
     tokens_per_hour: Limit = Field(None, ge=1, le=10**12)
+    fine_tuning_jobs: Limit = Field(None, ge=0, le=100_000)  # queued + running; 0: none
 
 
 class OrganizationCreate(StrictModel):
@@ -38,6 +39,7 @@ class LimitsView(BaseModel):
     concurrent_requests: Limit
     tokens_per_request: Limit
     tokens_per_hour: Limit
+    fine_tuning_jobs: Limit
 
 
 class OrganizationView(BaseModel):
@@ -62,9 +64,10 @@ class OrganizationDeleted(BaseModel):
 
 def organization_view(org: Any, limits: Any) -> OrganizationView:
     """`org`: a db.tables.Organization; `limits`: its effective limits (tenancy.plans.Limits,
-    or any object with the three limit attributes)."""
+    or any object with the four limit attributes)."""
     return OrganizationView(id=org.id, name=org.name, plan=org.plan,
                             limits=LimitsView(concurrent_requests=limits.concurrent_requests,
                                               tokens_per_request=limits.tokens_per_request,
-                                              tokens_per_hour=limits.tokens_per_hour),
+                                              tokens_per_hour=limits.tokens_per_hour,
+                                              fine_tuning_jobs=limits.fine_tuning_jobs),
                             created_at=epoch(org.created_at) or 0)

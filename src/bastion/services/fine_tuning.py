@@ -34,7 +34,8 @@ def rechecker(services: Services) -> Callable[[Deployment, File], Summary]:
 def create(services: Services, principal: Principal, body: JobCreate) -> Job:
     recheck = rechecker(services)
     with services.sessions.begin() as s:
-        job = jobs.create(s, services.catalog, principal.org_id, body, recheck)
+        job = jobs.create(s, services.catalog, principal, body, recheck,
+                          max_base_bytes=services.settings.fine_tune_max_base_bytes)
         audit.record(s, principal, "fine_tuning.job.created", principal.org_id,
                      target_id=job.id,
                      details={"model": job.model, "training_file": job.training_file,

@@ -13,7 +13,8 @@ from bastion.tenancy.keys import Principal
 from bastion.usage.report import visible_usage
 
 DEFAULT_SPAN_S = 30 * 86400
-FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
+FIELDS = ("requests", "prompt_tokens", "completion_tokens", "trained_tokens", "fine_tuning_jobs",
+          "total_tokens")
 
 
 def rows(services: Services, principal: Principal, org_id: str, start: datetime,

@@ -10,10 +10,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine, insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
 
 from bastion.db.tables import UsageRecord
 
@@ -24,6 +26,8 @@ FLUSH_INTERVAL_S = 1.0
 COLLECT_S = 0.2
 MAX_BATCH = 1000
 WRITE_ATTEMPTS = 10
+# The endpoint of a fine-tuning job's row (one per job; its request id is the job's id).
+FINE_TUNING_ENDPOINT = "/v1/fine_tuning/jobs"
 
 
 @dataclass(frozen=True)
@@ -39,16 +43,29 @@ class UsageRow:
     latency_ms: int
     created_at: datetime
     cached_tokens: int = 0  # of prompt_tokens, those the engine's prefix cache reused
+    trained_tokens: int = 0  # a fine-tuning job's row: tokens x epochs trained
+
+
+def idempotent_insert(dialect: str) -> Any:
+    """An INSERT that skips a row whose (org, request id) is already there, where the database
+    can say so (SQLite, PostgreSQL); elsewhere a plain INSERT."""
+    return (sqlite_insert(UsageRecord).on_conflict_do_nothing() if dialect == "sqlite"
+            else pg_insert(UsageRecord).on_conflict_do_nothing() if dialect == "postgresql"
+            else insert(UsageRecord))
+
+
+def record_in(session: Session, row: UsageRow) -> None:
+    """One row written in the caller's own transaction, at most once per (org, request id):
+    for usage decided by a state change (a fine-tuning job ending), billed exactly when that
+    change commits, whichever process makes it and however often it is retried."""
+    session.execute(idempotent_insert(session.get_bind().dialect.name).values(**asdict(row)))
 
 
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         # Idempotent inserts (a retried batch, or a retried request, never double-counts).
-        dialect = engine.dialect.name
-        self._insert = (sqlite_insert(UsageRecord).on_conflict_do_nothing() if dialect == "sqlite"
-                        else pg_insert(UsageRecord).on_conflict_do_nothing()
-                        if dialect == "postgresql" else insert(UsageRecord))
+        self._insert = idempotent_insert(engine.dialect.name)
         self._rows: queue.SimpleQueue[UsageRow | None] = queue.SimpleQueue()
         self._flushed = threading.Condition()
         self._hurry = threading.Event()  # flush(): write what has queued without collecting

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.responses import RedirectResponse, Response
 
-from bastion.errors import InvalidRequestError
+from bastion.errors import InvalidRequestError, RateLimitError
 from bastion.finetune.states import ACTIVE_JOB_STATES
 from bastion.protocol.fine_tuning import JobCreate, JobEvent
 from bastion.services import files, fine_tuning, models
@@ -75,7 +75,7 @@ def create(request: Request, viewer: TrainingViewer, form: CheckedForm,
         return jobs_page(request, services, viewer, status=400, error=explain(exc), form=form)
     try:
         job = fine_tuning.create(services, viewer.principal, body)
-    except InvalidRequestError as exc:  # the file cannot train this model, and why
+    except (InvalidRequestError, RateLimitError) as exc:  # why not: the file, the model, the cap
         return jobs_page(request, services, viewer, status=exc.status, error=exc.message,
                          form=form)
     return RedirectResponse(f"/dashboard/fine-tuning/{job.id}", status_code=303)

@@ -29,15 +29,19 @@ class Totals:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    trained_tokens: int = 0  # fine-tuning jobs' tokens x epochs
+    fine_tuning_jobs: int = 0
 
     @property
     def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+        return self.prompt_tokens + self.completion_tokens + self.trained_tokens
 
     def add(self, row: dict) -> None:
         self.requests += row["requests"]
         self.prompt_tokens += row["prompt_tokens"]
         self.completion_tokens += row["completion_tokens"]
+        self.trained_tokens += row["trained_tokens"]
+        self.fine_tuning_jobs += row["fine_tuning_jobs"]
 
 
 @dataclass
@@ -99,7 +103,8 @@ def usage_page(request: Request, viewer: CurrentViewer, services: ServicesDep) -
     labels = [d[5:] for d in summary.days]  # MM-DD
     tokens = stacked_bars(labels, [
         Series("prompt", "bar-a", [t.prompt_tokens for t in summary.days.values()]),
-        Series("completion", "bar-b", [t.completion_tokens for t in summary.days.values()])],
+        Series("completion", "bar-b", [t.completion_tokens for t in summary.days.values()]),
+        Series("trained", "bar-d", [t.trained_tokens for t in summary.days.values()])],
         title="Tokens per day", unit="tokens")
     requests = stacked_bars(labels, [Series("requests", "bar-c",
                                             [t.requests for t in summary.days.values()])],
