@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.catalog.start()
         app.state.blobs = BlobStore(settings.files_dir)
         app.state.org_models = OrgModels(app.state.catalog, app.state.sessions, settings)
-        await app.state.org_models.sync()
+        await app.state.org_models.sync("startup")
         app.state.services = Services(
             settings=settings, lifecycle=app.state.lifecycle, db=db,
             sessions=app.state.sessions, key_lookup=app.state.key_lookup,
