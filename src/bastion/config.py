@@ -55,6 +55,9 @@ class UpstreamSpec(BaseModel):
     read_timeout: float = Field(600.0, gt=0, description="longest wait for the next byte")
     health_interval: float = Field(10.0, gt=0, description="seconds between health checks")
     max_connections: int = Field(256, ge=1, description="per replica")
+    max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest answer "
+                                    "read from an upstream: a whole non-streamed body, or one "
+                                    "event of a stream (a larger one fails the request)")
 
     @field_validator("urls")
     @classmethod
