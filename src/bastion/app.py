@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
 from bastion.api import (chat, completions, embeddings, files, fine_tuning, health, keys,
-                         metrics, models, organizations, responses, usage, ws)
+                         metrics, models, organizations, responses, schema, usage, ws)
 from bastion.models.org_models import OrgModels
 from bastion.models.catalog import load_catalog
 from bastion.files.store import BlobStore
@@ -99,7 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             db.dispose()
             await run_in_threadpool(tracing.shutdown)  # exports the spans still batched
 
-    # No unauthenticated docs: every route but /health and /ready needs a key.
+    # No unauthenticated docs: every route but /health and /ready needs a key (the OpenAPI
+    # document too: api/schema.py serves it to any valid key).
     # OpenTelemetry only when OTEL_EXPORTER_OTLP_ENDPOINT is set: then FastAPI makes each
     # request's server span with this provider (its dependency and endpoint spans stay off) and
     # the gate adds admission, queue-and-prefill and decode (telemetry/tracing.py). Otherwise
@@ -123,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(as_api_error(exc))
 
     api = (chat, completions, embeddings, models, organizations, keys, usage, files,
-           fine_tuning, health, metrics, ws, responses)
+           fine_tuning, health, metrics, ws, responses, schema)
     for module in api:
         app.include_router(module.router)
     install_dashboard(app)
