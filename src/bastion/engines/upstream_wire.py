@@ -188,6 +188,16 @@ def scrubbed(message: str, hosts: tuple[str, ...] = ()) -> str | None:
     return text[:MAX_MESSAGE] or None
 
 
+def _for_log(message: str) -> str:
+    """An upstream's message for the operator's log: whole, on one line, but of a traceback
+    only its last line (the exception), so that this server's log never shows a traceback
+    that is not its own."""
+    if _TRACEBACK.search(message):
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        return f"{lines[-1][:2000] if lines else ''} (the upstream's traceback is left out)"
+    return " ".join(message.split())[:2000]
+
+
 def relayed(status: int, body: Any, name: str, hosts: tuple[str, ...] = ()) -> EngineError:
     """An upstream's error body (OpenAI's {"error": {...}}, vLLM's older flat
     {"object": "error", ...}, FastAPI's {"detail": ...}) as an engine error. 4xx are the
@@ -207,14 +217,14 @@ def relayed(status: int, body: Any, name: str, hosts: tuple[str, ...] = ()) -> E
                                f"credentials; the administrator must fix its api_key.")
     if status == 429 or status >= 500 or not 400 <= status < 500:
         log.warning("the upstream of %s failed (HTTP %d): %s", name, status,
-                    (message or "")[:2000])
+                    _for_log(message or ""))
         return UpstreamFailure(f"The upstream server of '{name}' failed (HTTP {status}). "
                                f"Try again; if it goes on, tell the server's administrator.")
     code, param = err.get("code"), err.get("param")
     clean = scrubbed(message, hosts) if message else None
     if message and clean != message:
         log.info("the upstream of %s refused a request (HTTP %d): %s", name, status,
-                 message[:2000])
+                 _for_log(message))
     return UpstreamRefused(clean or f"The upstream server of '{name}' refused the request "
                            f"(HTTP {status}).", status=status,
                            code=code[:64] if isinstance(code, str) else None,
