@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, Awaitable, Callable
 
 
@@ -18,6 +19,31 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 # The API, and the dashboard's playground endpoint that serves through the same path.
 GUARDED = ("/v1", "/dashboard/api/")
+# A JSON \\uXXXX escape of a UTF-16 surrogate, with the backslashes before it (an even run
+# of them is escaped backslashes, not an escape)
+_SURROGATE = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def lone_surrogate(body: bytes) -> bool:
+    """Whether a JSON body escapes a UTF-16 surrogate that is not half of a pair: such text
+    is not Unicode (it cannot be encoded as UTF-8, so no tokenizer, database or response can
+    hold it). Raw bytes cannot carry one: they would not decode as UTF-8 at all."""
+    if b"\\u" not in body:
+        return False
+    pending_high = -1  # the end of a high surrogate escape still waiting for its low half
+    for m in _SURROGATE.finditer(body):
+        if len(m.group(1)) % 2 == 0:
+            continue  # "\\\\ud800": an escaped backslash, then plain text
+        high = m.group(2)[1:2].lower() in b"89ab"
+        if pending_high >= 0:
+            if high or m.start(1) != pending_high or len(m.group(1)) != 1:
+                return True  # a high one not followed at once by its low half
+            pending_high = -1
+            continue
+        if not high:
+            return True  # a low half with no high one before it
+        pending_high = m.end()
+    return pending_high >= 0
 
 
 async def _reject(send: Send, err: APIError) -> None:
@@ -75,6 +101,13 @@ class Gatekeeper:
                     return
                 if not message.get("more_body"):
                     break
+        if body and lone_surrogate(bytes(body)) and b"json" in dict(scope["headers"]).get(
+                b"content-type", b"application/json").lower():
+            await _reject(send, InvalidRequestError(
+                "The request body could not be parsed as JSON: it holds a lone UTF-16 "
+                "surrogate escape (such as \\ud800), which is not valid Unicode text.",
+                code="invalid_json"))
+            return
         replayed = False
 
         async def replay() -> Message:
