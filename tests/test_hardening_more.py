@@ -198,9 +198,11 @@ def catalog_syncs(server: RunningServer) -> dict[str, float]:
 
 
 def test_unknown_models_do_not_sync_the_catalogue(light: RunningServer) -> None:
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine, insert
 
-    _, key = make_tenant(light.api, name="miss")
+    from bastion.db.tables import CustomModel
+
+    org_id, key = make_tenant(light.api, name="miss")
     before = catalog_syncs(light)
     assert before.get("startup") == 1, before
     for i in range(50):
@@ -211,18 +213,16 @@ def test_unknown_models_do_not_sync_the_catalogue(light: RunningServer) -> None:
 
     # a model the database holds (as if another replica had just taken its upload) is
     # still found on the first request for it, by one sync
-    org = httpx.get(f"{light.api}/organizations", headers=bearer(ADMIN_KEY)).json()["data"][0]
     folder = light.data_dir / "elsewhere"
     folder.mkdir()
     os.symlink(models_cache() / "gemma-3-270m-q4_k_m.gguf", folder / "model.gguf")
     engine = create_engine(light.database_url)
     with engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO custom_models (id, org_id, model_id, model_type, format, path, bytes, "
-            "created_at) VALUES ('cm-elsewhere', :org, 'made-elsewhere', 'llama', 'gguf', :path, "
-            "1, :now)"), {"org": org["id"], "path": str(folder), "now": datetime.now(timezone.utc)})
+        conn.execute(insert(CustomModel).values(
+            id="cm-elsewhere", org_id=org_id, model_id="made-elsewhere", model_type="gguf",
+            format="gguf", path=str(folder), bytes=1, created_at=datetime.now(timezone.utc)))
     engine.dispose()
-    r = httpx.get(f"{light.api}/models/made-elsewhere", headers=bearer(ADMIN_KEY), timeout=120)
+    r = httpx.get(f"{light.api}/models/made-elsewhere", headers=bearer(key["key"]), timeout=120)
     assert r.status_code == 200, r.text
     assert catalog_syncs(light).get("miss", 0) - after.get("miss", 0) == 1
 
