@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from collections import namedtuple
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-import logging
 
 from sqlalchemy import Connection, Engine, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -263,15 +262,21 @@ def bootstrap(factory: sessionmaker[Session], admin_key: str | None) -> str | No
             if row is None:
                 rotate_server_admin(session, admin_key)
                 log.info("BASTION_ADMIN_KEY is new: the previous server-admin keys are revoked")
+            elif not row.is_server_admin:
+                log.error("BASTION_ADMIN_KEY is an organisation's own API key (%s), not the "
+                          "server administrator's; choose another value", row.id)
             elif row.revoked_at is not None:
                 log.warning("BASTION_ADMIN_KEY has been revoked; set a new value (or unset it "
                             "and use the key of `bastion keys rotate-admin`)")
             else:
                 # stored before custom keys kept only their tag: forget the clear characters
                 row.prefix = visible_prefix(admin_key, generated=False)
-                for other in active_server_admin_keys(session):
-                    if other.id != row.id:
-                        other.revoked_at = utcnow()
+                others = [k for k in active_server_admin_keys(session) if k.id != row.id]
+                for other in others:
+                    other.revoked_at = utcnow()
+                if others:
+                    log.warning("revoked %d other server-admin key(s): BASTION_ADMIN_KEY is the "
+                                "server administrator's key", len(others))
             return None
         if active_server_admin_keys(session):
             return None
