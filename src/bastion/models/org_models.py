@@ -90,9 +90,11 @@ class OrgModels:
         models, under the global lock) runs only when the database holds that very model, and
         the database is asked at most once per `model_lookup_interval` for the same
         organisation and name: a client sending random names costs a dictionary lookup."""
+        if len(name) > 256 or not name.isprintable():
+            return  # no model is named so (and PostgreSQL refuses a NUL in a query)
         now = time.monotonic()
         interval = self.settings.model_lookup_interval
-        key = (org_id, name[:256])
+        key = (org_id, name)
         if now - self._looked.get(key, -interval - 1) < interval:
             return
         if len(self._looked) > 10_000:  # forget the lookups that no longer hold anything back
