@@ -70,6 +70,12 @@ class Gatekeeper:
         if scope["type"] != "http" or not scope["path"].startswith(GUARDED):
             await self.app(scope, receive, send)
             return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            # no id or parameter holds a NUL, and PostgreSQL refuses one in any query
+            await _reject(send, InvalidRequestError(
+                "The URL holds a NUL character (%00), which no id or parameter may contain.",
+                code="invalid_url"))
+            return
         if self.lifecycle.draining:
             await _reject(send, ServiceUnavailableError(
                 "The server is shutting down and accepts no new requests; retry on another replica."))
