@@ -146,6 +146,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     msg = first.get("msg", "invalid value")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if first.get("type") == "missing" and not param:
+        return InvalidRequestError("The request has no body: send a JSON object.",
+                                   code="missing_body")
     if first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
         return InvalidRequestError(message, param=param, code="missing_required_parameter")

@@ -46,6 +46,26 @@ def lone_surrogate(body: bytes) -> bool:
     return pending_high >= 0
 
 
+def _json_problem(body: bytes, headers: dict[bytes, bytes]) -> str | None:
+    """What makes a body that FastAPI would parse as JSON (a JSON content type, or none) not
+    JSON text of Unicode, which Python's parser would otherwise let through: another encoding
+    than UTF-8 (it guesses UTF-16 and UTF-32 from NUL bytes, and then no check on the raw
+    bytes holds), or a lone surrogate escape."""
+    content_type = headers.get(b"content-type", b"application/json").lower()
+    if b"json" not in content_type:
+        return None
+    if b"\x00" in body:
+        return "JSON text is UTF-8 and holds no NUL byte (escape it as \\u0000 in a string)."
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"it is not UTF-8 (an invalid byte at offset {exc.start})."
+    if lone_surrogate(body):
+        return ("it holds a lone UTF-16 surrogate escape (such as \\ud800), which is not "
+                "valid Unicode text.")
+    return None
+
+
 async def _reject(send: Send, err: APIError) -> None:
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -107,12 +127,9 @@ class Gatekeeper:
                     return
                 if not message.get("more_body"):
                     break
-        if body and lone_surrogate(bytes(body)) and b"json" in dict(scope["headers"]).get(
-                b"content-type", b"application/json").lower():
+        if body and (problem := _json_problem(bytes(body), dict(scope["headers"]))):
             await _reject(send, InvalidRequestError(
-                "The request body could not be parsed as JSON: it holds a lone UTF-16 "
-                "surrogate escape (such as \\ud800), which is not valid Unicode text.",
-                code="invalid_json"))
+                f"The request body could not be parsed as JSON: {problem}", code="invalid_json"))
             return
         replayed = False
 
