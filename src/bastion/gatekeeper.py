@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any, Awaitable, Callable
 
 
 from bastion.admission.draining import Lifecycle
+from bastion.http.json_text import json_problem
 from bastion.errors import (APIError, InvalidRequestError, PayloadTooLargeError,
                             ServiceUnavailableError)
 
@@ -19,53 +19,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 # The API, and the dashboard's playground endpoint that serves through the same path.
 GUARDED = ("/v1", "/dashboard/api/")
-# A JSON \\uXXXX escape of a UTF-16 surrogate, with the backslashes before it (an even run
-# of them is escaped backslashes, not an escape)
-_SURROGATE = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
-
-
-def lone_surrogate(body: bytes) -> bool:
-    """Whether a JSON body escapes a UTF-16 surrogate that is not half of a pair: such text
-    is not Unicode (it cannot be encoded as UTF-8, so no tokenizer, database or response can
-    hold it). Raw bytes cannot carry one: they would not decode as UTF-8 at all."""
-    if b"\\u" not in body:
-        return False
-    pending_high = -1  # the end of a high surrogate escape still waiting for its low half
-    for m in _SURROGATE.finditer(body):
-        if len(m.group(1)) % 2 == 0:
-            continue  # "\\\\ud800": an escaped backslash, then plain text
-        high = m.group(2)[1:2].lower() in b"89ab"
-        if pending_high >= 0:
-            if high or m.start(1) != pending_high or len(m.group(1)) != 1:
-                return True  # a high one not followed at once by its low half
-            pending_high = -1
-            continue
-        if not high:
-            return True  # a low half with no high one before it
-        pending_high = m.end()
-    return pending_high >= 0
-
-
-def _json_problem(body: bytes, headers: dict[bytes, bytes]) -> str | None:
-    """What makes a body that FastAPI would parse as JSON (a JSON content type, or none) not
-    JSON text of Unicode, which Python's parser would otherwise let through: another encoding
-    than UTF-8 (it guesses UTF-16 and UTF-32 from NUL bytes, and then no check on the raw
-    bytes holds), or a lone surrogate escape."""
-    content_type = headers.get(b"content-type", b"application/json").lower()
-    if b"json" not in content_type:
-        return None
-    if b"\x00" in body:
-        return "JSON text is UTF-8 and holds no NUL byte (escape it as \\u0000 in a string)."
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return f"it is not UTF-8 (an invalid byte at offset {exc.start})."
-    if lone_surrogate(body):
-        return ("it holds a lone UTF-16 surrogate escape (such as \\ud800), which is not "
-                "valid Unicode text.")
-    return None
-
-
 async def _reject(send: Send, err: APIError) -> None:
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -127,7 +80,7 @@ class Gatekeeper:
                     return
                 if not message.get("more_body"):
                     break
-        if body and (problem := _json_problem(bytes(body), dict(scope["headers"]))):
+        if body and (problem := json_problem(bytes(body), dict(scope["headers"]))):
             await _reject(send, InvalidRequestError(
                 f"The request body could not be parsed as JSON: {problem}", code="invalid_json"))
             return
