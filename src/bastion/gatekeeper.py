@@ -80,7 +80,8 @@ class Gatekeeper:
                     return
                 if not message.get("more_body"):
                     break
-        if body and (problem := json_problem(bytes(body), dict(scope["headers"]))):
+        if body and (problem := json_problem(bytes(body), dict(scope["headers"]),
+                                                       scope["path"])):
             await _reject(send, InvalidRequestError(
                 f"The request body could not be parsed as JSON: {problem}", code="invalid_json"))
             return

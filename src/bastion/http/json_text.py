@@ -9,6 +9,16 @@ import re
 # A JSON \\uXXXX escape of a UTF-16 surrogate, with the backslashes before it (an even run
 # of them is escaped backslashes, not an escape)
 _SURROGATE = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
+_NUL = re.compile(rb"(\\+)u0000")
+# Pure inference, where a NUL in the text is the model's business and nothing is stored; any
+# other endpoint stores or looks up what it is sent, and PostgreSQL refuses a NUL in text.
+NUL_ALLOWED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+               "/dashboard/api/chat/completions")
+
+
+def nul_escape(body: bytes) -> bool:
+    """Whether a JSON body escapes a NUL character (\\u0000, not an escaped backslash)."""
+    return b"\\u0000" in body and any(len(m.group(1)) % 2 for m in _NUL.finditer(body))
 
 
 def lone_surrogate(body: bytes) -> bool:
@@ -33,7 +43,7 @@ def lone_surrogate(body: bytes) -> bool:
     return pending_high >= 0
 
 
-def json_problem(body: bytes, headers: dict[bytes, bytes]) -> str | None:
+def json_problem(body: bytes, headers: dict[bytes, bytes], path: str = "") -> str | None:
     """What makes a body that FastAPI would parse as JSON (a JSON content type, or none) not
     JSON text of Unicode, which Python's parser would otherwise let through: another encoding
     than UTF-8 (it guesses UTF-16 and UTF-32 from NUL bytes, and then no check on the raw
@@ -50,4 +60,6 @@ def json_problem(body: bytes, headers: dict[bytes, bytes]) -> str | None:
     if lone_surrogate(body):
         return ("it holds a lone UTF-16 surrogate escape (such as \\ud800), which is not "
                 "valid Unicode text.")
+    if path not in NUL_ALLOWED and nul_escape(body):
+        return "it holds a NUL character (\\u0000), which no field of this endpoint may hold."
     return None
