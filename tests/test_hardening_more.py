@@ -228,8 +228,16 @@ def test_unknown_models_do_not_sync_the_catalogue(light: RunningServer) -> None:
 
 
 # --- f. n x prompts count as that many concurrent sequences -----------------------------------
-def test_n_counts_against_concurrency(server: RunningServer) -> None:
-    api = server.api
+@pytest.fixture(scope="module")
+def models_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The bundled chat models, without the embedding model or a worker (a quicker start)."""
+    srv = start_server(tmp_path_factory.mktemp("models"), "--parallel", "4", "--no-worker")
+    yield srv
+    stop_server(srv)
+
+
+def test_n_counts_against_concurrency(models_srv: RunningServer) -> None:
+    api = models_srv.api
     _, created = make_tenant(api, limits={"concurrent_requests": 2}, name="sequences")
     key = created["key"]
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4}
