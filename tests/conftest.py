@@ -75,7 +75,8 @@ def models_cache() -> Path:
 
 
 def start_server(tmp: Path, *args: str, env: dict[str, str | None] | None = None,
-                 data_dir: Path | None = None, embeddings: bool = False) -> RunningServer:
+                 data_dir: Path | None = None, embeddings: bool = False,
+                 start_timeout: float = 120) -> RunningServer:
     """A server on a free port; replicas of one deployment pass the same data_dir. Only the
     servers that test embeddings load the embedding model (PyTorch adds seconds to a start).
     An `env` value of None unsets that variable (BASTION_ADMIN_KEY=None: a generated key)."""
@@ -106,7 +107,7 @@ def start_server(tmp: Path, *args: str, env: dict[str, str | None] | None = None
         except httpx.HTTPError:
             return False
 
-    if poll(healthy, timeout=120, interval=0.2):
+    if poll(healthy, timeout=start_timeout, interval=0.2):
         return server
     stop_server(server)
     raise RuntimeError(f"server did not start:\n{server.log()}")

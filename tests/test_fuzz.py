@@ -35,7 +35,7 @@ TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     s = start_server(tmp_path_factory.mktemp("fuzz"), "--parallel", "4", "--no-worker",
-                     env={"BASTION_DEFAULT_MAX_TOKENS": "4"}, embeddings=True)
+                     env={"BASTION_DEFAULT_MAX_TOKENS": "4"}, embeddings=True, start_timeout=300)
     yield s
     stop_server(s)
 

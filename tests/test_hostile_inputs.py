@@ -30,7 +30,7 @@ DEEP = 10_000
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """Any input that slips through to generation makes at most 4 tokens."""
     s = start_server(tmp_path_factory.mktemp("hostile"), "--parallel", "4", "--no-worker",
-                     env={"BASTION_DEFAULT_MAX_TOKENS": "4"}, embeddings=True)
+                     env={"BASTION_DEFAULT_MAX_TOKENS": "4"}, embeddings=True, start_timeout=300)
     yield s
     stop_server(s)
 
