@@ -87,6 +87,9 @@ def check_schema(schema: Any, param: str) -> None:
                       f"deep.", param)
     try:
         Draft202012Validator.check_schema(schema)
+    except RecursionError:  # a `pattern` nested too deeply for Python's regex parser
+        raise _refuse("The JSON schema holds a pattern (or a subschema) nested too deeply.",
+                      param) from None
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.path) or "#"
         raise InvalidRequestError(f"Invalid JSON schema at '{where}': {exc.message}",
