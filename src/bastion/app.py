@@ -40,6 +40,9 @@ from bastion.tenancy.keys import KeyLookup, bootstrap
 from bastion.web.router import install as install_dashboard
 
 log = logging.getLogger("bastion")
+# Every router of the API (the dashboard's are web/'s): /openapi.json describes their routes
+API_MODULES = (chat, completions, embeddings, models, organizations, keys, usage, files,
+               fine_tuning, health, metrics, ws, responses, schema)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -123,8 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    api = (chat, completions, embeddings, models, organizations, keys, usage, files,
-           fine_tuning, health, metrics, ws, responses, schema)
+    api = API_MODULES
     for module in api:
         app.include_router(module.router)
     install_dashboard(app)
