@@ -311,7 +311,8 @@ def hostile_cases() -> list[Case]:
                  "/v1/models/%ED%A0%80", "/v1/models/" + "m" * 10_000, "/v1/models/%00",
                  "/v1/responses/%00", "/v1/responses/..%2F..%2Fetc%2Fpasswd/input_items",
                  "/v1/responses/x/input_items?limit=" + BIG_INT):
-        cases.append(Case(f"GET {path[:60]}", "GET", path, headers=dict(AUTH)))
+        # a filter that matches nothing may be a 200 with an empty list: never a 5xx
+        cases.append(Case(f"GET {path[:60]}", "GET", path, headers=dict(AUTH), lenient=True))
     return cases
 
 

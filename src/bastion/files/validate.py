@@ -99,6 +99,11 @@ def validate_jsonl(path: Path, *, count_tokens: Callable[[dict[str, Any]], int] 
                                        ) from None
             except RecursionError:
                 raise InvalidFileError(number, "invalid JSON (nested too deeply)") from None
+            try:  # "\ud800" parses, but is no Unicode text: no tokenizer could take it
+                json.dumps(example, ensure_ascii=False).encode("utf-8")
+            except (UnicodeEncodeError, RecursionError):
+                raise InvalidFileError(number, "a string holds a lone UTF-16 surrogate (such "
+                                       "as \\ud800), which is not Unicode text") from None
             if not isinstance(example, dict):
                 raise InvalidFileError(number, "each line must be a JSON object")
             kind, problem = _format_of(example)
