@@ -76,10 +76,12 @@ def models_cache() -> Path:
     return cache
 
 
-def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
-                 data_dir: Path | None = None, embeddings: bool = False) -> RunningServer:
+def start_server(tmp: Path, *args: str, env: dict[str, str | None] | None = None,
+                 data_dir: Path | None = None, embeddings: bool = False,
+                 start_timeout: float = 120) -> RunningServer:
     """A server on a free port; replicas of one deployment pass the same data_dir. Only the
-    servers that test embeddings load the embedding model (PyTorch adds seconds to a start)."""
+    servers that test embeddings load the embedding model (PyTorch adds seconds to a start).
+    An `env` value of None unsets that variable (BASTION_ADMIN_KEY=None: a generated key)."""
     port = free_port()
     data_dir = data_dir or tmp / f"data-{port}"
     (data_dir / "models").mkdir(parents=True, exist_ok=True)
@@ -89,8 +91,9 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
     log_path = tmp / f"server-{port}.log"
     database_url = (postgres_database(data_dir) if DB_BACKEND == "postgres"
                     else f"sqlite:///{data_dir / 'bastion.db'}")
-    full_env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY,
-                "BASTION_DATABASE_URL": database_url, **(env or {})}
+    merged = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY,
+              "BASTION_DATABASE_URL": database_url, **(env or {})}
+    full_env = {k: v for k, v in merged.items() if v is not None}  # None: leave it unset
     cmd = [sys.executable, "-m", "bastion.cli", "serve", "--port", str(port),
            "--data-dir", str(data_dir), *args,
            *([] if embeddings else ["--no-bundled-embeddings"])]
@@ -106,7 +109,7 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
         except httpx.HTTPError:
             return False
 
-    if poll(healthy, timeout=120, interval=0.2):
+    if poll(healthy, timeout=start_timeout, interval=0.2):
         return server
     stop_server(server)
     raise RuntimeError(f"server did not start:\n{server.log()}")

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bastion import __version__
 from bastion.api import (audit_logs, chat, completions, embeddings, files, fine_tuning, health,
-                         keys, metrics, models, organizations, responses, usage, ws)
+                         keys, metrics, models, organizations, responses, schema, usage, ws)
 from bastion.models.org_models import OrgModels
 from bastion.models.catalog import load_catalog
 from bastion.files.store import BlobStore
@@ -41,6 +41,9 @@ from bastion.tenancy.keys import KeyLookup, bootstrap
 from bastion.web.router import install as install_dashboard
 
 log = logging.getLogger("bastion")
+# Every router of the API (the dashboard's are web/'s): /openapi.json describes their routes
+API_MODULES = (chat, completions, embeddings, models, organizations, keys, audit_logs, usage,
+               files, fine_tuning, health, metrics, ws, responses, schema)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -71,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.catalog.start()
         app.state.blobs = BlobStore(settings.files_dir)
         app.state.org_models = OrgModels(app.state.catalog, app.state.sessions, settings)
-        await app.state.org_models.sync()
+        await app.state.org_models.sync("startup")
         app.state.services = Services(
             settings=settings, lifecycle=app.state.lifecycle, db=db,
             sessions=app.state.sessions, key_lookup=app.state.key_lookup,
@@ -100,7 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             db.dispose()
             await run_in_threadpool(tracing.shutdown)  # exports the spans still batched
 
-    # No unauthenticated docs: every route but /health and /ready needs a key.
+    # No unauthenticated docs: every route but /health and /ready needs a key (the OpenAPI
+    # document too: api/schema.py serves it to any valid key).
     # OpenTelemetry only when OTEL_EXPORTER_OTLP_ENDPOINT is set: then FastAPI makes each
     # request's server span with this provider (its dependency and endpoint spans stay off) and
     # the gate adds admission, queue-and-prefill and decode (telemetry/tracing.py). Otherwise
@@ -123,8 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    api = (chat, completions, embeddings, models, organizations, keys, audit_logs, usage, files,
-           fine_tuning, health, metrics, ws, responses)
+    api = API_MODULES
     for module in api:
         app.include_router(module.router)
     install_dashboard(app)

@@ -1,4 +1,4 @@
-"""bastion serve | worker | migrate | keys | orgs (typer)."""
+"""bastion serve | worker | migrate | keys | orgs | jobs (typer)."""
 
 from __future__ import annotations
 
@@ -268,6 +268,41 @@ def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
             raise typer.BadParameter(f"no API key {key_id!r}")
         withdraw(session, _cli_principal(row.org_id), row.org_id, key_id)
     typer.echo(f"revoked {key_id}")
+
+
+@keys_app.command("rotate-admin")
+def keys_rotate_admin(data_dir: DataDir = None) -> None:
+    """A new server-admin key, printed once; every previous one (the key printed at first
+    start, an old BASTION_ADMIN_KEY) is revoked on every replica from its next request on.
+    Unset BASTION_ADMIN_KEY afterwards, or set it to the new key."""
+    import os
+
+    from bastion.tenancy.keys import rotate_server_admin
+
+    with _sessions(data_dir).begin() as session:
+        row, raw = rotate_server_admin(session)
+        key_id = row.id
+    if os.environ.get("BASTION_ADMIN_KEY"):
+        typer.echo("note: BASTION_ADMIN_KEY is set here; its old value is now revoked, so "
+                   "set it to the key below (or unset it) before the next start", err=True)
+    typer.echo(f"new server-admin key {key_id}:", err=True)
+    typer.echo(raw)
+
+
+@keys_app.command("revoke-admin")
+def keys_revoke_admin(data_dir: DataDir = None) -> None:
+    """Revoke every server-admin key now (e.g. a leaked one) without making a new one: the
+    next start makes and prints a fresh key, or adopts BASTION_ADMIN_KEY if it is set to a
+    value never used before."""
+    from bastion.db.tables import utcnow
+    from bastion.tenancy.keys import active_server_admin_keys
+
+    with _sessions(data_dir).begin() as session:
+        revoked = active_server_admin_keys(session)
+        for row in revoked:
+            row.revoked_at = utcnow()
+        ids = [row.id for row in revoked]
+    typer.echo(f"revoked {len(ids)} server-admin key(s): {', '.join(ids) or '-'}")
 
 
 @jobs_app.command("follow")

@@ -56,6 +56,9 @@ class UpstreamSpec(BaseModel):
     read_timeout: float = Field(600.0, gt=0, description="longest wait for the next byte")
     health_interval: float = Field(10.0, gt=0, description="seconds between health checks")
     max_connections: int = Field(256, ge=1, description="per replica")
+    max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest answer "
+                                    "read from an upstream: a whole non-streamed body, or one "
+                                    "event of a stream (a larger one fails the request)")
 
     @field_validator("urls")
     @classmethod
@@ -83,8 +86,9 @@ class ServerSettings(SettingsGroup):
     port: int = 8000
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".bastion")
     database_url: str | None = None
-    admin_key: str | None = Field(None, min_length=24, description="its first 12 characters "
-                                  "are stored as a visible prefix, so it must be long")
+    admin_key: str | None = Field(None, min_length=24, description="the server "
+                                  "administrator's key; a new value revokes the previous one "
+                                  "at start. Stored as its hash only (no clear prefix)")
     drain_timeout: float = 30.0
     log_level: str = "info"
     access_log: bool = Field(True, description="one log line per request: method, path, "
@@ -150,6 +154,9 @@ class CatalogSettings(SettingsGroup):
     # added to DEFAULT_ALIASES (an empty target drops one): BASTION_ALIASES='a=m,b=m' or JSON
     aliases: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     upstreams: list[UpstreamSpec] = Field(default_factory=list)  # BASTION_UPSTREAMS as JSON
+    model_lookup_interval: float = Field(2.0, ge=0, description="a request for a model this "
+                                         "replica does not serve looks in the database for it "
+                                         "at most this often per organisation and name")
 
     @field_validator("aliases", mode="before")
     @classmethod
@@ -276,6 +283,9 @@ class DashboardSettings(SettingsGroup):
 
     session_secret: str | None = Field(None, min_length=32)
     session_hours: float = Field(8.0, gt=0, description="a dashboard sign-in lasts this long")
+    secure_cookies: bool = Field(False, description="always mark the dashboard's cookies "
+                                 "Secure (with the __Host- prefix), as behind a TLS proxy that "
+                                 "talks plain HTTP to Bastion; otherwise only on https requests")
 
 
 # Later bases come first in `model_fields`: listed bottom-up so the fields keep their old order.

@@ -27,8 +27,16 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code,
-                          "param": self.param}}
+        return {"error": {"message": _text(self.message), "type": self.type,
+                          "code": _text(self.code), "param": _text(self.param)}}
+
+
+def _text(value: str | None) -> str | None:
+    """A string that encodes as UTF-8: a message may quote what the client sent (a model name,
+    an unknown argument), and a lone surrogate in it must not turn a 4xx into a 500."""
+    if value is None or value.isascii():
+        return value
+    return value.encode("utf-8", "replace").decode("utf-8")
 
 
 class InvalidRequestError(APIError):
@@ -147,6 +155,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     msg = first.get("msg", "invalid value")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if first.get("type") == "missing" and not param:
+        return InvalidRequestError("The request has no body: send a JSON object.",
+                                   code="missing_body")
     if first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
         return InvalidRequestError(message, param=param, code="missing_required_parameter")

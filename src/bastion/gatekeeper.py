@@ -8,6 +8,7 @@ from typing import Any, Awaitable, Callable
 
 
 from bastion.admission.draining import Lifecycle
+from bastion.http.json_text import json_problem
 from bastion.errors import (APIError, InvalidRequestError, PayloadTooLargeError,
                             ServiceUnavailableError)
 
@@ -18,8 +19,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 # The API, and the dashboard's playground endpoint that serves through the same path.
 GUARDED = ("/v1", "/dashboard/api/")
-
-
 async def _reject(send: Send, err: APIError) -> None:
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -43,6 +42,12 @@ class Gatekeeper:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(GUARDED):
             await self.app(scope, receive, send)
+            return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            # no id or parameter holds a NUL, and PostgreSQL refuses one in any query
+            await _reject(send, InvalidRequestError(
+                "The URL holds a NUL character (%00), which no id or parameter may contain.",
+                code="invalid_url"))
             return
         if self.lifecycle.draining:
             await _reject(send, ServiceUnavailableError(
@@ -75,6 +80,11 @@ class Gatekeeper:
                     return
                 if not message.get("more_body"):
                     break
+        if body and (problem := json_problem(bytes(body), dict(scope["headers"]),
+                                                       scope["path"])):
+            await _reject(send, InvalidRequestError(
+                f"The request body could not be parsed as JSON: {problem}", code="invalid_json"))
+            return
         replayed = False
 
         async def replay() -> Message:

@@ -53,14 +53,76 @@ INVALID_HTTP = InvalidRequestError(
     "and every other header as printable text.", code="invalid_http_request")
 
 
+# A request's head (request line and headers): at most HEAD_BYTES and HEAD_FIELDS, as most
+# servers bound it (nginx: 4 x 8 KiB buffers, Node: 16 KiB). llhttp itself has no limit and
+# httptools gathers a header's value whole before handing it over, so bytes still arriving
+# before the head is complete are bounded too (RAW_HEAD_BYTES: a read may also carry the start
+# of the body).
+HEAD_BYTES = 64 * 1024
+HEAD_FIELDS = 256
+RAW_HEAD_BYTES = 1024 * 1024
+HEAD_TOO_LARGE = InvalidRequestError(
+    f"The request's headers are too large: at most {HEAD_BYTES // 1024} KiB for the request "
+    f"line and headers together, and at most {HEAD_FIELDS} headers.",
+    code="request_header_fields_too_large")
+HEAD_TOO_LARGE.status = 431
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools turns it into a parser error, answered 431."""
+
+
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol (its parser in C took 10 % less of the event loop per
     request than h11's in Python), answering a request that its parser refuses with OpenAI's
-    error body instead of uvicorn's plain text."""
+    error body instead of uvicorn's plain text, and refusing a head over HEAD_BYTES."""
+
+    _in_head = True  # between requests, or inside one's head: counting what arrives
+    _raw_head = 0
+    _head = 0
+    _refusal: InvalidRequestError | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._raw_head += len(data)
+            if self._raw_head > RAW_HEAD_BYTES:
+                self._refusal = HEAD_TOO_LARGE
+                self.send_400_response("request head too large")
+                return
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head = 0
+
+    def _count(self, size: int) -> None:
+        self._head += size
+        if self._head > HEAD_BYTES or len(self.headers) >= HEAD_FIELDS:
+            self._refusal = HEAD_TOO_LARGE
+            raise HeadTooLarge()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._raw_head = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
 
     def send_400_response(self, msg: str) -> None:
-        body = json.dumps(INVALID_HTTP.body()).encode()
-        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        err = self._refusal or INVALID_HTTP
+        reason = b"Request Header Fields Too Large" if err.status == 431 else b"Bad Request"
+        body = json.dumps(err.body()).encode()
+        head = [b"HTTP/1.1 %d %s\r\n" % (err.status, reason)]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [b"content-type: application/json\r\n",

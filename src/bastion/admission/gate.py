@@ -132,8 +132,10 @@ class Gate:
 
     # --- 2. admission ------------------------------------------------------------------------
     async def open(self, ctx: RequestContext, estimate: int, *, model: str,
-                   request_id: str) -> Ticket:
-        """A slot and the reservation, billed to the ledger when the ticket settles. The
+                   request_id: str, sequences: int = 1) -> Ticket:
+        """A slot per sequence decoded at once (`sequences`: n x prompts, each holds a batch
+        slot of the engine as a request of its own would) and the reservation, billed to the
+        ledger when the ticket settles. The
         ticket joins `ctx.tickets` before anything can cancel the caller, so `close` can always
         settle it (a slot is never lost)."""
         principal, ledger, endpoint = ctx.principal, self.ledger, ctx.endpoint
@@ -151,7 +153,7 @@ class Gate:
                             admission_started=time.monotonic())
         with anyio.CancelScope(shield=True):
             try:
-                ticket = await self.limiter.admit(ctx.quota, estimate)
+                ticket = await self.limiter.admit(ctx.quota, estimate, sequences)
             except REFUSALS as exc:
                 self._refused(exc, timeline.admission_started)
                 raise
@@ -166,10 +168,11 @@ class Gate:
 
     @asynccontextmanager
     async def admit(self, ctx: RequestContext, estimate: int, *, model: str,
-                    request_id: str) -> AsyncIterator[Ticket]:
+                    request_id: str, sequences: int = 1) -> AsyncIterator[Ticket]:
         """`async with gate.admit(ctx, estimate, ...) as ticket`: settled however the block
         ends (done, failed, cancelled)."""
-        ticket = await self.open(ctx, estimate, model=model, request_id=request_id)
+        ticket = await self.open(ctx, estimate, model=model, request_id=request_id,
+                                 sequences=sequences)
         async with metered(ticket):
             yield ticket
 

@@ -30,7 +30,8 @@ import anyio
 
 from bastion.errors import InvalidRequestError, RateLimitError, ServiceUnavailableError
 from bastion.admission.headers import Window, rate_limit_headers
-from bastion.admission.store import MemoryStore, Query, Requests, Snapshot, Store, Usage
+from bastion.admission.store import (MemoryStore, Query, Requests, Snapshot, Store, Usage,
+                                     slot_members)
 from bastion.telemetry.timeline import Timeline
 from bastion.tenancy.keys import Principal
 
@@ -62,6 +63,7 @@ class Ticket:
     quota: Quota
     reserved: int
     member: str = ""  # its concurrency slot ("" when concurrency is not limited)
+    sequences: int = 1  # slots it holds: one per sequence decoded at once (n x prompts)
     window: str = ""  # the token window this reservation was counted in
     started: float = field(default_factory=time.monotonic)
     prompt_tokens: int = 0
@@ -213,7 +215,8 @@ class Limiter:
             retry_after=quota.snapshot.requests.reset_at - time.time(),
             headers=self.headers(quota))
 
-    async def admit(self, quota: Quota | Principal, estimate: int) -> Ticket:
+    async def admit(self, quota: Quota | Principal, estimate: int,
+                    sequences: int = 1) -> Ticket:
         """Take a slot and reserve `estimate` tokens, or raise a 429 naming the limit. The store
         checks and reserves in one atomic step, so a refused request costs nothing and two
         replicas cannot both take the last room. Pass the request's Quota (from count_request
@@ -222,12 +225,19 @@ class Limiter:
         if isinstance(quota, Principal):
             quota = self._quota(quota)
         q, count = quota.query, quota.pending
+        sequences = max(1, sequences)
+        if self.enabled and q.concurrency is not None and sequences > q.concurrency:
+            raise InvalidRequestError(
+                f"This request decodes {sequences} sequences at once (n x prompts), more than "
+                f"the {q.concurrency} concurrent requests your organization's plan allows. "
+                f"Lower n or send fewer prompts per request.", param="n",
+                code="concurrency_limit_exceeded")
         if not self.enabled or (not count and not q.tokens_per_hour and q.concurrency is None):
             return Ticket(self, quota, reserved=0)
         member = self._member()
         quota.pending = False
         try:
-            result = await self.store.admit(q, estimate, member, count)
+            result = await self.store.admit(q, estimate, member, count, sequences)
         except Exception as exc:
             raise self._unavailable(exc) from exc
         quota.update(result.usage, result.requests)
@@ -250,24 +260,27 @@ class Limiter:
         if q.concurrency is None:
             member = ""
         else:
-            self._held[member] = q.org_id
+            for name in slot_members(member, sequences):
+                self._held[name] = q.org_id
         return Ticket(self, quota, reserved=estimate if q.tokens_per_hour else 0,
-                      member=member, window=result.window)
+                      member=member, window=result.window, sequences=sequences)
 
     async def _settle(self, ticket: Ticket) -> None:
         if not ticket.member and not ticket.window:
             return  # nothing was taken
-        self._held.pop(ticket.member, None)
+        for name in slot_members(ticket.member, ticket.sequences):
+            self._held.pop(name, None)
         delta = ticket.prompt_tokens + ticket.completion_tokens - ticket.reserved
         delta = delta if ticket.window else 0
         usage: Usage | None = None
         if ticket.after_response and self.remote:  # written by release_settled()
             ticket.release = functools.partial(self.store.settle, ticket.quota.query,
-                                               ticket.member, ticket.window, delta)
+                                               ticket.member, ticket.window, delta,
+                                               ticket.sequences)
         else:
             try:
                 usage = await self.store.settle(ticket.quota.query, ticket.member,
-                                                ticket.window, delta)
+                                                ticket.window, delta, ticket.sequences)
             except Exception as exc:  # the lease runs out by itself; never fail the request
                 log.warning("could not settle a request's limits (%s: %s); its slot's lease "
                             "will lapse", type(exc).__name__, exc)
@@ -277,7 +290,7 @@ class Limiter:
             # snapshot with this request's own settlement applied
             was = snap.usage
             usage = Usage(max(0, was.tokens_used + delta), was.tokens_reset_at,
-                          max(0, was.slots_in_use - bool(ticket.member)))
+                          max(0, was.slots_in_use - (ticket.sequences if ticket.member else 0)))
         if usage is not None:
             ticket.quota.update(usage)
 

@@ -89,7 +89,8 @@ return {allowed, remaining, reset, used, ttl, slots}
 """
 
 # KEYS: tokens, slots, rpm. ARGV: tokens per hour (-1: none), estimate, concurrency (-1: none),
-# member, lease ms, token window ms, rpm limit (0: none or already counted)
+# member, lease ms, token window ms, rpm limit (0: none or already counted), sequences (slots
+# taken: member, member/1, ... member/(k-1); see store.slot_members)
 # -> {0 admitted | 1 no tokens | 2 no slot | 3 no requests left this minute, tokens used,
 #     ms until token reset, slots, window id, rpm remaining, ms until rpm reset}
 ADMIT = _NOW + _TOKENS + _RPM + """
@@ -105,11 +106,13 @@ local used, ttl, id = 0, window_ms, ''
 if tph >= 0 then used, ttl, id = tokens(KEYS[1], window_ms) end
 if allowed == 0 then return {3, used, ttl, n, '', remaining, reset} end
 if tph >= 0 and used + estimate > tph then return {1, used, ttl, n, '', remaining, reset} end
+local k = tonumber(ARGV[8])
 if cap >= 0 then
-  if n >= cap then return {2, used, ttl, n, '', remaining, reset} end
+  if n + k > cap then return {2, used, ttl, n, '', remaining, reset} end
   redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
+  for i = 1, k - 1 do redis.call('ZADD', KEYS[2], now + lease, ARGV[4] .. '/' .. i) end
   redis.call('PEXPIRE', KEYS[2], lease * 4 + 1000)
-  n = n + 1
+  n = n + k
 end
 if tph >= 0 then
   if id == '' then
@@ -126,10 +129,12 @@ end
 return {0, used, ttl, n, id, remaining, reset}
 """
 
-# KEYS: tokens, slots. ARGV: member, window id, token delta (negative: a refund), token window ms
+# KEYS: tokens, slots. ARGV: member, window id, token delta (negative: a refund), token window ms,
+# sequences (the member's slots)
 # -> {tokens used, ms until token reset, slots}
 SETTLE = _NOW + _TOKENS + """
 redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 1, tonumber(ARGV[5] or '1') - 1 do redis.call('ZREM', KEYS[2], ARGV[1] .. '/' .. i) end
 local window_ms = tonumber(ARGV[4])
 local used, ttl, id = tokens(KEYS[1], window_ms)
 local delta = tonumber(ARGV[3])
@@ -229,27 +234,30 @@ class RedisStore:
         requests = Requests(int(remaining), now + int(reset) / 1000) if q.rpm else None
         return bool(allowed), Snapshot(requests, Usage(int(used), now + int(ttl) / 1000, int(n)))
 
-    async def admit(self, q: Query, estimate: int, member: str, count: bool) -> Admission:
+    async def admit(self, q: Query, estimate: int, member: str, count: bool,
+                    sequences: int = 1) -> Admission:
         rpm = (q.rpm or 0) if count else 0
         outcome, used, ttl, n, window, remaining, reset = await self._call(
             self._admit, keys=[*self._keys(q.org_id), self._rpm_key(q)],
             args=[-1 if not q.tokens_per_hour else q.tokens_per_hour, estimate,
                   -1 if q.concurrency is None else q.concurrency, member, self.lease_ms,
-                  self.window_ms, rpm])
+                  self.window_ms, rpm, max(1, sequences)])
         now = time.time()
         usage = Usage(int(used), now + int(ttl) / 1000, int(n))
         requests = Requests(int(remaining), now + int(reset) / 1000) if rpm else None
         refused = {0: None, 1: "tokens", 2: "concurrency", 3: "requests"}[int(outcome)]
         return Admission(refused, usage, _text(window), requests)  # type: ignore[arg-type]
 
-    async def settle(self, q: Query, member: str, window: str, delta: int) -> Usage | None:
+    async def settle(self, q: Query, member: str, window: str, delta: int,
+                     sequences: int = 1) -> Usage | None:
         """Send the release and return once it is written to Redis's socket (the Gatekeeper
         calls this after the response's last byte, before the server reads what the client
         sends next): any request the client sends next reaches Redis after it, so it finds the
         slot free. The reply is read in the background, on the same pooled connection, which
         goes back to the pool then: the round trip is off the request's path. None: the caller
         estimates the usage after the release from its admission's snapshot."""
-        keys, args = list(self._keys(q.org_id)), [member, window, delta, self.window_ms]
+        keys = list(self._keys(q.org_id))
+        args = [member, window, delta, self.window_ms, max(1, sequences)]
         if self._pool is None:  # a cluster client has a pool per node: wait for the reply
             used, ttl, n = await self._settle(keys=keys, args=args)
             return Usage(int(used), time.time() + int(ttl) / 1000, int(n))

@@ -81,12 +81,20 @@ class Admission:
     requests: Requests | None = None  # the key's window, when admit also counted the request
 
 
+def slot_members(member: str, sequences: int) -> list[str]:
+    """The slots one request holds: one per sequence it decodes at once (n choices of each
+    prompt), named after its member."""
+    return [member, *(f"{member}/{i}" for i in range(1, max(1, sequences)))]
+
+
 class Store(Protocol):
     async def authenticate(self, q: Query, member: str) -> tuple[bool, Snapshot]: ...
     async def peek(self, q: Query) -> Snapshot: ...
-    async def admit(self, q: Query, estimate: int, member: str, count: bool) -> Admission: ...
+    async def admit(self, q: Query, estimate: int, member: str, count: bool,
+                    sequences: int = 1) -> Admission: ...
     # None: the release was sent and its reply is not awaited (the caller estimates the usage)
-    async def settle(self, q: Query, member: str, window: str, delta: int) -> Usage | None: ...
+    async def settle(self, q: Query, member: str, window: str, delta: int,
+                     sequences: int = 1) -> Usage | None: ...
     async def renew(self, held: dict[str, str]) -> None: ...
     async def close(self) -> None: ...
 
@@ -144,7 +152,8 @@ class MemoryStore:
                 requests = Requests(max(0, q.rpm - count), reset)
             return Snapshot(requests, self._usage(q))
 
-    async def admit(self, q: Query, estimate: int, member: str, count: bool) -> Admission:
+    async def admit(self, q: Query, estimate: int, member: str, count: bool,
+                    sequences: int = 1) -> Admission:
         with self._lock:  # check and reserve are one step: no other admission in between
             allowed, requests = self._count(q) if count else (True, None)
             usage = self._usage(q)
@@ -154,9 +163,9 @@ class MemoryStore:
                 return Admission("tokens", usage, "", requests)
             held = self._slots.setdefault(q.org_id, set())
             if q.concurrency is not None:
-                if len(held) >= q.concurrency:
+                if len(held) + sequences > q.concurrency:
                     return Admission("concurrency", usage, "", requests)
-                held.add(member)
+                held.update(slot_members(member, sequences))
             window = ""
             if q.tokens_per_hour:
                 key = f"tokens/{q.org_id}"
@@ -164,11 +173,12 @@ class MemoryStore:
                 window = repr(self.storage.get_expiry(key))  # a window is known by its end
             return Admission(None, self._usage(q), window, requests)
 
-    async def settle(self, q: Query, member: str, window: str, delta: int) -> Usage:
+    async def settle(self, q: Query, member: str, window: str, delta: int,
+                     sequences: int = 1) -> Usage:
         with self._lock:
             held = self._slots.get(q.org_id)
             if held is not None:
-                held.discard(member)
+                held.difference_update(slot_members(member, sequences))
                 if not held:
                     del self._slots[q.org_id]
             key = f"tokens/{q.org_id}"

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from bastion.api.deps import ServicesDep, require
 from bastion.files.upload import receive_upload
-from bastion.protocol.files import FileDeleted, FileList, FileObject
+from bastion.protocol.files import PURPOSES, FileDeleted, FileList, FileObject
 from bastion.services import files
 from bastion.tenancy.keys import Principal
 
@@ -17,7 +17,14 @@ router = APIRouter()
 TrainingKey = Annotated[Principal, Depends(require("training"))]
 
 
-@router.post("/v1/files", response_model=FileObject)
+# The body is streamed to disk by receive_upload, not parsed by FastAPI: declared by hand.
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"},
+                   "purpose": {"type": "string", "enum": list(PURPOSES)}}}}}}}
+
+
+@router.post("/v1/files", response_model=FileObject, openapi_extra=UPLOAD_BODY)
 async def create_file(request: Request, key: TrainingKey, services: ServicesDep) -> FileObject:
     upload = await receive_upload(request, services.blobs, services.settings.max_file_bytes)
     return await files.create(services, key, upload)

@@ -12,7 +12,9 @@ from bastion.services.metrics import authorize_scrape, scrape
 router = APIRouter()
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus's text exposition format.",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request, services: ServicesDep) -> Response:
     await authorize_scrape(services, bearer_token(request))
     body, content_type = await scrape(services)

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from bastion.http.json_text import lone_surrogate
 from bastion.services.auth import authenticate, check_permission
 from bastion.errors import (APIError, AuthenticationError, InvalidRequestError,
                             ServiceUnavailableError, validation_error)
@@ -125,10 +126,16 @@ class Connection:
 
     # --- messages ------------------------------------------------------------------------------
     async def handle(self, text: str) -> None:
+        if lone_surrogate(text.encode("utf-8", "surrogatepass")):
+            await self.send_error(InvalidRequestError(
+                "The message holds a lone UTF-16 surrogate escape (such as \\ud800), which is "
+                "not valid Unicode text.", code="invalid_json"), None)
+            return
         try:
             msg = json.loads(text)
-        except ValueError as exc:
-            await self.send_error(InvalidRequestError(f"The message is not valid JSON: {exc}.",
+        except (ValueError, RecursionError) as exc:
+            what = str(exc) if isinstance(exc, ValueError) else "it is nested too deeply"
+            await self.send_error(InvalidRequestError(f"The message is not valid JSON: {what}.",
                                                       code="invalid_json"), None)
             return
         if not isinstance(msg, dict):

@@ -35,6 +35,7 @@ from bastion.engines.base import (BaseEngine, Capabilities, ChatPrompt, Embeddin
 
 log = logging.getLogger("bastion.upstream")
 DEFAULT_CONTEXT = 4096  # when neither the configuration nor the upstream says
+SMALL_BODY = 1024 * 1024  # the most read of an error, a /models or a /tokenize answer
 CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
@@ -77,6 +78,9 @@ class UpstreamEngine(BaseEngine):
         if spec.api_key is not None:
             headers["Authorization"] = f"Bearer {spec.api_key.get_secret_value()}"
         self._headers = headers
+        self._hosts = tuple(sorted({httpx.URL(url).host for url in spec.urls}, key=len,
+                                   reverse=True))
+        self.max_body = spec.max_response_bytes
 
     # --- lifecycle (the app's lifespan calls these in its event loop) ---------------------------
     async def start(self) -> None:
@@ -130,8 +134,16 @@ class UpstreamEngine(BaseEngine):
         context length where vLLM (max_model_len) or Bastion (context_length) reports it."""
         client = self._require_client()
         try:
-            resp = await client.get(f"{replica.url}/models",
-                                    timeout=max(1.0, self.spec.connect_timeout))
+            request = client.build_request("GET", f"{replica.url}/models",
+                                           timeout=max(1.0, self.spec.connect_timeout))
+            resp = await client.send(request, stream=True)
+            try:
+                body = (await self._read(resp, SMALL_BODY) if resp.status_code == 200
+                        and self.spec.context_length is None else b"")
+            except UpstreamFailure:
+                body = b""  # an answer too large to read says nothing of the context
+            finally:
+                await resp.aclose()
         except httpx.HTTPError as exc:
             self._mark(replica, False, f"{type(exc).__name__}")
             return
@@ -139,13 +151,32 @@ class UpstreamEngine(BaseEngine):
             log.warning("upstream %s refuses Bastion's API key (HTTP %d)", replica.url,
                         resp.status_code)
         self._mark(replica, resp.status_code < 500, f"HTTP {resp.status_code}")
-        if resp.status_code == 200 and self.spec.context_length is None:
-            self._read_context(resp)
+        if body:
+            self._read_context(body)
 
-    def _read_context(self, resp: httpx.Response) -> None:
+    async def _read(self, resp: httpx.Response, limit: int) -> bytes:
+        """The response's body, refused past `limit` bytes (as it arrives, so a huge or endless
+        answer never sits in memory whole)."""
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise self._too_large(limit)
+        parts, size = [], 0
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(limit)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _too_large(self, limit: int) -> UpstreamFailure:
+        log.warning("an upstream server of %s sent more than %d bytes; refused", self.name, limit)
+        return UpstreamFailure(f"The upstream server of '{self.name}' sent a response larger "
+                               f"than this server accepts ({limit} bytes).")
+
+    def _read_context(self, body: bytes) -> None:
         try:
-            cards = resp.json().get("data", [])
-        except (ValueError, AttributeError):
+            cards = json.loads(body).get("data", [])
+        except (ValueError, AttributeError, RecursionError):
             return
         for card in cards if isinstance(cards, list) else []:
             if isinstance(card, dict) and card.get("id") == self.upstream_model:
@@ -215,17 +246,17 @@ class UpstreamEngine(BaseEngine):
     async def _refusal(self, resp: httpx.Response) -> Exception:
         """The upstream's error, as the error Bastion's client sees."""
         try:
-            body = json.loads(await resp.aread())
-        except (ValueError, httpx.HTTPError):
+            body = json.loads(await self._read(resp, SMALL_BODY))
+        except (ValueError, RecursionError, httpx.HTTPError, UpstreamFailure):
             body = None
-        return wire.relayed(resp.status_code, body, self.name)
+        return wire.relayed(resp.status_code, body, self.name, self._hosts)
 
     async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """A non-streamed request: the upstream's JSON answer."""
         async with self._open(lambda r: f"{r.url}/{path}", payload) as resp:
             try:
-                data = json.loads(await resp.aread())
-            except ValueError:
+                data = json.loads(await self._read(resp, self.max_body))
+            except (ValueError, RecursionError):
                 raise UpstreamFailure(f"The upstream server of '{self.name}' sent a response "
                                       f"that is not JSON.") from None
             except httpx.HTTPError as exc:
@@ -250,7 +281,7 @@ class UpstreamEngine(BaseEngine):
         async with self._open(lambda r: f"{r.url}/{path}", payload) as resp:
             yield None
             try:
-                async for line in resp.aiter_lines():
+                async for line in _lines(resp, self.max_body, self._too_large):
                     if not line.startswith("data:"):
                         continue  # blank separators, comments, event names
                     data = line[5:].strip()
@@ -258,14 +289,14 @@ class UpstreamEngine(BaseEngine):
                         return
                     try:
                         chunk = json.loads(data)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         raise UpstreamFailure(f"The upstream server of '{self.name}' sent an "
                                               f"event that is not JSON.") from None
                     if not isinstance(chunk, dict):
                         raise UpstreamFailure(f"The upstream server of '{self.name}' sent an "
                                               f"unexpected event.")
                     if "error" in chunk or chunk.get("object") == "error":
-                        raise wire.relayed(500, chunk, self.name)
+                        raise wire.relayed(500, chunk, self.name, self._hosts)
                     yield chunk
             except httpx.HTTPError as exc:
                 raise self._broken(exc) from None
@@ -283,13 +314,13 @@ class UpstreamEngine(BaseEngine):
         body = {"model": self.upstream_model, **payload}
         try:
             async with self._open(lambda r: f"{r.root}/tokenize", body) as resp:
-                data = json.loads(await resp.aread())
+                data = json.loads(await self._read(resp, SMALL_BODY))
         except UpstreamRefused as exc:
             if exc.status in (404, 405, 501) and self._can_tokenize is None:
                 log.info("%s: the upstream has no /tokenize; prompts are estimated", self.name)
                 self._can_tokenize = False
             return None
-        except (UpstreamFailure, ValueError, httpx.HTTPError):
+        except (UpstreamFailure, ValueError, RecursionError, httpx.HTTPError):
             return None
         count = data.get("count") if isinstance(data, dict) else None
         if not isinstance(count, int):
@@ -374,6 +405,22 @@ class UpstreamEngine(BaseEngine):
                                   f"vectors for {len(prompt.payload)} inputs.")
         return Embeddings(np.stack(vectors) if vectors else np.zeros((0, 0), np.float32),
                           usage[0] if usage else prompt.n_tokens)
+
+
+async def _lines(resp: httpx.Response, limit: int,
+                 too_large: Any) -> AsyncIterator[str]:
+    """The stream's lines (as httpx's aiter_lines splits them), refusing a line longer than
+    `limit` bytes before it is whole: an upstream that never ends a line cannot fill memory."""
+    pending = ""
+    async for text in resp.aiter_text():
+        pending += text
+        *lines, pending = pending.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        for line in lines:
+            yield line
+        if len(pending) > limit:
+            raise too_large(limit)
+    if pending:
+        yield pending
 
 
 async def _listed(events: list[Event]) -> AsyncIterator[Event]:

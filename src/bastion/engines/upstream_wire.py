@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import logging
+import re
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
@@ -160,11 +161,50 @@ def split_completion(total: int, counted: dict[int, int]) -> dict[int, int]:
     return out
 
 
-def relayed(status: int, body: Any, name: str) -> EngineError:
+# What an upstream's error message may carry that is nobody's business but the operator's: its
+# URLs, addresses, host:port names, file paths and tracebacks (vLLM and FastAPI put exception
+# text into the message). A tenant sees the message with these cut out; the log keeps it whole.
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\s*File \"", re.MULTILINE)
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+_ADDRESS = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?\b|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?"
+                      r"|\b[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*:\d{2,5}\b")
+_PATH = re.compile(r"(?<![\w/.])(?:~|[A-Za-z]:)?(?:[/\\][\w.@+-]+){2,}[/\\]?")
+MAX_MESSAGE = 1000
+
+
+def scrubbed(message: str, hosts: tuple[str, ...] = ()) -> str | None:
+    """An upstream's error message fit for the tenant, or None when nothing of it is (a
+    traceback)."""
+    if _TRACEBACK.search(message):
+        return None
+    text = _URL.sub("<url>", message)
+    for host in hosts:
+        if host:
+            text = re.sub(re.escape(host) + r"(?::\d{1,5})?", "<upstream>", text,
+                          flags=re.IGNORECASE)
+    text = _ADDRESS.sub("<address>", text)
+    text = _PATH.sub("<path>", text)
+    text = " ".join(text.split())  # no multi-line dumps either
+    return text[:MAX_MESSAGE] or None
+
+
+def _for_log(message: str) -> str:
+    """An upstream's message for the operator's log: whole, on one line, but of a traceback
+    only its last line (the exception), so that this server's log never shows a traceback
+    that is not its own."""
+    if _TRACEBACK.search(message):
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        return f"{lines[-1][:2000] if lines else ''} (the upstream's traceback is left out)"
+    return " ".join(message.split())[:2000]
+
+
+def relayed(status: int, body: Any, name: str, hosts: tuple[str, ...] = ()) -> EngineError:
     """An upstream's error body (OpenAI's {"error": {...}}, vLLM's older flat
     {"object": "error", ...}, FastAPI's {"detail": ...}) as an engine error. 4xx are the
-    client's to fix and keep their status; a refused key or an upstream failure is Bastion's
-    (502), never shown to the client as its own 401."""
+    client's to fix and keep their status, with the message scrubbed of the upstream's
+    internals (URLs, `hosts`, addresses, paths, tracebacks); a refused key or an upstream
+    failure is Bastion's (502), never shown to the client as its own 401, and its message stays
+    in the log: the client learns only that the upstream failed."""
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(body, dict) and not isinstance(err, dict):
         err = body if "message" in body else {"message": body.get("detail") or body.get("error")}
@@ -176,13 +216,19 @@ def relayed(status: int, body: Any, name: str) -> EngineError:
         return UpstreamFailure(f"The upstream server of '{name}' refused this server's "
                                f"credentials; the administrator must fix its api_key.")
     if status == 429 or status >= 500 or not 400 <= status < 500:
-        what = message or f"HTTP {status}"
-        return UpstreamFailure(f"The upstream server of '{name}' failed: {what}")
+        log.warning("the upstream of %s failed (HTTP %d): %s", name, status,
+                    _for_log(message or ""))
+        return UpstreamFailure(f"The upstream server of '{name}' failed (HTTP {status}). "
+                               f"Try again; if it goes on, tell the server's administrator.")
     code, param = err.get("code"), err.get("param")
-    return UpstreamRefused(message or f"The upstream server of '{name}' refused the request "
+    clean = scrubbed(message, hosts) if message else None
+    if message and clean != message:
+        log.info("the upstream of %s refused a request (HTTP %d): %s", name, status,
+                 _for_log(message))
+    return UpstreamRefused(clean or f"The upstream server of '{name}' refused the request "
                            f"(HTTP {status}).", status=status,
-                           code=code if isinstance(code, str) else None,
-                           param=param if isinstance(param, str) else None)
+                           code=code[:64] if isinstance(code, str) else None,
+                           param=param[:256] if isinstance(param, str) else None)
 
 
 def answer_events(data: dict[str, Any], chat: bool, max_tokens: int, name: str) -> list[Event]:

@@ -45,8 +45,20 @@ async def accept(upload: Upload, *, org_id: str, store: BlobStore,
     try:
         with sessions.begin() as s:
             return records.add(s, file_id=file_id, org_id=org_id,
-                               filename=part.filename or "upload", purpose=purpose,
+                               filename=clean_filename(part.filename), purpose=purpose,
                                size=part.size, storage_key=storage_key, summary=summary)
     except BaseException:
         store.delete(storage_key)
         raise
+
+
+MAX_FILENAME = 255
+
+
+def clean_filename(name: str | None) -> str:
+    """The name a file is listed by: the last component of what the client sent, without
+    control characters (PostgreSQL refuses a NUL), at most 255 characters (the column holds
+    512)."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable())[:MAX_FILENAME].strip()
+    return base or "upload"

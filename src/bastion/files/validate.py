@@ -94,6 +94,16 @@ def validate_jsonl(path: Path, *, count_tokens: Callable[[dict[str, Any]], int] 
             except json.JSONDecodeError as exc:
                 raise InvalidFileError(number, f"invalid JSON ({exc.msg} at column {exc.colno})"
                                        ) from None
+            except ValueError:  # an integer of more than 4300 digits
+                raise InvalidFileError(number, "invalid JSON (a number too long to read)"
+                                       ) from None
+            except RecursionError:
+                raise InvalidFileError(number, "invalid JSON (nested too deeply)") from None
+            try:  # "\ud800" parses, but is no Unicode text: no tokenizer could take it
+                json.dumps(example, ensure_ascii=False).encode("utf-8")
+            except (UnicodeEncodeError, RecursionError):
+                raise InvalidFileError(number, "a string holds a lone UTF-16 surrogate (such "
+                                       "as \\ud800), which is not Unicode text") from None
             if not isinstance(example, dict):
                 raise InvalidFileError(number, "each line must be a JSON object")
             kind, problem = _format_of(example)

@@ -39,6 +39,8 @@ class OrgModels:
         self._retired: list[Deployment] = []  # out of the catalog, engine not yet closed
         self.residency = Residency(settings.custom_model_memory,
                                    settings.custom_model_idle_seconds)
+        self.syncs: dict[str, int] = {}  # syncs run so far, by what asked for them (a metric)
+        self._looked: dict[tuple[str, str], float] = {}  # (org, name) -> last lookup on a miss
 
     def _wanted(self) -> Wanted:
         with self.sessions() as s:
@@ -96,9 +98,40 @@ class OrgModels:
             else:
                 self.catalog.add(dep)
 
-    async def sync(self) -> None:
+    def _exists(self, org_id: str, name: str) -> bool:
+        """Whether the database holds a model `name` of this organisation (two indexed
+        lookups, not the whole catalogue)."""
+        with self.sessions() as s:
+            if s.scalar(select(CustomModel.id).where(CustomModel.org_id == org_id,
+                                                     CustomModel.model_id == name).limit(1)):
+                return True
+            return s.scalar(select(FineTuningJob.id).where(
+                FineTuningJob.org_id == org_id, FineTuningJob.fine_tuned_model == name,
+                FineTuningJob.status == "succeeded").limit(1)) is not None
+
+    async def sync_for_miss(self, org_id: str, name: str) -> None:
+        """A request named a model this replica does not serve: perhaps one another replica
+        has just uploaded or a worker has just fine-tuned. A full sync (every organisation's
+        models, under the global lock) runs only when the database holds that very model, and
+        the database is asked at most once per `model_lookup_interval` for the same
+        organisation and name: a client sending random names costs a dictionary lookup."""
+        if len(name) > 256 or not name.isprintable():
+            return  # no model is named so (and PostgreSQL refuses a NUL in a query)
+        now = time.monotonic()
+        interval = self.settings.model_lookup_interval
+        key = (org_id, name)
+        if now - self._looked.get(key, -interval - 1) < interval:
+            return
+        if len(self._looked) > 10_000:  # forget the lookups that no longer hold anything back
+            self._looked = {k: t for k, t in self._looked.items() if now - t < interval}
+        self._looked[key] = now
+        if await run_in_threadpool(self._exists, org_id, name):
+            await self.sync("miss")
+
+    async def sync(self, reason: str = "periodic") -> None:
         """Load new models and retire deleted ones (engines load off the event loop; the
         catalog changes on it, so requests never see a half-changed catalog)."""
+        self.syncs[reason] = self.syncs.get(reason, 0) + 1
         async with self.lock:
             wanted = await run_in_threadpool(self._wanted)
             for key, record in wanted.items():

@@ -20,9 +20,10 @@ from bastion.services.models import resolve
 
 
 async def _admitted(services: Services, ctx: RequestContext, prep: Any,
-                    estimate: int) -> tuple[Any, Ticket]:
+                    estimate: int, sequences: int = 1) -> tuple[Any, Ticket]:
+    """Admitted with a concurrency slot per sequence decoded at once (n x prompts)."""
     ticket = await services.gate.open(ctx, estimate, model=prep.deployment.id,
-                                      request_id=prep.id)
+                                      request_id=prep.id, sequences=sequences)
     return prep, ticket
 
 
@@ -31,7 +32,7 @@ async def start_chat(services: Services, ctx: RequestContext,
     deployment = await resolve(services, body.model, ctx.principal)
     prep = await prepare_chat(body, deployment, services.settings, ctx.principal,
                               services.limiter)
-    return await _admitted(services, ctx, prep, prep.estimate)
+    return await _admitted(services, ctx, prep, prep.estimate, prep.request.n)
 
 
 async def start_completion(services: Services, ctx: RequestContext,
@@ -39,7 +40,8 @@ async def start_completion(services: Services, ctx: RequestContext,
     deployment = await resolve(services, body.model, ctx.principal)
     prep = await prepare_completion(body, deployment, services.settings, ctx.principal,
                                     services.limiter)
-    return await _admitted(services, ctx, prep, prep.estimate)
+    return await _admitted(services, ctx, prep, prep.estimate,
+                           sum(r.n for r in prep.requests))
 
 
 async def start_embeddings(services: Services, ctx: RequestContext,

@@ -73,6 +73,13 @@ class ServerState(Collector):
         yield GaugeMetricFamily("bastion_usage_ledger_queue_depth",
                                 "Usage rows recorded and not yet written to the database.",
                                 value=s.ledger.pending)
+        syncs = CounterMetricFamily("bastion_model_catalog_syncs",
+                                    "Syncs of the organisations' models from the database, by "
+                                    "what asked: periodic, listing, miss (a request for a model "
+                                    "this replica did not serve).", labels=["reason"])
+        for reason, n in sorted(s.org_models.syncs.items()):
+            syncs.add_metric([reason], n)
+        yield syncs
         jobs = GaugeMetricFamily("bastion_fine_tuning_jobs",
                                  "Fine-tuning jobs of every organisation, by state.",
                                  labels=["status"])

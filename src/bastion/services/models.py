@@ -36,17 +36,18 @@ class ModelEntry:
 
 async def refresh(services: Services) -> None:
     """Pick up models another replica has just uploaded or a worker has just fine-tuned."""
-    await services.org_models.sync()
+    await services.org_models.sync("listing")
 
 
 async def resolve(services: Services, name: str, principal: Principal) -> Deployment:
     """The model `name` as this caller's organisation sees it; never another model. One made
-    elsewhere a moment ago is looked up in the database before the 404."""
+    elsewhere a moment ago is looked up in the database before the 404 (rate-limited, and a
+    full sync only when the database has it: see OrgModels.sync_for_miss)."""
     try:
         return services.catalog.resolve(name, principal.org_id)
     except ModelNotFoundError:
         pass
-    await refresh(services)
+    await services.org_models.sync_for_miss(principal.org_id, name)
     return services.catalog.resolve(name, principal.org_id)
 
 

@@ -42,6 +42,9 @@ def output_format(fmt: ResponseFormat | None, *, param: str, texts: Iterable[str
         spec = fmt.json_schema
         schema = spec.json_schema if spec.json_schema is not None else {"type": "object"}
         where = f"{param}.json_schema.schema"
+        if nesting(schema, MAX_NESTING) > MAX_NESTING:
+            raise _refuse(f"The JSON schema nests more than {MAX_NESTING} objects and "
+                          f"arrays deep.", where)
         text = json.dumps(schema)
         if len(text) > MAX_SCHEMA_BYTES:
             raise InvalidRequestError(f"The JSON schema is {len(text)} bytes; at most "
@@ -54,13 +57,39 @@ def output_format(fmt: ResponseFormat | None, *, param: str, texts: Iterable[str
     return None
 
 
+def nesting(value: Any, limit: int) -> int:
+    """How deep `value` nests dicts and lists, counted without recursion and only up to
+    `limit + 1`: a schema thousands of levels deep must be refused before json.dumps or the
+    jsonschema validator recurse into it."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1)
+                     for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+MAX_NESTING = 4 * MAX_DEPTH  # dicts and lists: a schema level is a few of them
+
+
 def check_schema(schema: Any, param: str) -> None:
     """A 400 for a schema that is not a JSON Schema, or uses what cannot be enforced."""
     if not isinstance(schema, dict):
         raise InvalidRequestError("The JSON schema must be an object.", param=param,
                                   code="invalid_schema")
+    if nesting(schema, MAX_NESTING) > MAX_NESTING:
+        raise _refuse(f"The JSON schema nests more than {MAX_NESTING} objects and arrays "
+                      f"deep.", param)
     try:
         Draft202012Validator.check_schema(schema)
+    except RecursionError:  # a `pattern` nested too deeply for Python's regex parser
+        raise _refuse("The JSON schema holds a pattern (or a subschema) nested too deeply.",
+                      param) from None
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.path) or "#"
         raise InvalidRequestError(f"Invalid JSON schema at '{where}': {exc.message}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -18,8 +19,12 @@ from bastion.errors import AuthenticationError, NotFoundError
 from bastion.ids import new_id
 from bastion.tenancy.plans import PLANS, Limits, effective_limits
 
+log = logging.getLogger("bastion.keys")
+
 KEY_PREFIX = "sk-bst-"
 VISIBLE_CHARS = 12
+ENV_ADMIN_NAME = "Admin key (BASTION_ADMIN_KEY)"
+GENERATED_ADMIN_NAME = "Admin key"
 ALL_PERMISSIONS = ("inference", "training", "models", "admin")
 LAST_USED_RESOLUTION_S = 60
 
@@ -48,6 +53,16 @@ def hash_key(raw: str) -> str:
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def visible_prefix(raw: str, *, generated: bool) -> str:
+    """What is stored in clear to recognise a key by: a generated key's first 12 characters
+    (the public `sk-bst-` tag and 5 of its 43 random ones, about 30 of 256 bits). A key the
+    operator chose (BASTION_ADMIN_KEY) may be far less random, so of it only the public tag is
+    kept, if it has one: its first 12 characters could be most of the secret."""
+    if generated:
+        return raw[:VISIBLE_CHARS]
+    return KEY_PREFIX if raw.startswith(KEY_PREFIX) else ""
 
 
 # Only the columns a Principal needs, as plain rows: this runs on every request, and loading
@@ -201,38 +216,82 @@ def create_key(session: Session, org_id: str, name: str, *, permissions: list[st
                raw: str | None = None, is_server_admin: bool = False,
                rate_limit: int | None = None) -> tuple[ApiKey, str]:
     """Store a new key as its hash and visible prefix; the raw key is returned, never stored."""
+    generated = raw is None
     raw = raw or generate_key()
-    row = ApiKey(id=new_id("key"), org_id=org_id, name=name, prefix=raw[:VISIBLE_CHARS],
+    row = ApiKey(id=new_id("key"), org_id=org_id, name=name,
+                 prefix=visible_prefix(raw, generated=generated),
                  key_hash=hash_key(raw), permissions=list(permissions),
                  is_server_admin=is_server_admin, rate_limit=rate_limit, created_at=utcnow())
     session.add(row)
     return row, raw
 
 
+def active_server_admin_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.is_server_admin.is_(True),
+                                                     ApiKey.revoked_at.is_(None))))
+
+
+def rotate_server_admin(session: Session, raw: str | None = None) -> tuple[ApiKey, str]:
+    """A new server-admin key (generated unless `raw` is given), every other one revoked:
+    there is one server administrator's key at a time, and the old one stops working on every
+    replica at its next request."""
+    org = default_org(session)
+    now = utcnow()
+    for old in active_server_admin_keys(session):
+        old.revoked_at = now
+    name = GENERATED_ADMIN_NAME if raw is None else ENV_ADMIN_NAME
+    row, raw = create_key(session, org.id, name, raw=raw, permissions=list(ALL_PERMISSIONS),
+                          is_server_admin=True)
+    session.flush()
+    return row, raw
+
+
 def bootstrap(factory: sessionmaker[Session], admin_key: str | None) -> str | None:
     """Create the default organisation and the server's admin key on first start.
 
-    Returns a generated key (to be printed once) or None when nothing new was generated. A key
-    made here is in the audit log as made by the server itself ("system").
+    With BASTION_ADMIN_KEY set, that key is the server administrator's: a new value revokes
+    the previous one (and the generated key printed at first start), so rotating the variable
+    and restarting is a rotation. A value that was revoked (`bastion keys rotate-admin` or
+    `bastion keys revoke`) stays revoked. Returns a generated key (to be printed once) or None
+    when nothing new was generated. A key made here is in the audit log as made by the server
+    itself ("system").
     """
-    from bastion.tenancy.audit import record  # audit names a Principal, defined above
-
     with factory.begin() as session:
         org = default_org(session)
-        made: tuple[ApiKey, str] | None = None
         if admin_key:
-            if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(admin_key))) is None:
-                made = create_key(session, org.id, "Admin key (BASTION_ADMIN_KEY)", raw=admin_key,
-                                  permissions=list(ALL_PERMISSIONS), is_server_admin=True)
-        elif session.scalar(select(ApiKey).where(ApiKey.is_server_admin.is_(True),
-                                                 ApiKey.revoked_at.is_(None)).limit(1)) is None:
-            made = create_key(session, org.id, "Admin key", permissions=list(ALL_PERMISSIONS),
-                              is_server_admin=True)
-        if made is None:
+            row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(admin_key)))
+            if row is None:
+                made = rotate_server_admin(session, admin_key)
+                _record_made(session, org.id, made[0])
+                log.info("BASTION_ADMIN_KEY is new: the previous server-admin keys are revoked")
+            elif not row.is_server_admin:
+                log.error("BASTION_ADMIN_KEY is an organisation's own API key (%s), not the "
+                          "server administrator's; choose another value", row.id)
+            elif row.revoked_at is not None:
+                log.warning("BASTION_ADMIN_KEY has been revoked; set a new value (or unset it "
+                            "and use the key of `bastion keys rotate-admin`)")
+            else:
+                # stored before custom keys kept only their tag: forget the clear characters
+                row.prefix = visible_prefix(admin_key, generated=False)
+                others = [k for k in active_server_admin_keys(session) if k.id != row.id]
+                for other in others:
+                    other.revoked_at = utcnow()
+                if others:
+                    log.warning("revoked %d other server-admin key(s): BASTION_ADMIN_KEY is the "
+                                "server administrator's key", len(others))
             return None
-        row, raw = made
+        if active_server_admin_keys(session):
+            return None
+        row, raw = create_key(session, org.id, GENERATED_ADMIN_NAME,
+                              permissions=list(ALL_PERMISSIONS), is_server_admin=True)
         session.flush()
-        record(session, None, "api_key.created", org.id, target_id=row.id,
-               details={"name": row.name, "permissions": list(row.permissions),
-                        "rate_limit": row.rate_limit, "server_admin": True})
-        return None if admin_key else raw
+        _record_made(session, org.id, row)
+        return raw
+
+
+def _record_made(session: Session, org_id: str, row: ApiKey) -> None:
+    from bastion.tenancy.audit import record  # audit names a Principal, defined above
+
+    record(session, None, "api_key.created", org_id, target_id=row.id,
+           details={"name": row.name, "permissions": list(row.permissions),
+                    "rate_limit": row.rate_limit, "server_admin": True})

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -64,8 +65,12 @@ def record_in(session: Session, row: UsageRow) -> None:
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # Idempotent inserts (a retried batch, or a retried request, never double-counts).
+        # Idempotent inserts (a retried batch, or a retried request, never double-counts):
+        # ON CONFLICT DO NOTHING where the database has it, else the plain INSERT every
+        # database has, and a duplicate makes _write fall back to row by row.
+        self._plain = insert(UsageRecord)
         self._insert = idempotent_insert(engine.dialect.name)
+        self.duplicates = 0  # rows skipped because their request was already billed
         self._rows: queue.SimpleQueue[UsageRow | None] = queue.SimpleQueue()
         self._flushed = threading.Condition()
         self._hurry = threading.Event()  # flush(): write what has queued without collecting
@@ -131,6 +136,12 @@ class Ledger:
                 with self.engine.begin() as conn:
                     conn.execute(stmt, values)
                 break
+            except IntegrityError:
+                # a duplicate (request already billed) where the database has no ON CONFLICT
+                # DO NOTHING: the whole statement was rolled back, so write row by row
+                # and skip only the duplicates, never the batch
+                self._write_each(values)
+                break
             except Exception:  # e.g. "database is locked": wait and try again
                 if attempt == WRITE_ATTEMPTS - 1:
                     log.exception("gave up writing %d usage rows", len(batch))
@@ -139,3 +150,23 @@ class Ledger:
         with self._flushed:
             self._written += len(batch)
             self._flushed.notify_all()
+
+    def _write_each(self, values: list[dict]) -> None:
+        """One transaction per row; a row whose (org, request) is already there is skipped."""
+        for row in values:
+            for attempt in range(WRITE_ATTEMPTS):
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(self._plain, [row])
+                    break
+                except IntegrityError:
+                    self.duplicates += 1
+                    log.info("usage row of request %s refused as a duplicate; skipped",
+                             row["request_id"])
+                    break
+                except Exception:
+                    if attempt == WRITE_ATTEMPTS - 1:
+                        log.exception("gave up writing the usage row of request %s",
+                                      row["request_id"])
+                    else:
+                        time.sleep(0.2 * (attempt + 1))

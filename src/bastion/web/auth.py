@@ -65,7 +65,7 @@ async def login(request: Request, codec: Codec, form: CheckedLoginForm,
                           next_path=str(form.get("next") or ""))
     response = RedirectResponse(safe_next(form.get("next")), status_code=303)
     codec.write(response, request, WebSession.new(key_id))  # a new CSRF token with the sign-in
-    SessionCodec.clear(response, LOGIN_COOKIE)
+    codec.clear(response, request, LOGIN_COOKIE)
     return response
 
 
@@ -76,5 +76,5 @@ async def logout(request: Request, codec: Codec, form: CheckedForm) -> Response:
     if session is not None:
         await sign_out(request, codec, session)
     response = RedirectResponse("/dashboard/login", status_code=303)
-    SessionCodec.clear(response)
+    codec.clear(response, request)
     return response

@@ -70,7 +70,8 @@ async def get_codec(request: Request) -> SessionCodec:
     if codec is None:
         settings = services_of(request).settings
         secret = settings.session_secret or load_secret(settings.data_dir)
-        codec = state.web_codec = SessionCodec(secret, int(settings.session_hours * 3600))
+        codec = state.web_codec = SessionCodec(secret, int(settings.session_hours * 3600),
+                                               secure=settings.secure_cookies)
     return codec
 
 

@@ -81,7 +81,7 @@ def error_page(request: Request, status: int, message: str) -> Response:
                   title=titles.get(status, "Something went wrong"))
 
 
-def sign_in_redirect(exc: SignInRequired) -> Response:
+def sign_in_redirect(request: Request, exc: SignInRequired) -> Response:
     url = "/dashboard/login"
     params = []
     if exc.next_path.startswith("/dashboard/") and not exc.next_path.startswith("//"):
@@ -91,8 +91,9 @@ def sign_in_redirect(exc: SignInRequired) -> Response:
     if params:
         url += "?" + urlencode(params)
     response = RedirectResponse(url, status_code=303)
-    if exc.reason:  # the session named a key that no longer works: forget it
-        SessionCodec.clear(response)
+    codec: SessionCodec | None = getattr(request.app.state, "web_codec", None)
+    if exc.reason and codec is not None:  # the session named a key that no longer works
+        codec.clear(response, request)
     return response
 
 
@@ -106,7 +107,7 @@ class PageRoute(APIRoute):
             try:
                 response = await handler(request)
             except SignInRequired as exc:
-                response = sign_in_redirect(exc)
+                response = sign_in_redirect(request, exc)
             except RequestValidationError as exc:
                 response = error_page(request, 400, validation_error(exc).message)
             except APIError as exc:

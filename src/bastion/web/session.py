@@ -44,13 +44,34 @@ class WebSession:
         return bool(token) and hmac.compare_digest(self.csrf.encode(), str(token).encode())
 
 
+HOST_PREFIX = "__Host-"
+
+
 class SessionCodec:
     """Signs sessions with a timestamp; an old cookie fails to load after max_age, whatever the
-    browser does with it."""
+    browser does with it.
 
-    def __init__(self, secret: str, max_age_s: int) -> None:
+    A cookie is Secure when the request came over https, or always with `secure` (the
+    BASTION_SECURE_COOKIES setting: behind a TLS proxy that talks plain HTTP to Bastion, the
+    request's scheme says http). A Secure cookie is named with the `__Host-` prefix, which
+    browsers accept only when it is Secure, has Path=/ and no Domain: a sibling subdomain or a
+    plain-http page cannot plant or overwrite it."""
+
+    def __init__(self, secret: str, max_age_s: int, *, secure: bool = False) -> None:
         self._s = URLSafeTimedSerializer(secret, salt="bastion.dashboard.session")
         self.max_age_s = max_age_s
+        self.secure = secure
+
+    def is_secure(self, request: Request) -> bool:
+        return self.secure or request.url.scheme == "https"
+
+    def name(self, request: Request, cookie: str = COOKIE) -> str:
+        return HOST_PREFIX + cookie if self.is_secure(request) else cookie
+
+    def _path(self, request: Request, cookie: str) -> str:
+        if self.is_secure(request):
+            return "/"  # __Host- requires it
+        return LOGIN_PATH if cookie == LOGIN_COOKIE else PATH
 
     def dumps(self, session: WebSession) -> str:
         return self._s.dumps({"c": session.csrf, "k": session.key_id})
@@ -68,18 +89,19 @@ class SessionCodec:
         return WebSession(csrf=data["c"], key_id=key if isinstance(key, str) else None)
 
     def read(self, request: Request, cookie: str = COOKIE) -> WebSession | None:
-        return self.loads(request.cookies.get(cookie))
+        return self.loads(request.cookies.get(self.name(request, cookie)))
 
     def write(self, response: Response, request: Request, session: WebSession,
               cookie: str = COOKIE) -> None:
-        response.set_cookie(cookie, self.dumps(session), max_age=self.max_age_s,
-                            path=LOGIN_PATH if cookie == LOGIN_COOKIE else PATH, httponly=True,
-                            samesite="strict", secure=request.url.scheme == "https")
+        secure = self.is_secure(request)
+        response.set_cookie(self.name(request, cookie), self.dumps(session),
+                            max_age=self.max_age_s, path=self._path(request, cookie),
+                            httponly=True, samesite="strict", secure=secure)
 
-    @staticmethod
-    def clear(response: Response, cookie: str = COOKIE) -> None:
-        response.delete_cookie(cookie, path=LOGIN_PATH if cookie == LOGIN_COOKIE else PATH,
-                               httponly=True, samesite="strict")
+    def clear(self, response: Response, request: Request, cookie: str = COOKIE) -> None:
+        secure = self.is_secure(request)
+        response.delete_cookie(self.name(request, cookie), path=self._path(request, cookie),
+                               httponly=True, samesite="strict", secure=secure)
 
 
 def load_secret(data_dir: Path) -> str:

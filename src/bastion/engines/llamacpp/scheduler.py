@@ -33,8 +33,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from bastion.engines.base import (MEDIA_TOKEN, Delta, EngineError, Event, Finished,
-                                  GenerationRequest, ModelUnavailable, PromptLogprobs,
-                                  PromptMedia, TokenLogprob)
+                                  GenerationRequest, ModelInputError, ModelUnavailable,
+                                  PromptLogprobs, PromptMedia, TokenLogprob)
 from bastion.engines.llamacpp import sampling
 from bastion.engines.llamacpp.grammar import Grammars
 from bastion.engines.llamacpp.model import LlamaModel
@@ -200,7 +200,10 @@ class Scheduler:
                     job.seqs.append(_Seq(index=i, slot=slot, sampler=sampler,
                                          max_tokens=p.max_tokens, stops=StopMatcher(stops)))
             except Exception as exc:  # one bad request must not take others down
-                log.exception("could not start a sequence")
+                if isinstance(exc, ModelInputError):  # the request's fault: a 400, no trace
+                    log.info("refused a sequence: %s", exc)
+                else:
+                    log.exception("could not start a sequence")
                 taken = {seq.slot for seq in job.seqs}
                 self._free_slots += [slot for slot in slots if slot not in taken]
                 self._finish_job(job, exc if isinstance(exc, EngineError) else EngineError(
