@@ -294,14 +294,10 @@ def keys_revoke_admin(data_dir: DataDir = None) -> None:
     """Revoke every server-admin key now (e.g. a leaked one) without making a new one: the
     next start makes and prints a fresh key, or adopts BASTION_ADMIN_KEY if it is set to a
     value never used before."""
-    from bastion.db.tables import utcnow
-    from bastion.tenancy.keys import active_server_admin_keys
+    from bastion.tenancy.keys import revoke_server_admins
 
     with _sessions(data_dir).begin() as session:
-        revoked = active_server_admin_keys(session)
-        for row in revoked:
-            row.revoked_at = utcnow()
-        ids = [row.id for row in revoked]
+        ids = [row.id for row in revoke_server_admins(session)]
     typer.echo(f"revoked {len(ids)} server-admin key(s): {', '.join(ids) or '-'}")
 
 

@@ -231,18 +231,30 @@ def active_server_admin_keys(session: Session) -> list[ApiKey]:
                                                      ApiKey.revoked_at.is_(None))))
 
 
+def revoke_server_admins(session: Session, keep: str | None = None) -> list[ApiKey]:
+    """Revoke every active server-admin key but `keep`, each in the audit log."""
+    from bastion.tenancy.audit import record  # audit names a Principal, defined above
+
+    now = utcnow()
+    revoked = [k for k in active_server_admin_keys(session) if k.id != keep]
+    for old in revoked:
+        old.revoked_at = now
+        record(session, None, "api_key.deleted", old.org_id, target_id=old.id,
+               details={"name": old.name, "server_admin": True})
+    return revoked
+
+
 def rotate_server_admin(session: Session, raw: str | None = None) -> tuple[ApiKey, str]:
     """A new server-admin key (generated unless `raw` is given), every other one revoked:
     there is one server administrator's key at a time, and the old one stops working on every
     replica at its next request."""
     org = default_org(session)
-    now = utcnow()
-    for old in active_server_admin_keys(session):
-        old.revoked_at = now
+    revoke_server_admins(session)
     name = GENERATED_ADMIN_NAME if raw is None else ENV_ADMIN_NAME
     row, raw = create_key(session, org.id, name, raw=raw, permissions=list(ALL_PERMISSIONS),
                           is_server_admin=True)
     session.flush()
+    _record_made(session, org.id, row)
     return row, raw
 
 
@@ -261,8 +273,7 @@ def bootstrap(factory: sessionmaker[Session], admin_key: str | None) -> str | No
         if admin_key:
             row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(admin_key)))
             if row is None:
-                made = rotate_server_admin(session, admin_key)
-                _record_made(session, org.id, made[0])
+                rotate_server_admin(session, admin_key)
                 log.info("BASTION_ADMIN_KEY is new: the previous server-admin keys are revoked")
             elif not row.is_server_admin:
                 log.error("BASTION_ADMIN_KEY is an organisation's own API key (%s), not the "
@@ -273,9 +284,7 @@ def bootstrap(factory: sessionmaker[Session], admin_key: str | None) -> str | No
             else:
                 # stored before custom keys kept only their tag: forget the clear characters
                 row.prefix = visible_prefix(admin_key, generated=False)
-                others = [k for k in active_server_admin_keys(session) if k.id != row.id]
-                for other in others:
-                    other.revoked_at = utcnow()
+                others = revoke_server_admins(session, keep=row.id)
                 if others:
                     log.warning("revoked %d other server-admin key(s): BASTION_ADMIN_KEY is the "
                                 "server administrator's key", len(others))
