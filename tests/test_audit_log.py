@@ -21,6 +21,8 @@ from conftest import (ADMIN_KEY, MODEL, RunningServer, bearer, database_rows, st
 from ftdata import duck_examples, write_jsonl
 from tiny_llama import build_tiny_llama
 
+from bastion.tenancy.keys import ENV_ADMIN_NAME
+
 UA = "audit-test/1.0"
 DASHBOARD_UA = "audit-dashboard/1.0"
 EVERY_TYPE = {"api_key.created", "api_key.deleted", "organization.created",
@@ -64,7 +66,8 @@ def admin_key_id(srv: RunningServer) -> tuple[str, str]:
     """(the server administrator's organisation, its key's id)."""
     home = call("GET", f"{srv.api}/organizations", ADMIN_KEY).json()["data"][0]["id"]
     keys = call("GET", f"{srv.api}/organizations/{home}/api-keys", ADMIN_KEY).json()["data"]
-    return home, next(k["id"] for k in keys if k["prefix"] == ADMIN_KEY[:12])
+    return home, next(k["id"] for k in keys
+                      if k["name"] == ENV_ADMIN_NAME and k["revoked_at"] is None)
 
 
 @pytest.fixture(scope="module")
