@@ -216,9 +216,12 @@ class ToolCallStream:
             end = len(_content(self.text[:start], syntax))
         elif final:
             end = len(self.text)
-        else:  # the start of a tag or prefix still being written is held back
-            end = min(_safe_end(self.text, syntax.open.strip()),
+        else:  # held back: trailing space (it may precede a call, where it is not content)
+            # and the start of a tag or of the prefix still being written
+            end = min(len(self.text.rstrip()), _safe_end(self.text, syntax.open.strip()),
                       _safe_end(self.text, syntax.prefix))
+            if syntax.prefix and self.text.rstrip().endswith(syntax.prefix):
+                end = min(end, len(_content(self.text, syntax)))
         if end > self.content_sent:
             deltas.append({"content": self.text[self.content_sent:end]})
             self.content_sent = end
