@@ -83,10 +83,10 @@ class TokenEngine(BaseEngine):
         its special tokens (message contents never are): a client who writes a turn marker
         into a tool's description or a call's arguments must not get a turn of its own."""
         calls = [m["tool_calls"] for m in messages if m.get("tool_calls")]
-        names = [m["name"] for m in messages if m.get("name")]
-        if not (tools or calls or names):
+        labels = [m.get(k) for m in messages for k in ("name", "tool_call_id") if m.get(k)]
+        if not (tools or calls or labels):
             return
-        if self.has_special_text(json.dumps([tools, calls, names], ensure_ascii=False)):
+        if self.has_special_text(json.dumps([tools, calls, labels], ensure_ascii=False)):
             raise ModelInputError(
                 "The tools or tool calls contain the text of one of this model's special "
                 "tokens (a turn marker); remove it.", param="tools", code="invalid_value")
