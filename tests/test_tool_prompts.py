@@ -30,6 +30,9 @@ CALL = {"id": "call_abc", "type": "function",
 HISTORY = [{"role": "system", "content": "Be brief."}, *ASK,
            {"role": "assistant", "content": None, "tool_calls": [CALL]},
            {"role": "tool", "tool_call_id": "call_abc", "content": "21 degrees, sunny"}]
+# A result with quotes: Llama 3.1's template writes results through tojson, which escapes them
+RESULT = '{"temperature": 21, "sky": "sunny"}'
+
 
 
 def smollm2_template() -> str:
@@ -116,7 +119,8 @@ def test_a_template_that_takes_tools_renders_them_as_transformers_does(source: s
     from bastion.services.tool_prompts import template_messages
 
     messages = template_messages([{k: v for k, v in m.items() if v is not None}
-                                  for m in HISTORY])
+                                  for m in HISTORY[:-1]])
+    messages.append({"role": "tool", "tool_call_id": "call_abc", "content": RESULT})
     ours = ChatTemplate(source, bos_token="<s>", eos_token="</s>", name="gguf").render(
         messages, tools=[WEATHER])
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
@@ -208,13 +212,13 @@ def test_a_pytorch_model_whose_template_takes_tools(server: RunningServer,
     family's syntax by the grammar, parse and match the parameters."""
     from transformers import AutoTokenizer
 
+    from bastion.services.tool_prompts import template_messages
+
     model_id = f"tools-{key}"
     path = tiny_with(tmp_path, server, uploader, model_id, template)
     tok = AutoTokenizer.from_pretrained(path)
 
     def hf_count(messages: list[dict]) -> int:
-        from bastion.services.tool_prompts import template_messages
-
         text = tok.apply_chat_template(template_messages(messages), tools=[WEATHER],
                                        tokenize=False, add_generation_prompt=True)
         return len(tok(text, add_special_tokens=False)["input_ids"])
@@ -227,10 +231,14 @@ def test_a_pytorch_model_whose_template_takes_tools(server: RunningServer,
     assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
     history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [CALL]},
-               {"role": "tool", "tool_call_id": "call_abc", "content": "21 degrees, sunny"}]
+               {"role": "tool", "tool_call_id": "call_abc", "content": RESULT}]
     again = uploader.chat.completions.create(model=model_id, messages=history, tools=[WEATHER],
                                              max_tokens=4)
     assert again.usage.prompt_tokens == hf_count(history)
+    if template is LLAMA31_STYLE:  # the result went through the template's tojson
+        text = tok.apply_chat_template(template_messages(history), tools=[WEATHER],
+                                       tokenize=False)
+        assert '"{\\"temperature\\": 21' in text
 
 
 def test_special_token_text_in_a_rendered_tool_is_a_400(server: RunningServer,

@@ -5,10 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from bastion.engines.base import (BaseEngine, ChatPrompt, ModelInputError, PreparedPrompt,
                                   Prompt, PromptSource, TextPrompt)
+
+# Private-use code points: they never occur in chat templates, and mark where message text goes.
+MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"
+MARKS = re.compile(f"{MARK_OPEN}(\\d+){MARK_CLOSE}")
+
+
+def shadow_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with a marker in place of each content, for the template to place: the
+    engine tokenises the marked text without special tokens. An empty content stays empty
+    (a template's `if message.content` then sees it so), and a `literal` one (a tool result
+    without special-token text) is given as it is, so that a template's filters on it (Llama
+    3.1 writes a result through `tojson`) render as in transformers."""
+    out = []
+    for i, m in enumerate(messages):
+        m = dict(m)
+        literal = m.pop("literal", False)
+        if m["content"] and not literal:
+            m["content"] = f"{MARK_OPEN}{i}{MARK_CLOSE}"
+        out.append(m)
+    return out
 
 
 class TokenEngine(BaseEngine):
@@ -66,8 +87,11 @@ class TokenEngine(BaseEngine):
             for key in ("tool_calls", "tool_call_id"):
                 if m.get(key):
                     msg[key] = m[key]
-            if m["role"] == "tool" and m.get("name"):
-                msg["name"] = m["name"]
+            if m["role"] == "tool":  # only a template that renders tools sees this role
+                if m.get("name"):
+                    msg["name"] = m["name"]
+                if isinstance(content, str) and not self.has_special_text(content):
+                    msg["literal"] = True
             plain.append(msg)
         self._check_tool_text(source.tools, plain)
         if media:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,12 +26,9 @@ from bastion.engines.base import (Capabilities, Delta, EngineError, Event, Finis
 from bastion.engines.text import StopMatcher
 from bastion.engines.threaded import DONE, Sink, events_from_thread
 from bastion.engines.token_masks import SequenceMask, TokenMasks
-from bastion.engines.tokens import TokenEngine
+from bastion.engines.tokens import MARKS, TokenEngine, shadow_messages
 
 log = logging.getLogger("bastion.torch")
-
-_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
-_MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
 def load_causal_lm(path: Path) -> tuple[Any, Any]:
@@ -180,16 +176,14 @@ class TorchEngine(TokenEngine):
             raise ModelInputError(f"The model '{self.name}' has no chat template; use "
                                   f"/v1/completions.", code="model_not_supported",
                                   param="model")
-        shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}" if m["content"] else ""}
-                  for i, m in enumerate(messages)]
         try:
-            text = self.tokenizer.apply_chat_template(shadow, tokenize=False, tools=tools,
+            text = self.tokenizer.apply_chat_template(shadow_messages(messages), tokenize=False, tools=tools,
                                                       add_generation_prompt=True)
         except Exception as exc:  # the template itself refused (e.g. roles must alternate)
             raise ModelInputError(f"The model's chat template refused these messages: {exc}",
                                   code="invalid_messages", param="messages") from exc
         tokens: list[int] = []
-        for k, part in enumerate(_MARKS.split(text)):
+        for k, part in enumerate(MARKS.split(text)):
             if k % 2:
                 tokens += self.tokenize(str(messages[int(part)]["content"]), add_special=False)
             elif part:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -20,12 +19,7 @@ from bastion.engines.llamacpp.scheduler import Scheduler
 from bastion.engines.llamacpp.templates import ChatTemplate, pick_template
 from bastion.engines.llamacpp.vision import ImageChunk, Projector
 from bastion.engines.threaded import events_from_thread
-from bastion.engines.tokens import TokenEngine
-
-
-# Private-use code points: they never occur in chat templates, and mark where message text goes.
-_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
-_MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
+from bastion.engines.tokens import MARKS, TokenEngine, shadow_messages
 
 
 def render_chat_tokens(model: LlamaModel, template: ChatTemplate, messages: list[dict[str, Any]],
@@ -38,13 +32,10 @@ def render_chat_tokens(model: LlamaModel, template: ChatTemplate, messages: list
     text without, so a user who types "<end_of_turn>" cannot fake a turn. Fine-tuning encodes
     its examples with this same function, so training and serving see the same tokens.
     `parts` tokenises content lists (text and images) into `tokens`, adding to `media`.
-    `tools`: for a template that renders them (an empty content stays empty, so that such a
-    template's `if message.content` sees it so)."""
-    shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}" if m["content"] else ""}
-              for i, m in enumerate(messages)]
-    text = template.render(shadow, add_generation_prompt=add_generation_prompt, tools=tools)
+    `tools`: for a template that renders them (see shadow_messages)."""
+    text = template.render(shadow_messages(messages), add_generation_prompt=add_generation_prompt, tools=tools)
     tokens: list[int] = []
-    for k, part in enumerate(_MARKS.split(text)):
+    for k, part in enumerate(MARKS.split(text)):
         if k % 2:
             content = messages[int(part)]["content"]
             if isinstance(content, str):
