@@ -21,7 +21,7 @@ from tool_templates import LLAMA31_STYLE, QWEN_STYLE
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather <now> in a city & its 'unit'.",
     "parameters": {"type": "object",
-                   "properties": {"city": {"type": "string", "maxLength": 30},
+                   "properties": {"city": {"type": "string", "maxLength": 10},
                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
                    "required": ["city", "unit"], "additionalProperties": False}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]

@@ -218,8 +218,9 @@ class ToolCallStream:
             end = len(self.text)
         else:  # held back: trailing space (it may precede a call, where it is not content)
             # and the start of a tag or of the prefix still being written
-            end = min(len(self.text.rstrip()), _safe_end(self.text, syntax.open.strip()),
+            end = min(_safe_end(self.text, syntax.open.strip()),
                       _safe_end(self.text, syntax.prefix))
+            end = len(self.text[:end].rstrip())
             if syntax.prefix and self.text.rstrip().endswith(syntax.prefix):
                 end = min(end, len(_content(self.text, syntax)))
         if end > self.content_sent:
