@@ -485,7 +485,7 @@ def test_tools_through_an_upstream_on_the_websocket_and_responses(front: Running
     tool = {"type": "function", **WEATHER["function"]}
     args: dict[str, Any] = dict(model="up-gemma", input="What is the weather in Paris?",
                                 tools=[tool], tool_choice="required", temperature=0,
-                                max_output_tokens=80)
+                                parallel_tool_calls=False, max_output_tokens=80)
     r = client.responses.create(**args)
     calls = [o for o in r.output if o.type == "function_call"]
     assert calls and r.status == "completed"
