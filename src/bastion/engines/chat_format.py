@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from jinja2 import Environment, TemplateSyntaxError, meta
+from jinja2 import Environment, TemplateSyntaxError, nodes
 
 # The families with a built-in tool prompt (services/tools.py), by the marker that tells them:
 # a template that writes <tool_call> (Qwen, Hermes, SmolLM3) is Hermes' whatever its turns;
@@ -25,12 +25,14 @@ def template_family(source: str) -> str:
 
 
 def takes_tools(source: str) -> bool:
-    """Whether the template reads a `tools` variable (parsed only, never run)."""
+    """Whether the template reads a `tools` variable. Only parsed, never compiled: Jinja's
+    code generator folds constants (meta.find_undeclared_variables runs it), and a template's
+    `10**10**10` would then run here, outside the sandbox's bounds."""
     try:
-        return "tools" in meta.find_undeclared_variables(
-            Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source))
+        ast = Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
     except (TemplateSyntaxError, RecursionError, ValueError):
         return False
+    return any(n.name == "tools" and n.ctx == "load" for n in ast.find_all(nodes.Name))
 
 
 def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
