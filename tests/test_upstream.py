@@ -167,7 +167,7 @@ def test_completions_equal_the_upstreams(front: RunningServer, upstream: Running
 
 def test_model_card_from_the_upstream(front: RunningServer) -> None:
     cards = {m.id: m.model_extra for m in sdk(front).models.list().data}
-    assert cards["up-gemma"]["capabilities"] == ["chat", "completion", "constrained"]
+    assert cards["up-gemma"]["capabilities"] == ["chat", "completion", "constrained", "tools"]
     assert cards["up-gemma"]["context_length"] == 4096  # read from the upstream's /v1/models
     assert "vision" in cards["up-vlm"]["capabilities"]
 
