@@ -167,7 +167,7 @@ def test_completions_equal_the_upstreams(front: RunningServer, upstream: Running
 
 def test_model_card_from_the_upstream(front: RunningServer) -> None:
     cards = {m.id: m.model_extra for m in sdk(front).models.list().data}
-    assert cards["up-gemma"]["capabilities"] == ["chat", "completion", "constrained"]
+    assert cards["up-gemma"]["capabilities"] == ["chat", "completion", "constrained", "tools"]
     assert cards["up-gemma"]["context_length"] == 4096  # read from the upstream's /v1/models
     assert "vision" in cards["up-vlm"]["capabilities"]
 
@@ -381,3 +381,118 @@ def test_websocket_api_serves_an_upstream_model(front: RunningServer,
     assert text == want.choices[0].message.content
     assert counts(m["usage"]) == counts(want.usage)
     assert whole["type"] == "done" and whole["content"] == text, whole
+
+
+# --- tools: passed through to the upstream, its calls relayed -----------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object",
+                   "properties": {"city": {"type": "string", "maxLength": 40},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The current time in a time zone.",
+    "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 40}},
+                   "required": ["tz"], "additionalProperties": False}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+TOOL_ARGS: dict[str, Any] = dict(messages=ASK_WEATHER, tools=[WEATHER, TIME],
+                                 tool_choice="required", parallel_tool_calls=False,
+                                 temperature=0, max_tokens=80)
+
+
+def calls_of(message: Any) -> list[tuple[str, str]]:
+    return [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+
+
+def check_args(calls: list[tuple[str, str]]) -> None:
+    import jsonschema
+
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    assert calls
+    for name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), params[name])
+
+
+def test_tool_calls_are_the_upstreams_own(front: RunningServer,
+                                          upstream: RunningServer) -> None:
+    """tools, tool_choice and parallel_tool_calls reach the upstream (another Bastion, which
+    does tool calling itself): the front's calls and usage are the upstream's, whole and
+    streamed (the SDK's stream helper reassembles them), and the ledger bills its usage."""
+    org, key = make_tenant(front.api, "seed", name="tool-ledger")
+    mine = sdk(front, key["key"]).chat.completions.create(model="up-gemma", **TOOL_ARGS)
+    theirs = sdk(upstream).chat.completions.create(model=MODEL, **TOOL_ARGS)
+    choice = mine.choices[0]
+    assert choice.finish_reason == theirs.choices[0].finish_reason == "tool_calls"
+    assert calls_of(choice.message) == calls_of(theirs.choices[0].message)
+    check_args(calls_of(choice.message))
+    assert all(c.id.startswith("call_") and c.type == "function"
+               for c in choice.message.tool_calls)
+    assert counts(mine.usage) == counts(theirs.usage)
+    rows = poll(lambda: [row for row in database_rows(front, "usage_records")
+                         if row["org_id"] == org], timeout=10)
+    assert [(r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        (mine.usage.prompt_tokens, mine.usage.completion_tokens)]
+    with sdk(front).chat.completions.stream(model="up-gemma", **TOOL_ARGS) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls"
+    assert calls_of(final.message) == calls_of(choice.message)
+    chunks = list(sdk(front).chat.completions.create(model="up-gemma", stream=True, **TOOL_ARGS))
+    deltas = [tc for ch in chunks for c in ch.choices for tc in (c.delta.tool_calls or [])]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert all(d.id is None for d in deltas[1:])
+    named = sdk(front).chat.completions.create(
+        model="up-gemma", **{**TOOL_ARGS, "tool_choice": {"type": "function",
+                                                          "function": {"name": "get_time"}}})
+    assert [n for n, _ in calls_of(named.choices[0].message)] == ["get_time"]
+
+
+def test_a_tool_round_trip_through_an_upstream(front: RunningServer,
+                                               upstream: RunningServer) -> None:
+    """The assistant's calls and the tool's result go upstream as sent: the upstream answers
+    the front's request exactly as it answers the same history sent to it directly."""
+    first = sdk(front).chat.completions.create(model="up-gemma", **TOOL_ARGS)
+    message = first.choices[0].message
+    history = ASK_WEATHER + [message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": message.tool_calls[0].id,
+                              "content": json.dumps({"temperature": 21, "sky": "sunny"})}]
+    args: dict[str, Any] = dict(messages=history, tools=[WEATHER, TIME], tool_choice="none",
+                                temperature=0, max_tokens=24)
+    mine = sdk(front).chat.completions.create(model="up-gemma", **args)
+    theirs = sdk(upstream).chat.completions.create(model=MODEL, **args)
+    assert mine.choices[0].message.content == theirs.choices[0].message.content
+    assert mine.choices[0].message.content and not mine.choices[0].message.tool_calls
+    assert counts(mine.usage) == counts(theirs.usage)
+    plain = sdk(upstream).chat.completions.create(model=MODEL, messages=ASK_WEATHER,
+                                                  max_tokens=1)
+    assert mine.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the history went up
+
+
+def test_tools_through_an_upstream_on_the_websocket_and_responses(front: RunningServer) -> None:
+    from websockets.sync.client import connect
+
+    with connect(front.base_url.replace("http://", "ws://") + "/v1/ws") as ws:
+        ws.send(json.dumps({"type": "auth", "api_key": ADMIN_KEY}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "authenticated"
+        ws.send(json.dumps({"type": "inference", "model": "up-gemma", "stream": True,
+                            **TOOL_ARGS}))
+        while (m := json.loads(ws.recv(timeout=60)))["type"] == "token":
+            pass
+    assert m["type"] == "done" and m["finish_reason"] == "tool_calls", m
+    check_args([(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]])
+    client = sdk(front)
+    tool = {"type": "function", **WEATHER["function"]}
+    args: dict[str, Any] = dict(model="up-gemma", input="What is the weather in Paris?",
+                                tools=[tool], tool_choice="required", temperature=0,
+                                parallel_tool_calls=False, max_output_tokens=80)
+    r = client.responses.create(**args)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and r.status == "completed"
+    check_args([(c.name, c.arguments) for c in calls])
+    events = list(client.responses.create(**args, stream=True))
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds and kinds[-1] == "response.completed"
+    done = events[-1].response
+    assert [(o.name, o.arguments) for o in done.output if o.type == "function_call"] == \
+        [(c.name, c.arguments) for c in calls]

@@ -14,10 +14,11 @@ TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% en
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
-def build_tiny_llama(out: Path, byte_level: bool = False, **overrides) -> Path:
+def build_tiny_llama(out: Path, byte_level: bool = False, template: str = TEMPLATE,
+                     **overrides) -> Path:
     """config.json, model.safetensors, tokenizer.json, tokenizer_config.json in `out`.
     `byte_level`: a tokenizer of the 256 bytes (it can write any text: JSON, tool calls)
-    instead of whole words."""
+    instead of whole words. `template`: its chat template."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -35,7 +36,7 @@ def build_tiny_llama(out: Path, byte_level: bool = False, **overrides) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>",
                                    eos_token="</s>",
                                    additional_special_tokens=SPECIALS[3:])
-    fast.chat_template = TEMPLATE
+    fast.chat_template = template
     config = LlamaConfig(**{"vocab_size": len(vocab), "hidden_size": 32,
                             "intermediate_size": 64, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -25,6 +25,12 @@ class Capabilities:
     adapters: bool = False
     infill: bool = False
     tools: bool = False  # the service may prompt it for tool calls and constrain them
+    # How a tools request is prompted and parsed (see services/tools.py): the call syntax of
+    # the chat template's family ("chatml" = Hermes' <tool_call> tags, "llama3", "gemma"), or
+    # "" for an engine that forwards `tools` to a server that does tool calling itself (an
+    # upstream); `tool_template`: the chat template renders `tools` and tool messages itself.
+    tool_family: str = "chatml"
+    tool_template: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,10 @@ class OutputFormat:
     line (parallel tool calls). `instead`, with `open`, is what may come in place of
     the wrapped values: "" nothing, "text" free text without `open`'s first character (the
     model chooses: tool_choice auto), or a JSON Schema the answer then matches.
+
+    `calls`: the values are tool calls, each between `open` and `close` (which may then be
+    empty: bare JSON calls), `sep` between them; `instead` "text" is then free text without
+    the first character of a call.
 
     The fields are text, so the format is hashable and its compiled grammar cached by it.
     `wire` is the request's own field (response_format) for an engine that forwards the
@@ -45,6 +55,8 @@ class OutputFormat:
     close: str = ""
     count: int = 1
     instead: str = ""
+    sep: str = "\n"
+    calls: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,9 +118,14 @@ class Prompt:
 class ChatPrompt:
     """A conversation to render. Each message: role, content (text, or a list of
     {"type": "text", "text"} and {"type": "image", "image": DecodedImage, "detail"} parts) and
-    an optional name."""
+    an optional name; assistant messages may have `tool_calls` and tool messages
+    `tool_call_id`, as OpenAI's. `tools`: OpenAI function tools, given only to a template that
+    renders them itself (Capabilities.tool_template) or a server that takes them (upstream),
+    with `tool_options` (tool_choice, parallel_tool_calls as the client sent them)."""
 
     messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    tool_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -190,6 +207,9 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
     n_tokens: int = 0  # tokens generated since the previous Delta of this choice
+    # Tool-call deltas as OpenAI streams them (index, id, type, function name / arguments),
+    # from an engine whose server parsed the calls itself (an upstream).
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -30,17 +30,20 @@ def gbnf(output: OutputFormat) -> str:
     try:
         converter = _Converter(prop_order={}, allow_fetch=False, dotall=False,
                                     raw_pattern=False)
-        if not output.open:
+        if not (output.open or output.calls):
             _visit(converter, output.schema, "")
             return converter.format_grammar()
         _visit(converter, output.schema, "wrapped-value")
-        one = f"{_literal(output.open)} wrapped-value {_literal(output.close)}"
+        one = " ".join(part for part in (_literal(output.open), "wrapped-value",
+                                         _literal(output.close)) if part != '""')
         body = one
         for _ in range(output.count - 1):  # nested optionals: at most `count` values
-            body = f'{one} ("\\n" {body})?'
+            body = f'{one} ({_literal(output.sep)} {body})?'
 
         if output.instead == "text":
-            first = output.open[0].replace("\\", "\\\\").replace("]", "\\]")
+            # free text cannot hold the first character of a call (its tag, or the JSON
+            # object's brace for bare calls): where it does, the calls begin
+            first = (output.open or "{")[0].replace("\\", "\\\\").replace("]", "\\]")
             root = f"[^{first}]* ({body})?"
         elif output.instead:
             _visit(converter, output.instead, "answer-value")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from bastion.config import ModelSpec, Settings
+from bastion.engines.chat_format import takes_tools, template_family
 from bastion.engines.base import (Capabilities, Delta, EngineError, Event, Finished,
                                   GenerationRequest, ModelFailure, ModelInfo, ModelInputError,
                                   ModelUnavailable, SamplingParams, TokenLogprob,
@@ -26,12 +26,9 @@ from bastion.engines.base import (Capabilities, Delta, EngineError, Event, Finis
 from bastion.engines.text import StopMatcher
 from bastion.engines.threaded import DONE, Sink, events_from_thread
 from bastion.engines.token_masks import SequenceMask, TokenMasks
-from bastion.engines.tokens import TokenEngine
+from bastion.engines.tokens import MARKS, TokenEngine, shadow_messages
 
 log = logging.getLogger("bastion.torch")
-
-_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
-_MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
 def load_causal_lm(path: Path) -> tuple[Any, Any]:
@@ -130,7 +127,11 @@ class TorchEngine(TokenEngine):
         context = (getattr(config, "max_position_embeddings", None)
                    or getattr(config, "n_positions", None) or 2048)
         self.eos = _eos_ids(self.model, self.tokenizer)
-        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        template = getattr(self.tokenizer, "chat_template", None)
+        chat = bool(template)
+        if isinstance(template, dict):  # named templates: the one transformers uses for tools
+            template = template.get("tool_use") or template.get("default")
+        template = template if isinstance(template, str) else ""
         try:  # llguidance reads most tokenizers, not every one (a word-level one without
             # a decoder, say): such a model simply does not offer structured outputs
             self.masks: TokenMasks | None = TokenMasks(self.tokenizer, int(config.vocab_size),
@@ -140,7 +141,9 @@ class TorchEngine(TokenEngine):
             self.masks = None
         constrained = self.masks is not None
         self.capabilities = Capabilities(chat=chat, completion=True, constrained=constrained,
-                                         tools=chat and constrained)
+                                         tools=chat and constrained,
+                                         tool_family=template_family(template),
+                                         tool_template=chat and takes_tools(template))
         self.info = ModelInfo(context_length=int(context),
                               parameters=format_parameters(self.model.num_parameters()),
                               vocab_size=int(config.vocab_size),
@@ -157,23 +160,30 @@ class TorchEngine(TokenEngine):
         return list(self.tokenizer(text, add_special_tokens=add_special,
                                    split_special_tokens=True)["input_ids"])
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def has_special_text(self, text: str) -> bool:
+        def ids(split: bool) -> list[int]:
+            return list(self.tokenizer(text, add_special_tokens=False,
+                                       split_special_tokens=split)["input_ids"])
+        return ids(False) != ids(True)
+
+    def render_chat(self, messages: list[dict[str, Any]], *,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The model's own chat template, rendered with a marker in place of each message's
         text: the template's text is tokenised with its special tokens, the messages' text
-        without, so a user who types a turn marker cannot fake a turn."""
+        without, so a user who types a turn marker cannot fake a turn. `tools`: for a
+        template that renders them (transformers passes them as HF templates expect)."""
         if not self.capabilities.chat:
             raise ModelInputError(f"The model '{self.name}' has no chat template; use "
                                   f"/v1/completions.", code="model_not_supported",
                                   param="model")
-        shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
         try:
-            text = self.tokenizer.apply_chat_template(shadow, tokenize=False,
+            text = self.tokenizer.apply_chat_template(shadow_messages(messages), tokenize=False, tools=tools,
                                                       add_generation_prompt=True)
         except Exception as exc:  # the template itself refused (e.g. roles must alternate)
             raise ModelInputError(f"The model's chat template refused these messages: {exc}",
                                   code="invalid_messages", param="messages") from exc
         tokens: list[int] = []
-        for k, part in enumerate(_MARKS.split(text)):
+        for k, part in enumerate(MARKS.split(text)):
             if k % 2:
                 tokens += self.tokenize(str(messages[int(part)]["content"]), add_special=False)
             elif part:

@@ -64,7 +64,8 @@ class UpstreamEngine(BaseEngine):
         caps = set(spec.capabilities)
         self.capabilities = Capabilities(chat="chat" in caps, completion="completion" in caps,
                                          embeddings="embeddings" in caps, vision="vision" in caps,
-                                         constrained="chat" in caps or "completion" in caps)
+                                         constrained="chat" in caps or "completion" in caps,
+                                         tools="chat" in caps, tool_family="")
         self.info = ModelInfo(context_length=spec.context_length or DEFAULT_CONTEXT,
                               parameters=None, vocab_size=0, created=int(time.time()))
         self.replicas = [Replica(url) for url in spec.urls]
@@ -340,17 +341,19 @@ class UpstreamEngine(BaseEngine):
             messages = await asyncio.to_thread(wire.wire_messages, source.messages)
             images = any(isinstance(m["content"], list) and any(
                 p["type"] == "image_url" for p in m["content"]) for m in messages)
-            count = None if images else await self._tokenize(
-                {"messages": messages, "add_generation_prompt": True})
-            n = count if count is not None else wire.chat_upper_bound(messages,
-                                                                      self.image_tokens)
-            return PreparedPrompt(n, exact=count is not None, payload={"messages": messages})
+            payload = wire.chat_payload(messages, source.tools, source.tool_options)
+            count = None if images else await self._tokenize(  # vLLM's takes tools, not choice
+                {"messages": messages, "add_generation_prompt": True,
+                 **({"tools": source.tools} if source.tools else {})})
+            n = count if count is not None else wire.chat_upper_bound(
+                messages, self.image_tokens, source.tools)
+            return PreparedPrompt(n, exact=count is not None, payload=payload)
         if isinstance(source, TextPrompt):
             if source.pieces:
                 raise ModelInputError(f"The model '{self.name}' cannot echo the prompt with "
                                       f"logprobs.", param="echo", code="unsupported_parameter")
             p = source.text
-            payload: dict[str, Any] = {"prompt": p}
+            payload = {"prompt": p}
             if source.suffix is not None:
                 payload["suffix"] = source.suffix
             if isinstance(p, list):
@@ -382,7 +385,7 @@ class UpstreamEngine(BaseEngine):
         # usage comes from the upstream, whether or not the client asked for it
         chunks = await self.open_stream(path, {**body, "stream": True,
                                                "stream_options": {"include_usage": True}})
-        return wire.stream_events(chunks, chat)  # type: ignore[arg-type]
+        return wire.stream_events(chunks, chat, self.name)  # type: ignore[arg-type]
 
     async def embed(self, prompt: PreparedPrompt, *,
                     dimensions: int | None = None) -> Embeddings:

@@ -39,7 +39,8 @@ def png_uri(image: DecodedImage) -> str:
 
 
 def wire_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Bastion's messages as an OpenAI body's (call off the event loop: PNG encoding)."""
+    """Bastion's messages as an OpenAI body's (call off the event loop: PNG encoding), with
+    assistants' tool calls and tool results' call ids as the client sent them."""
     out: list[dict[str, Any]] = []
     for m in messages:
         msg: dict[str, Any] = {"role": m["role"]}
@@ -52,16 +53,29 @@ def wire_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 for p in content]
         else:
             msg["content"] = content or ""
-        if m.get("name"):
-            msg["name"] = m["name"]
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if m.get(key):
+                msg[key] = m[key]
         out.append(msg)
     return out
 
 
-def chat_upper_bound(messages: list[dict[str, Any]], image_tokens: int) -> int:
-    total = TEMPLATE_TOKENS
+def chat_payload(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                 options: dict[str, Any]) -> dict[str, Any]:
+    """The prompt's part of a chat body: the messages, and the tools with the client's
+    tool_choice and parallel_tool_calls (the upstream does the tool calling)."""
+    return {"messages": messages, **({"tools": tools, **options} if tools else {})}
+
+
+def chat_upper_bound(messages: list[dict[str, Any]], image_tokens: int,
+                     tools: list[dict[str, Any]] | None = None) -> int:
+    """Tools and tool calls count as their JSON's bytes (a template writes them as such, or
+    shorter)."""
+    total = TEMPLATE_TOKENS + (len(json.dumps(tools).encode()) if tools else 0)
     for m in messages:
         total += MESSAGE_TOKENS + len(m.get("name", "").encode())
+        if m.get("tool_calls"):
+            total += len(json.dumps(m["tool_calls"]).encode())
         parts = m["content"] if isinstance(m["content"], list) else [
             {"type": "text", "text": m["content"]}]
         for p in parts:
@@ -106,7 +120,28 @@ def request_body(request: GenerationRequest, model: str) -> dict[str, Any]:
 
 def finish_reason(reason: Any) -> str:
     """OpenAI's finish reasons that Bastion's schema knows; anything else ended normally."""
-    return reason if reason in ("stop", "length") else "stop"
+    return reason if reason in ("stop", "length", "tool_calls") else "stop"
+
+
+def tool_call_deltas(choice: dict[str, Any], streamed: bool) -> tuple[dict[str, Any], ...]:
+    """A choice's tool calls as OpenAI's stream deltas (index, and id, type, name where the
+    upstream sent them; arguments). A whole message's calls become one delta each."""
+    inner = choice.get("delta" if streamed else "message")
+    calls = inner.get("tool_calls") if isinstance(inner, dict) else None
+    out = []
+    for k, call in enumerate(calls if isinstance(calls, list) else []):
+        if not isinstance(call, dict):
+            raise ValueError("a tool call that is not an object")
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        delta: dict[str, Any] = {"index": int(call.get("index", k))}
+        if call.get("id"):
+            delta["id"] = str(call["id"])
+            delta["type"] = "function"
+        function = {key: str(fn[key]) for key in ("name", "arguments") if fn.get(key) is not None}
+        if streamed or function:
+            delta["function"] = function
+        out.append(delta)
+    return tuple(out)
 
 
 def choice_text(choice: dict[str, Any], chat: bool, streamed: bool) -> str:
@@ -244,8 +279,9 @@ def answer_events(data: dict[str, Any], chat: bool, max_tokens: int, name: str) 
         for k, c in enumerate(choices):
             index = c.get("index", k)
             text, lps = choice_text(c, chat, streamed=False), logprobs_of(c, chat)
-            if text or lps:
-                events.append(Delta(index=index, text=text, logprobs=lps))
+            calls = tool_call_deltas(c, streamed=False) if chat else ()
+            if text or lps or calls:
+                events.append(Delta(index=index, text=text, logprobs=lps, tool_calls=calls))
             finishes[index] = finish_reason(c.get("finish_reason"))
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UpstreamFailure(f"The upstream server of '{name}' sent a response Bastion "
@@ -260,7 +296,7 @@ def answer_events(data: dict[str, Any], chat: bool, max_tokens: int, name: str) 
     return events
 
 
-async def stream_events(chunks: AsyncIterator[dict[str, Any]], chat: bool
+async def stream_events(chunks: AsyncIterator[dict[str, Any]], chat: bool, name: str = ""
                         ) -> AsyncIterator[Event]:
     """A streamed answer as events. Each chunk with text counts as one token (vLLM and
     llama.cpp send one per token); the Finished events wait for the end of the stream, where
@@ -276,10 +312,16 @@ async def stream_events(chunks: AsyncIterator[dict[str, Any]], chat: bool
                     continue
                 index = c.get("index", k)
                 text, lps = choice_text(c, chat, streamed=True), logprobs_of(c, chat)
+                try:
+                    calls = tool_call_deltas(c, streamed=True) if chat else ()
+                except (TypeError, ValueError):
+                    raise UpstreamFailure(f"The upstream server of '{name}' sent a tool call "
+                                          f"Bastion cannot read.") from None
                 counted.setdefault(index, 0)
-                if text or lps:
-                    counted[index] += 1 if text else 0
-                    yield Delta(index=index, text=text, logprobs=lps, n_tokens=1 if text else 0)
+                if text or lps or calls:
+                    counted[index] += 1 if text or calls else 0
+                    yield Delta(index=index, text=text, logprobs=lps,
+                                n_tokens=1 if text or calls else 0, tool_calls=calls)
                 if c.get("finish_reason"):
                     finishes[index] = finish_reason(c["finish_reason"])
     for index in counted:

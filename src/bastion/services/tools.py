@@ -1,13 +1,15 @@
-"""Tool calling on local engines: the tools go into the prompt in one built-in format (Hermes'
-`<tool_call>` tags, rendered through the model's own chat template as ordinary turns), the
-calls come out grammar-constrained to the functions' parameter schemas, and are parsed back
-into OpenAI's `tool_calls`, whole or streamed."""
+"""Tool calling on local engines: the tools go into the prompt (through the chat template
+when it renders `tools` itself, else in the template family's built-in format: see
+tool_prompts.py), the calls come out grammar-constrained to the functions' parameter schemas
+in that family's call syntax, and are parsed back into OpenAI's `tool_calls`, whole or
+streamed."""
 
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from bastion.engines.base import OutputFormat
@@ -15,30 +17,34 @@ from bastion.errors import InvalidRequestError
 from bastion.ids import new_id
 from bastion.protocol.chat import ChatCompletionRequest, ChatMessage, ToolDefinition
 from bastion.services.structured import check_schema
+from bastion.services.tool_prompts import (CallSyntax, built_in_messages, instructions,
+                                           syntax_of, template_messages)
 
-OPEN = "<tool_call>\n"
-CLOSE = "\n</tool_call>"
-TAG = OPEN.strip()
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {},
                                  "additionalProperties": False}
-HEADER = re.compile(r'\{\s?"name"\s?:\s?"((?:[^"\\]|\\.)*)"\s?,\s?"arguments"\s?:\s?')
-HOLD = len(CLOSE) + 4  # streamed argument text held back: it may be the call's closing part
 # Parallel calls per answer: small models, once calling, tend to call again and again; the
 # grammar ends the answer after this many.
 MAX_PARALLEL_CALLS = 4
+SEPARATORS = " \t\r\n;"  # what may stand between calls (the families' separators)
+_JSON = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
 class ToolSetup:
-    """What a request's tools change: the prompt's tool instructions and the constraint."""
+    """What a request's tools change: the prompt (the built-in instructions, or the tools
+    for a template that renders them), the constraint and the call syntax to parse."""
 
     prompt: str
     output: OutputFormat
+    syntax: CallSyntax
+    tools: list[dict[str, Any]] | None = None  # for a template that renders them
 
 
-def tool_setup(body: ChatCompletionRequest, answer: OutputFormat | None) -> ToolSetup | None:
+def tool_setup(body: ChatCompletionRequest, answer: OutputFormat | None, *,
+               family: str = "chatml", template: bool = False) -> ToolSetup | None:
     """None when no tool may be called (no tools, or tool_choice "none"). `answer`: the
-    response_format's constraint, which a plain answer keeps to under tool_choice auto."""
+    response_format's constraint, which a plain answer keeps to under tool_choice auto.
+    `family`: the chat template's (its call syntax); `template`: it renders `tools`."""
     if not body.tools or body.tool_choice == "none":
         return None
     names: set[str] = set()
@@ -57,79 +63,106 @@ def tool_setup(body: ChatCompletionRequest, answer: OutputFormat | None) -> Tool
             raise InvalidRequestError(
                 f"tool_choice names the function '{choice.function.name}', which is not in "
                 f"tools.", param="tool_choice", code="invalid_value")
-    calls = [_call_schema(t) for t in tools]
+    syntax = syntax_of(family)
+    calls = [_call_schema(t, syntax.key) for t in tools]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     instead = ("" if choice != "auto" else answer.schema if answer is not None else "text")
-    output = OutputFormat(schema=json.dumps(schema), open=OPEN, close=CLOSE,
+    output = OutputFormat(schema=json.dumps(schema), open=syntax.open, close=syntax.close,
+                          sep=syntax.sep, calls=True,
                           count=(MAX_PARALLEL_CALLS if body.parallel_tool_calls is not False
                                  and isinstance(choice, str) else 1),
                           instead=instead)
-    return ToolSetup(prompt=_instructions(body.tools, choice), output=output)
+    if template:
+        return ToolSetup(prompt="", output=output, syntax=syntax,
+                         tools=[t.model_dump(exclude_none=True) for t in body.tools])
+    return ToolSetup(prompt=instructions(syntax, body.tools, choice), output=output,
+                     syntax=syntax)
 
 
 def _parameters(tool: ToolDefinition) -> dict[str, Any]:
     return tool.function.parameters if tool.function.parameters is not None else NO_PARAMETERS
 
 
-def _call_schema(tool: ToolDefinition) -> dict[str, Any]:
+def _call_schema(tool: ToolDefinition, key: str) -> dict[str, Any]:
     return {"type": "object",
-            "properties": {"name": {"const": tool.function.name},
-                           "arguments": _parameters(tool)},
-            "required": ["name", "arguments"], "additionalProperties": False}
-
-
-def _instructions(tools: list[ToolDefinition], choice: Any) -> str:
-    listed = "\n".join(json.dumps(t.model_dump(exclude_none=True)) for t in tools)
-    if choice == "required":
-        rule = "You must call at least one function."
-    elif not isinstance(choice, str):
-        rule = f"You must call the function {choice.function.name}."
-    else:
-        rule = "Call a function only when it helps; otherwise answer directly."
-    return ("You can call functions. Their signatures are within <tools></tools>:\n"
-            f"<tools>\n{listed}\n</tools>\n{rule} To call a function, answer with a JSON "
-            "object holding its name and arguments within <tool_call></tool_call> tags:\n"
-            '<tool_call>\n{"name": <function-name>, "arguments": <arguments-object>}\n'
-            "</tool_call>")
+            "properties": {"name": {"const": tool.function.name}, key: _parameters(tool)},
+            "required": ["name", key], "additionalProperties": False}
 
 
 def prompt_messages(messages: list[ChatMessage], rendered: list[dict[str, Any]],
-                    setup: ToolSetup | None) -> list[dict[str, Any]]:
-    """The conversation as plain turns any chat template takes: an assistant's calls become
-    its `<tool_call>` text, tool results a user turn of `<tool_response>`s, and the tools'
-    instructions join the system prompt."""
-    out: list[dict[str, Any]] = []
-    for m, msg in zip(messages, rendered):
-        if m.role == "tool":
-            text = f"<tool_response>\n{m.text()}\n</tool_response>"
-            if out and out[-1].get("tool_results"):
-                out[-1]["content"] += "\n" + text
-            else:
-                out.append({"role": "user", "content": text, "tool_results": True})
-            continue
-        if m.role == "assistant" and m.tool_calls:
-            calls = "\n".join(
-                OPEN + json.dumps({"name": c.function.name,
-                                   "arguments": _arguments(c.function.arguments)}) + CLOSE
-                for c in m.tool_calls)
-            text = msg["content"] if isinstance(msg["content"], str) else ""
-            msg = {**msg, "content": (text + "\n" if text else "") + calls}
-        out.append(msg)
-    for msg in out:
-        msg.pop("tool_results", None)
-    if setup is not None:
-        if out and out[0]["role"] == "system" and isinstance(out[0]["content"], str):
-            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + setup.prompt}
-        else:
-            out.insert(0, {"role": "system", "content": setup.prompt})
-    return out
+                    setup: ToolSetup | None, *, family: str = "chatml",
+                    template: bool = False) -> list[dict[str, Any]]:
+    """The conversation as the engine renders it: for a template that renders tools, with
+    its tool calls and tool messages as Hugging Face templates expect; else as plain turns in
+    the family's built-in format (see tool_prompts.py)."""
+    if template:
+        return template_messages(rendered)
+    return built_in_messages(messages, rendered, syntax_of(family),
+                             setup.prompt if setup is not None else None)
 
 
-def _arguments(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text  # the client's own history; shown to the model as it was sent
+@lru_cache(maxsize=8)
+def _header(key: str) -> re.Pattern[str]:
+    """The start of a call object up to its arguments (the grammar writes `name` first)."""
+    return re.compile(r'\{\s?"name"\s?:\s?"((?:[^"\\]|\\.)*)"\s?,\s?"' + key + r'"\s?:\s?')
+
+
+def _start(text: str, syntax: CallSyntax) -> int:
+    """Where the calls begin (-1: none yet): the first tag, or a bare call's brace."""
+    return text.find(syntax.open.strip() or "{")
+
+
+def _content(text: str, syntax: CallSyntax) -> str:
+    """Text before the calls, less the optional prefix before them."""
+    text = text.rstrip()
+    if syntax.prefix and text.endswith(syntax.prefix):
+        text = text[:-len(syntax.prefix)].rstrip()
+    return text
+
+
+@dataclass
+class _Found:
+    name: str
+    arguments: str  # so far, for a call not yet whole
+    closed: bool
+
+
+def _scan(text: str, start: int, syntax: CallSyntax) -> list[_Found]:
+    """The calls from `start` on, each with its arguments' exact text (the same characters
+    streamed and whole); the last may be unfinished."""
+    found: list[_Found] = []
+    pos, n = start, len(text)
+    open_tag, close_tag = syntax.open.strip(), syntax.close.strip()
+    header = _header(syntax.key)
+    while True:
+        while pos < n and text[pos] in SEPARATORS:
+            pos += 1
+        if open_tag:
+            if not text.startswith(open_tag, pos):
+                return found
+            pos += len(open_tag)
+            while pos < n and text[pos].isspace():
+                pos += 1
+        head = header.match(text, pos)
+        if head is None:
+            return found
+        name = json.loads(f'"{head.group(1)}"')
+        try:
+            _, end = _JSON.raw_decode(text, pos)
+        except ValueError:  # still being written (or cut off)
+            found.append(_Found(name, text[head.end():].rstrip(), False))
+            return found
+        arguments = text[head.end():end - 1].rstrip()  # less the wrapper's closing brace
+        if close_tag:
+            after = end
+            while after < n and text[after].isspace():
+                after += 1
+            if not text.startswith(close_tag, after):
+                found.append(_Found(name, arguments, False))
+                return found
+            end = after + len(close_tag)
+        found.append(_Found(name, arguments, True))
+        pos = end
 
 
 @dataclass
@@ -139,34 +172,21 @@ class ParsedCall:
     arguments: str
 
 
-def parse_calls(text: str) -> tuple[str | None, list[ParsedCall]]:
-    """A finished answer's text before the first call, and its calls."""
-    start = text.find(TAG)
+def parse_calls(text: str, syntax: CallSyntax) -> tuple[str | None, list[ParsedCall]]:
+    """A finished answer's text before the first call, and its whole calls (one cut off by
+    max_tokens is not a call)."""
+    start = _start(text, syntax)
     if start < 0:
         return text, []
-    calls = []
-    for raw in text[start:].split(TAG)[1:]:
-        body = raw.split(CLOSE.strip())[0]
-        head = HEADER.search(body)
-        if head is None:
-            continue
-        if CLOSE.strip() not in raw:
-            continue  # cut off by max_tokens: not a call
-        calls.append(ParsedCall(call_id(), json.loads(f'"{head.group(1)}"'),
-                                _strip_wrapper(body[head.end():])))
-    content = text[:start].strip()
+    calls = [ParsedCall(call_id(), f.name, f.arguments)
+             for f in _scan(text, start, syntax) if f.closed]
+    content = _content(text[:start], syntax)
     return content or None, calls
 
 
 def call_id() -> str:
     """OpenAI's form: call_ and 24 letters and digits."""
     return new_id("call", sep="_")
-
-
-def _strip_wrapper(rest: str) -> str:
-    """The arguments' text: the rest of the call less the wrapper's closing brace."""
-    rest = rest.rstrip()
-    return rest[:-1].rstrip() if rest.endswith("}") else rest
 
 
 @dataclass
@@ -182,53 +202,51 @@ class ToolCallStream:
     them: a call's first delta has its index, id, type and name; later ones carry argument
     fragments. Recomputed from the whole text at each step (answers are short)."""
 
+    syntax: CallSyntax
     text: str = ""
     content_sent: int = 0
     calls: list[_StreamedCall] = field(default_factory=list)
 
     def feed(self, piece: str, final: bool = False) -> list[dict[str, Any]]:
         self.text += piece
+        syntax = self.syntax
         deltas: list[dict[str, Any]] = []
-        start = self.text.find(TAG)
-        end = len(self.text) if start < 0 else start
-        if start < 0 and not final:
-            end = _safe_end(self.text, TAG)
+        start = _start(self.text, syntax)
+        if start >= 0:
+            end = len(_content(self.text[:start], syntax))
+        elif final:
+            end = len(self.text)
+        else:  # held back: trailing space (it may precede a call, where it is not content)
+            # and the start of a tag or of the prefix still being written
+            end = min(_safe_end(self.text, syntax.open.strip()),
+                      _safe_end(self.text, syntax.prefix))
+            end = len(self.text[:end].rstrip())
+            if syntax.prefix and self.text.rstrip().endswith(syntax.prefix):
+                end = min(end, len(_content(self.text, syntax)))
         if end > self.content_sent:
-            content = self.text[self.content_sent:end]
-            if start >= 0:
-                content = content.rstrip()
-            if content:
-                deltas.append({"content": content})
+            deltas.append({"content": self.text[self.content_sent:end]})
             self.content_sent = end
         if start < 0:
             return deltas
-        for k, raw in enumerate(self.text[start:].split(TAG)[1:]):
-            closed = CLOSE.strip() in raw
-            body = raw.split(CLOSE.strip())[0]
-            head = HEADER.search(body)
-            if head is None:
-                continue
+        for k, found in enumerate(_scan(self.text, start, syntax)):
             if k == len(self.calls):
-                call = _StreamedCall(call_id(), json.loads(f'"{head.group(1)}"'))
+                call = _StreamedCall(call_id(), found.name)
                 self.calls.append(call)
                 deltas.append({"tool_calls": [{"index": k, "id": call.id, "type": "function",
                                                "function": {"name": call.name,
                                                             "arguments": ""}}]})
             call = self.calls[k]
-            args = body[head.end():]
-            if closed or final:
-                args = _strip_wrapper(args)
-            else:
-                args = args[:max(call.sent, len(args) - HOLD)]
-            if len(args) > call.sent:
+            if len(found.arguments) > call.sent:
                 deltas.append({"tool_calls": [{"index": k, "function": {
-                    "arguments": args[call.sent:]}}]})
-                call.sent = len(args)
+                    "arguments": found.arguments[call.sent:]}}]})
+                call.sent = len(found.arguments)
         return deltas
 
 
 def _safe_end(text: str, tag: str) -> int:
     """How much text can be sent without sending the start of a tag still being written."""
+    if not tag:
+        return len(text)
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
             return len(text) - k

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -20,27 +19,23 @@ from bastion.engines.llamacpp.scheduler import Scheduler
 from bastion.engines.llamacpp.templates import ChatTemplate, pick_template
 from bastion.engines.llamacpp.vision import ImageChunk, Projector
 from bastion.engines.threaded import events_from_thread
-from bastion.engines.tokens import TokenEngine
-
-
-# Private-use code points: they never occur in chat templates, and mark where message text goes.
-_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
-_MARKS = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
+from bastion.engines.tokens import MARKS, TokenEngine, shadow_messages
 
 
 def render_chat_tokens(model: LlamaModel, template: ChatTemplate, messages: list[dict[str, Any]],
                        *, add_generation_prompt: bool = True,
                        parts: Callable[[list[dict[str, Any]], list[int]], None] | None = None,
-                       media: list[PromptMedia] | None = None) -> list[int]:
+                       media: list[PromptMedia] | None = None,
+                       tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Prompt tokens of a conversation. The template is rendered with a marker in place of each
     message's text; the template's own text is tokenised with its special tokens, the messages'
     text without, so a user who types "<end_of_turn>" cannot fake a turn. Fine-tuning encodes
     its examples with this same function, so training and serving see the same tokens.
-    `parts` tokenises content lists (text and images) into `tokens`, adding to `media`."""
-    shadow = [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)]
-    text = template.render(shadow, add_generation_prompt=add_generation_prompt)
+    `parts` tokenises content lists (text and images) into `tokens`, adding to `media`.
+    `tools`: for a template that renders them (see shadow_messages)."""
+    text = template.render(shadow_messages(messages), add_generation_prompt=add_generation_prompt, tools=tools)
     tokens: list[int] = []
-    for k, part in enumerate(_MARKS.split(text)):
+    for k, part in enumerate(MARKS.split(text)):
         if k % 2:
             content = messages[int(part)]["content"]
             if isinstance(content, str):
@@ -117,7 +112,9 @@ class LlamaCppEngine(TokenEngine):
                                       threads=m.n_threads)
         self.capabilities = Capabilities(chat=True, completion=True, infill=self._fim is not None,
                                          vision=self.projector is not None, embeddings=True,
-                                         constrained=True, tools=True)
+                                         constrained=True, tools=True,
+                                         tool_family=self.template.family,
+                                         tool_template=self.template.takes_tools)
         self.info = ModelInfo(context_length=m.ctx_per_seq,
                               parameters=m.meta("general.size_label") or format_parameters(m.n_params),
                               vocab_size=m.n_vocab,
@@ -131,12 +128,19 @@ class LlamaCppEngine(TokenEngine):
                                    parse_special=False)
 
     def render_chat(self, messages: list[dict[str, Any]], *,
-                    add_generation_prompt: bool = True) -> list[int]:
+                    add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Prompt tokens of a text conversation (see render_chat_tokens)."""
         return render_chat_tokens(self.model, self.template, messages,
-                                  add_generation_prompt=add_generation_prompt)
+                                  add_generation_prompt=add_generation_prompt, tools=tools)
 
-    def render_chat_media(self, messages: list[dict[str, Any]]) -> Prompt:
+    def has_special_text(self, text: str) -> bool:
+        m = self.model
+        return (m.tokenize(text, add_special=False, parse_special=True)
+                != m.tokenize(text, add_special=False, parse_special=False))
+
+    def render_chat_media(self, messages: list[dict[str, Any]], *,
+                          tools: list[dict[str, Any]] | None = None) -> Prompt:
         """A conversation whose contents may be lists of text and image parts. Text is
         tokenised as in render_chat (adjacent text parts joined first, so a request costs
         exactly its image tokens more than the same text without images); each image becomes
@@ -146,7 +150,7 @@ class LlamaCppEngine(TokenEngine):
                                   code="model_not_supported")
         media: list[PromptMedia] = []
         tokens = render_chat_tokens(
-            self.model, self.template, messages, media=media,
+            self.model, self.template, messages, media=media, tools=tools,
             parts=lambda content, out: self._render_parts(content, out, media))
         if media and media[-1].offset + media[-1].n_tokens == len(tokens):
             # never happens with a chat template (the generation prompt follows), but the

@@ -102,9 +102,12 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, filters: dict[str, Callable[..., Any]] | None = None,
+                 **options: Any) -> None:
+        """`filters`: added to (or replacing) Jinja's, bounded alike."""
         super().__init__(**options)
-        self.filters = {name: _bounded_filter(f) for name, f in self.filters.items()}
+        self.filters = {name: _bounded_filter(f)
+                        for name, f in {**self.filters, **(filters or {})}.items()}
 
     def call_binop(self, context: Context, op: str, left: Any, right: Any) -> Any:
         _check_binop(op, left, right)

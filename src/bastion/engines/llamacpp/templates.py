@@ -9,6 +9,7 @@ from jinja2 import TemplateError
 from jinja2.exceptions import SecurityError
 
 from bastion.engines.base import ModelFailure, ModelInputError
+from bastion.engines.chat_format import takes_tools, template_family, tojson
 from bastion.engines.llamacpp.sandbox import (MIN_OUTPUT_CHARS, BoundedSandbox, RenderLimitError,
                                               input_chars, render_bounded)
 
@@ -63,13 +64,17 @@ class ChatTemplate:
     one render is bounded in time and size (see sandbox.py)."""
 
     def __init__(self, source: str, *, bos_token: str, eos_token: str, name: str) -> None:
-        env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
+        env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                             extensions=["jinja2.ext.loopcontrols"],
+                             filters={"tojson": tojson})
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.template = env.from_string(source)
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.name = name
+        self.family = template_family(source)  # the tool-call syntax its model knows
+        self.takes_tools = takes_tools(source)  # it renders OpenAI `tools` itself
         self.broken: ModelFailure | None = None
         self._probe()
 
@@ -86,15 +91,19 @@ class ChatTemplate:
         except TemplateRenderError:
             pass
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """`tools` (OpenAI function tools) only for a template that takes them."""
         if self.broken is not None:
             raise ModelFailure(str(self.broken), code="unsafe_chat_template")
+        variables = {"messages": messages, "bos_token": self.bos_token,
+                     "eos_token": self.eos_token, "add_generation_prompt": add_generation_prompt}
+        if tools is not None:
+            variables["tools"] = tools
         try:
             return render_bounded(
-                self.template, {"messages": messages, "bos_token": self.bos_token,
-                                "eos_token": self.eos_token,
-                                "add_generation_prompt": add_generation_prompt},
-                max_chars=MIN_OUTPUT_CHARS + 4 * input_chars(messages))
+                self.template, variables,
+                max_chars=MIN_OUTPUT_CHARS + 4 * input_chars([messages, tools]))
         except TemplateRenderError:
             raise
         except SecurityError as exc:  # the operator's model is at fault, not the client
