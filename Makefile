@@ -1,4 +1,5 @@
 # Bastion: `make serve` installs everything and starts the server; `make test` runs the suite.
+SHELL  := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -18,12 +19,22 @@ LLAMA_VERSION := 0.3.36
 CPU_KEY       := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-10)
 LLAMA_WHEELS  := $(HOME)/.cache/bastion/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(CPU_KEY)
 NO_AMX        := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-LLAMA_CMAKE   := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+# Only the libraries Bastion loads are compiled (deploy/llama-cpp-trim.cmake drops llama.cpp's
+# `common`; tools, examples and tests are already off), on every core, with ninja's [n/N]
+# progress shown; the whole log is kept next to the wheel.
+LLAMA_CMAKE   := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)' \
+                 -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/deploy/llama-cpp-trim.cmake
 
 $(LLAMA_WHEELS)/.built: | $(BIN)/python
 	mkdir -p $(LLAMA_WHEELS)
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel --no-deps --no-cache-dir \
-	  -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	@echo "Compiling llama.cpp for this CPU, once: about 5 minutes on 2 cores (progress below)"
+	set -o pipefail; CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/pip wheel -v --no-deps --no-cache-dir -w $(LLAMA_WHEELS) \
+	  llama-cpp-python==$(LLAMA_VERSION) 2>&1 | tee $(LLAMA_WHEELS)/build.log \
+	  | awk '/^ *\[[0-9]+\/[0-9]+\]/ { f = $$0; \
+	      if (match(f, / -c [^ ]+/)) f = substr(f, RSTART + 4, RLENGTH - 4); \
+	      else if (match(f, / -o [^ ]+/)) f = substr(f, RSTART + 4, RLENGTH - 4); \
+	      sub(/.*vendor\/llama\.cpp\//, "", f); print "  llama.cpp " $$1 " " f; fflush() }'
 	$(BIN)/pip install --no-deps --force-reinstall --no-index --find-links $(LLAMA_WHEELS) \
 	  llama-cpp-python==$(LLAMA_VERSION)
 	touch $@
