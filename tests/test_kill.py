@@ -1,0 +1,65 @@
+"""A server killed with SIGKILL (issue 15's kill tests): the usage ledger writes its rows in
+batches at most about a second apart, so a hard kill loses at most the last second of rows,
+and a restarted server bills nothing twice. (The fine-tuning worker's kill test is in
+test_fine_tuning_worker.py: a job resumes from its checkpoint on another worker.)"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import openai
+
+from bastion.usage.ledger import COLLECT_S, FLUSH_INTERVAL_S
+from conftest import ADMIN_KEY, MODEL, database_rows, start_server, stop_server
+
+# A row is written at most COLLECT_S after its request settles once the writer is awake, and
+# the writer wakes at least every FLUSH_INTERVAL_S: what settled longer ago than their sum
+# (plus the write itself, on a busy machine) must be in the database.
+LOST_AT_MOST_S = FLUSH_INTERVAL_S + COLLECT_S + 0.5
+
+
+def test_sigkill_mid_stream_loses_at_most_a_second_of_usage_and_bills_nothing_twice(
+        tmp_path: Path) -> None:
+    srv = start_server(tmp_path)
+    client = openai.OpenAI(base_url=srv.api, api_key=ADMIN_KEY, max_retries=0, timeout=120)
+    finished: list[tuple[str, float]] = []  # (completion id, when its answer arrived)
+    try:
+        until = time.monotonic() + 8
+        while time.monotonic() < until:  # steady traffic, so the kill lands amid batches
+            r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2,
+                                          temperature=0)
+            finished.append((r.id, time.monotonic()))
+        stream = client.completions.create(model=MODEL, prompt="Once upon a time",
+                                           max_tokens=400, stream=True)
+        next(iter(stream))  # generating now
+        killed_at = time.monotonic()
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait(10)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    assert len(finished) >= 5
+
+    again = start_server(tmp_path, data_dir=srv.data_dir)
+    try:
+        # the restarted server serves and bills as before
+        r = client.with_options(base_url=again.api).completions.create(
+            model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+        deadline = time.monotonic() + 30
+        while True:
+            rows = database_rows(again, "usage_records")
+            if r.id in {row["request_id"] for row in rows} or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        stop_server(again)
+    ids = [row["request_id"] for row in rows]
+    assert r.id in ids
+    assert len(ids) == len(set(ids)), "a request billed twice"
+    billed = set(ids)
+    lost = [(rid, at) for rid, at in finished if rid not in billed]
+    assert all(killed_at - at < LOST_AT_MOST_S for _, at in lost), \
+        f"rows lost from more than {LOST_AT_MOST_S:.1f} s before the kill: " \
+        f"{[(rid, round(killed_at - at, 2)) for rid, at in lost]}"
