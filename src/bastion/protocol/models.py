@@ -40,9 +40,14 @@ class ModelDeleted(BaseModel):
     deleted: bool = True
 
 
+# Capabilities fields that say how tools are prompted, not what the model can do.
+PROMPTING_DETAILS = frozenset({"tool_family", "tool_template"})
+
+
 def card(dep: Served) -> ModelCard:
     info = dep.engine.info
     return ModelCard(id=dep.id, created=info.created, owned_by=dep.owned_by,
                      context_length=info.context_length, parameters=info.parameters,
                      dimensions=info.dimensions,
-                     capabilities=[k for k, on in asdict(dep.engine.capabilities).items() if on])
+                     capabilities=[k for k, on in asdict(dep.engine.capabilities).items()
+                                   if on is True and k not in PROMPTING_DETAILS])
