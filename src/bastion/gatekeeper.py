@@ -19,6 +19,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 # The API, and the dashboard's playground endpoint that serves through the same path.
 GUARDED = ("/v1", "/dashboard/api/")
+
+
 async def _reject(send: Send, err: APIError) -> None:
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -80,8 +82,7 @@ class Gatekeeper:
                     return
                 if not message.get("more_body"):
                     break
-        if body and (problem := json_problem(bytes(body), dict(scope["headers"]),
-                                                       scope["path"])):
+        if body and (problem := json_problem(bytes(body), dict(scope["headers"]), scope["path"])):
             await _reject(send, InvalidRequestError(
                 f"The request body could not be parsed as JSON: {problem}", code="invalid_json"))
             return
