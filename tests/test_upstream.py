@@ -18,6 +18,7 @@ import pytest
 from conftest import (ADMIN_KEY, MODEL, RunningServer, database_rows, free_port, make_tenant,
                       models_cache, noise_image, png_data_uri, start_server, stop_server)
 from polling import poll
+from test_tools import TIME, WEATHER  # the same two function tools
 from tiny_vlm import write_mmproj
 
 VLM = "tiny-vlm"
@@ -384,16 +385,6 @@ def test_websocket_api_serves_an_upstream_model(front: RunningServer,
 
 
 # --- tools: passed through to the upstream, its calls relayed -----------------------------------
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city.",
-    "parameters": {"type": "object",
-                   "properties": {"city": {"type": "string", "maxLength": 40},
-                                  "unit": {"enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "The current time in a time zone.",
-    "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 40}},
-                   "required": ["tz"], "additionalProperties": False}}}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 TOOL_ARGS: dict[str, Any] = dict(messages=ASK_WEATHER, tools=[WEATHER, TIME],
                                  tool_choice="required", parallel_tool_calls=False,
