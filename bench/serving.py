@@ -272,30 +272,39 @@ def fmt(v: float | None, digits: int = 0) -> str:
 
 def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     """One row per level and server; ratios against the first server and the decode ceiling."""
-    ceiling: dict[int, float] = meta.get("ceiling") or {}
+    ceiling: dict[int, float] = {int(k): v for k, v in (meta.get("ceiling") or {}).get(
+        "decode", {}).items()}
+    workload: dict[int, float] = {int(k): v for k, v in (meta.get("ceiling") or {}).get(
+        "workload", {}).items()}
     first = "bastion" if "bastion" in results else next(iter(results), None)
     lines = [f"Run {meta['timestamp']} on {meta['cpus']} CPUs ({meta['platform']}); "
              f"{meta['model_file']}, max_tokens={meta['max_tokens']}, "
              f"prompt {meta['prompt_words']} filler words + a story opening, streaming "
              "/v1/completions.", "",
-             f"| concurrency | server | tok/s | of ceiling | ÷ {first} | TTFT p50/p99 ms "
-             "| errors | requests | other CPU % |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| concurrency | server | tok/s | of decode ceiling | of workload ceiling | ÷ {first} "
+             "| TTFT p50/p99 ms | errors | requests | other CPU % |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in meta["levels"]:
         base = results[first]["levels"].get(c) if first else None
         for name, res in results.items():
             lv = res["levels"].get(c)
             if not lv:
                 continue
-            top = ceiling.get(c)
+            top, whole = ceiling.get(c), workload.get(c)
             lines.append(" | ".join([
                 f"| {c}", name, f"{lv['tok_s']:.1f}",
                 f"{lv['tok_s'] / top:.0%}" if top else "-",
+                f"{lv['tok_s'] / whole:.0%}" if whole else "-",
                 f"{lv['tok_s'] / base['tok_s']:.2f}x" if base and base["tok_s"] else "-",
                 f"{fmt(lv['ttft_p50_ms'])}/{fmt(lv['ttft_p99_ms'])}", str(lv["errors"]),
                 str(lv["requests"]), f"{lv['other_cpu_pct']:.0f} |"]))
     if ceiling:
         lines += ["", "Decode ceiling (`bench/decode_ceiling.py`, same run): " + ", ".join(
-            f"{c} seq {v:.0f} tok/s" for c, v in sorted(ceiling.items()))]
+            f"{c} seq {v:.0f} tok/s" for c, v in sorted(ceiling.items())),
+            "", f"Workload ceiling (same script, {meta['prompt_words'] + 10}-token prompts and "
+            f"{meta['max_tokens']} generated tokens per request, prefilled and decoded in "
+            "lock-step with nothing else running): " + ", ".join(
+                f"{c} seq {v:.1f} tok/s" for c, v in sorted(workload.items()))]
     top_level = max(meta["levels"])
     lines += ["", "other CPU %: share of all cores used by processes other than the server and "
               "this script; above ~10% that level ran on a busy machine.", ""]
@@ -306,14 +315,19 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def decode_ceiling(model: str, data_dir: Path, threads: int) -> dict[int, float]:
-    """tok/s of bare llama_decode per batch size, from bench/decode_ceiling.py's table."""
+def decode_ceiling(model: str, data_dir: Path, threads: int,
+                   prompt_tokens: int, max_tokens: int) -> dict[str, dict[int, float]]:
+    """tok/s of bare llama_decode per batch size, from bench/decode_ceiling.py's table: decode
+    steps alone ("decode") and whole requests of about this benchmark's shape ("workload")."""
     out = subprocess.run([sys.executable, str(Path(__file__).with_name("decode_ceiling.py")),
-                          "--model", model, "--data-dir", str(data_dir), "--threads", str(threads)],
+                          "--model", model, "--data-dir", str(data_dir), "--threads", str(threads),
+                          "--prompt-tokens", str(prompt_tokens), "--max-tokens", str(max_tokens)],
                          capture_output=True, text=True, check=True).stdout
     print(out, file=sys.stderr)
-    rows = (line.strip("|").split("|") for line in out.splitlines() if line.startswith("| "))
-    return {int(r[0]): float(r[1]) for r in rows if r[0].strip().isdigit()}
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if r[0].strip().isdigit()]
+    return {"decode": {int(r[0]): float(r[1]) for r in rows},
+            "workload": {int(r[0]): float(r[3]) for r in rows}}
 
 
 def bastion_server(name: str, args: argparse.Namespace, data_dir: Path,
@@ -378,7 +392,9 @@ def main() -> None:
                 startup = time.perf_counter() - t0
                 results[server.name] = asyncio.run(drive(base, pid, server, args))
             results[server.name].update(startup_s=startup, log=str(log_path))
-    ceiling = decode_ceiling(args.model, args.data_dir, args.threads) if args.ceiling else {}
+    # the story openings are 5-11 tokens, and each filler word about one token
+    ceiling = decode_ceiling(args.model, args.data_dir, args.threads, args.prompt_words + 10,
+                             args.max_tokens) if args.ceiling else {}
 
     meta = {"timestamp": stamp, "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "model_file": gguf.name,

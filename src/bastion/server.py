@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from types import FrameType
 
 import uvicorn
@@ -12,6 +13,8 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bastion.errors import InvalidRequestError
+
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 log = logging.getLogger("bastion.server")
 
@@ -132,6 +135,10 @@ class HttpProtocol(HttpToolsProtocol):
 
 
 def serve(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str) -> None:
+    # Each decoding thread takes the GIL back after every llama_decode (which runs without it);
+    # with CPython's 5 ms default it can wait that long behind the event loop, once per step of
+    # 10-40 ms. A shorter interval hands it over sooner (bench/README.md, "GIL switch interval").
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     # JSON logs: uvicorn's loggers keep no formatter of their own, so they reach the root
     # logger's JSON handler (telemetry/logs.py) like every other line
     json_logs = app.state.settings.log_format == "json"
