@@ -42,7 +42,8 @@ def main() -> None:
         if args.prompt_tokens else ""
     print(f"| sequences per step | decode tok/s | ms per step |{workload}\n"
           f"|---:|---:|---:|{'---:|' if workload else ''}")
-    for batch in (1, 4, 8, 16):
+    for batch in (-1, 1, 4, 8, 16):  # the first pass warms up (caches, thread pool): not shown
+        warm_up, batch = batch < 0, abs(batch)
         for slot in range(batch):
             model.clear_slot(slot)
         model.decode([(t, i, s, i == n - 1) for s in range(batch) for i, t in enumerate(prompt)])
@@ -50,6 +51,8 @@ def main() -> None:
         for k in range(args.steps):
             model.decode([(prompt[-1], n + k, s, True) for s in range(batch)])
         dt = time.perf_counter() - start
+        if warm_up:
+            continue
         whole = f" {requests(model, batch, args):.1f} |" if args.prompt_tokens else ""
         print(f"| {batch} | {batch * args.steps / dt:.0f} | {dt / args.steps * 1000:.1f} |{whole}")
     model.close()

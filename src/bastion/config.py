@@ -176,6 +176,9 @@ class EngineSettings(SettingsGroup):
     parallel: int = Field(16, ge=1, le=256, description="sequences decoded together per model")
     context_per_sequence: int = Field(4096, ge=256, description="context window of one sequence")
     batch_tokens: int = Field(512, ge=32, description="tokens in one llama_decode batch; at least `parallel`")
+    prefill_chunk: int = Field(64, ge=1, description="prompt tokens prefilled per decoding step, "
+                               "over all requests: a burst of prompts is prefilled one after "
+                               "another (first tokens sooner) and running streams keep going")
     threads: int | None = None
     prefix_cache: bool = Field(True, description="reuse the KV cache of a prompt's shared "
                                "prefix (same organisation only); false prefills every prompt")

@@ -63,13 +63,15 @@ class LlamaCppSettings:
     threads: int | None = None
     embed_batch: int = 64  # inputs per embedding pass (BASTION_EMBEDDING_MAX_BATCH)
     prefix_cache: bool = True
+    prefill_chunk: int = 64
 
     @classmethod
     def of(cls, settings: Settings) -> "LlamaCppSettings":
         """From the server's settings (BASTION_PARALLEL, _CONTEXT_PER_SEQUENCE, ...)."""
         return cls(n_seq=settings.parallel, ctx_per_seq=settings.context_per_sequence,
                    n_batch=settings.batch_tokens, threads=settings.threads,
-                   embed_batch=settings.embedding_max_batch, prefix_cache=settings.prefix_cache)
+                   embed_batch=settings.embedding_max_batch, prefix_cache=settings.prefix_cache,
+                   prefill_chunk=settings.prefill_chunk)
 
 
 class LlamaCppEngine(TokenEngine):
@@ -82,12 +84,14 @@ class LlamaCppEngine(TokenEngine):
                    chat_template=spec.chat_template, mmproj=spec.mmproj, lora=lora,
                    n_seq=opts.n_seq,
                    ctx_per_seq=opts.ctx_per_seq, n_batch=opts.n_batch, threads=opts.threads,
-                   embed_batch=opts.embed_batch, prefix_cache=opts.prefix_cache)
+                   embed_batch=opts.embed_batch, prefix_cache=opts.prefix_cache,
+                   prefill_chunk=opts.prefill_chunk)
 
     def __init__(self, *, path: Path, name: str, n_seq: int, ctx_per_seq: int, n_batch: int,
                  threads: int | None = None, chat_template: str | None = None,
                  mmproj: Path | None = None, lora: Path | None = None,
-                 embed_batch: int = 64, prefix_cache: bool = False) -> None:
+                 embed_batch: int = 64, prefix_cache: bool = False,
+                 prefill_chunk: int | None = None) -> None:
         """`lora`: a GGUF LoRA adapter that llama.cpp applies to every sequence (fine-tuned).
         `embed_batch`: inputs per pass of /v1/embeddings (its context is made on first use).
         `prefix_cache`: a request reuses the KV of the prefix it shares with a finished one."""
@@ -121,7 +125,8 @@ class LlamaCppEngine(TokenEngine):
                               created=int((lora or path).stat().st_mtime),
                               dimensions=self.embedder.dimensions)
         self.max_parallel = n_seq
-        self.scheduler = Scheduler(m, name, self.projector, prefix_cache=prefix_cache)
+        self.scheduler = Scheduler(m, name, self.projector, prefix_cache=prefix_cache,
+                                   prefill_chunk=prefill_chunk or m.n_batch)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self.model.tokenize(text, add_special=add_special and self.model.add_bos,

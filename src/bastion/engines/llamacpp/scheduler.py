@@ -5,6 +5,11 @@ Each step the thread (1) takes new requests, cancellations and aborts from its c
 next token of every decoding sequence plus prompt chunks of newly admitted ones, and (4) samples
 each sequence with its own sampler chain and hands the events to the request's sink.
 
+A step prefills at most prefill_chunk prompt tokens, all requests together, in arrival order.
+On a CPU prefill is compute-bound from a few dozen tokens on (64 tokens prefill as fast per
+token as 512), so a burst of prompts prefilled one after another costs no throughput, while the
+first of them get their first token sooner and the running streams' steps stay short.
+
 A prompt with images arrives with its images already encoded (engine.generate runs the vision
 encoder on a worker thread first, while this thread keeps decoding). It is prefilled up to each
 image in batches as usual; the image's embeddings are then decoded into the sequence's KV cache
@@ -86,8 +91,10 @@ class Job:
 
 class Scheduler:
     def __init__(self, model: LlamaModel, name: str, projector: Projector | None = None,
-                 *, prefix_cache: bool = False) -> None:
+                 *, prefix_cache: bool = False, prefill_chunk: int | None = None) -> None:
+        """`prefill_chunk`: prompt tokens per step, all requests together (default n_batch)."""
         self.model = model
+        self.prefill_chunk = min(prefill_chunk or model.n_batch, model.n_batch)
         self.projector = projector
         self.prefix_cache = prefix_cache
         # What each slot's KV holds (the tokens at positions 0..), under which cache key,
@@ -277,6 +284,7 @@ class Scheduler:
         decoders: list[tuple[_Seq, Job]] = []
         prefills: list[tuple[Job, int, int, bool]] = []  # job, first position, count, completes
         outputs = 0
+        prefill_left = self.prefill_chunk
         for job in self._running:
             for seq in job.seqs:
                 if seq.decoding and not seq.finished:
@@ -290,7 +298,7 @@ class Scheduler:
             if job.prefilled in job.media and not self._prefill_media(job):
                 continue
             all_logits = job.request.params.prompt_logprobs
-            budget = self.model.n_batch - len(rows)
+            budget = min(self.model.n_batch - len(rows), prefill_left)
             out_budget = self.model.n_outputs_max - outputs
             if all_logits:  # each prompt token costs a full-vocabulary log-softmax
                 budget = min(budget, out_budget, PROMPT_LOGPROB_CHUNK)
@@ -308,6 +316,7 @@ class Scheduler:
             outputs += len(chunk) if all_logits else int(completes)
             prefills.append((job, start, len(chunk), completes))
             job.prefilled += len(chunk)
+            prefill_left -= len(chunk)
         if not rows:
             return
         rows.sort(key=lambda r: (r[0], r[1]))
