@@ -3,7 +3,8 @@
 1. Shared system prompt: C clients (default 8) each send Q different questions (default 4),
    one after another, under one shared ~1,500-token system prompt: TTFT p50/p90, aggregate
    completion tokens/s, cached tokens, errors.
-2. A 10-turn conversation (one client): each turn's TTFT and cached tokens.
+2. 10-turn conversations (one client, one conversation after another, each on its own
+   subject so none reuses another's turns): each turn's median TTFT and cached tokens.
 3. A 0 % hit rate: C clients x Q completions whose prompts share no prefix (serving.py's load
    with ~200 filler words of their own each): what the cache costs when it never hits.
 The two servers run one after the other so they never compete for the CPU.
@@ -104,19 +105,30 @@ async def shared_prompt(base: str, clients: int, questions: int,
             "cached_tokens_mean": sum(r.cached for r in results) / len(results)}
 
 
-async def conversation(base: str, turns: int, max_tokens: int) -> list[dict[str, Any]]:
+SUBJECTS = ("lighthouses", "bridges", "clocks", "maps", "ships", "bread", "paper")
+
+
+async def conversation(base: str, turns: int, max_tokens: int,
+                       conversations: int) -> list[dict[str, Any]]:
+    """Per turn, the median TTFT over the conversations (one sample per turn is too noisy to
+    compare the 10th turn with the 1st)."""
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    messages = [{"role": "system", "content": "You are a patient tutor."}]
-    out = []
+    samples: list[list[Result]] = [[] for _ in range(turns)]
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=600) as client:
-        for t in range(turns):
-            messages.append({"role": "user", "content": f"Turn {t + 1}: tell me one more fact "
-                                                        f"about the history of lighthouses."})
-            r, text = await chat(client, messages, max_tokens)
-            messages.append({"role": "assistant", "content": text})
-            out.append({"turn": t + 1, "ttft_ms": r.ttft_ms, "cached": r.cached,
-                        "error": r.error})
-    return out
+        for c in range(conversations):
+            subject = SUBJECTS[c % len(SUBJECTS)]
+            messages = [{"role": "system", "content": f"You are a patient tutor on {subject}."}]
+            for t in range(turns):
+                messages.append({"role": "user", "content": f"Turn {t + 1}: tell me one more "
+                                                            f"fact about the history of {subject}."})
+                r, text = await chat(client, messages, max_tokens)
+                messages.append({"role": "assistant", "content": text})
+                samples[t].append(r)
+    return [{"turn": t + 1,
+             "ttft_ms": percentile([r.ttft_ms for r in rs if r.ttft_ms is not None], 0.5),
+             "ttft_all_ms": [r.ttft_ms for r in rs], "cached": rs[0].cached,
+             "error": next((r.error for r in rs if r.error), None)}
+            for t, rs in enumerate(samples)]
 
 
 def fmt(v: float | None, digits: int = 0) -> str:
@@ -141,7 +153,9 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         m = r["miss"]
         lines.append(f"| {name} | {m['requests']} | {m['errors']} | {fmt(m['ttft_p50_ms'])} | "
                      f"{fmt(m['tok_s'], 1)} |")
-    lines += ["", "| turn | " + " | ".join(f"TTFT ms ({n}) | cached ({n})" for n in results)
+    lines += ["", f"{meta.get('conversations', 1)} conversations; TTFT: the median per turn, "
+              "cached: the first conversation's", "",
+              "| turn | " + " | ".join(f"TTFT ms ({n}) | cached ({n})" for n in results)
               + " |", "|---|" + "---|---|" * len(results)]
     names = list(results)
     for t in range(len(results[names[0]]["turns"])):
@@ -158,6 +172,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--questions", type=int, default=4)
     p.add_argument("--turns", type=int, default=10)
+    p.add_argument("--conversations", type=int, default=3,
+                   help="conversations of --turns turns; each turn's TTFT is their median")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--miss-words", type=int, default=200,
                    help="filler words per prompt in the 0 %% hit-rate load")
@@ -179,7 +195,8 @@ def main() -> None:
         with running(server, log_path, args.start_timeout) as (base, _pid):
             shared = asyncio.run(shared_prompt(base, args.clients, args.questions,
                                                args.max_tokens))
-            turns = asyncio.run(conversation(base, args.turns, args.max_tokens))
+            turns = asyncio.run(conversation(base, args.turns, args.max_tokens,
+                                             args.conversations))
             miss = asyncio.run(run_level(base, server, MODEL, args.clients, args.questions,
                                          args.max_tokens, args.miss_words))
             miss.pop("raw")
@@ -191,6 +208,7 @@ def main() -> None:
         results[name] = {"shared": shared, "turns": turns, "miss": miss}
     meta = {"timestamp": stamp, "cpus": os.cpu_count(), "clients": args.clients,
             "questions": args.questions, "max_tokens": args.max_tokens,
+            "conversations": args.conversations,
             "system_tokens": system_tokens}
     table = render(results, meta)
     print(table)

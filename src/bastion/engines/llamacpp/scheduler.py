@@ -5,10 +5,11 @@ Each step the thread (1) takes new requests, cancellations and aborts from its c
 next token of every decoding sequence plus prompt chunks of newly admitted ones, and (4) samples
 each sequence with its own sampler chain and hands the events to the request's sink.
 
-A step prefills at most prefill_chunk prompt tokens, all requests together, in arrival order.
-On a CPU prefill is compute-bound from a few dozen tokens on (64 tokens prefill as fast per
-token as 512), so a burst of prompts prefilled one after another costs no throughput, while the
-first of them get their first token sooner and the running streams' steps stay short.
+A step prefills at most prefill_chunk prompt tokens (more while many sequences decode: see
+PREFILL_PER_DECODE_ROW), all requests together, in arrival order. On a CPU prefill is
+compute-bound from a few dozen tokens on (64 tokens prefill as fast per token as 512), so a
+burst of prompts prefilled one after another costs no throughput, while the first of them get
+their first token sooner and the running streams' steps stay short.
 
 A prompt with images arrives with its images already encoded (engine.generate runs the vision
 encoder on a worker thread first, while this thread keeps decoding). It is prefilled up to each
@@ -51,6 +52,7 @@ log = logging.getLogger("bastion.scheduler")
 
 PROMPT_LOGPROB_CHUNK = 32  # prompt tokens scored per step, so echo+logprobs never stalls others
 AWAIT_SHARED = 64  # shared prompt tokens worth waiting for another request's prefill
+PREFILL_PER_DECODE_ROW = 16  # prompt tokens a step may prefill per decoding sequence
 
 
 @dataclass(eq=False)
@@ -284,13 +286,16 @@ class Scheduler:
         decoders: list[tuple[_Seq, Job]] = []
         prefills: list[tuple[Job, int, int, bool]] = []  # job, first position, count, completes
         outputs = 0
-        prefill_left = self.prefill_chunk
         for job in self._running:
             for seq in job.seqs:
                 if seq.decoding and not seq.finished:
                     decoders.append((seq, job))
                     rows.append((seq.slot, seq.n_past, seq.last_token, True))
                     outputs += 1
+        # llama.cpp runs the decoding rows as a pass of their own (one KV stream per slot splits
+        # a batch into equal parts per sequence), which costs as much as prefilling a few times
+        # as many tokens: prefill enough beside them that it stays a small part of the step
+        prefill_left = max(self.prefill_chunk, PREFILL_PER_DECODE_ROW * len(decoders))
         for job in list(self._running):  # an image that fails ends its job
             prompt = job.request.prompt_tokens
             if job.prefilled >= len(prompt):
