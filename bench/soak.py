@@ -272,7 +272,7 @@ async def recv_json(ws: ClientConnection, timeout: float) -> dict[str, Any]:
 
 
 async def ws_open(url: str, key: str) -> ClientConnection:
-    ws = await connect(url, open_timeout=120, ping_interval=20, ping_timeout=120,
+    ws = await connect(url, proxy=None, open_timeout=120, ping_interval=20, ping_timeout=120,
                        close_timeout=5, max_size=2**22)
     await ws.send(json.dumps({"type": "auth", "api_key": key}))
     reply = await recv_json(ws, 120)
