@@ -12,7 +12,8 @@ What runs (see bench/README.md, "Soak"):
 - idle clients, connected at --connect-rate per second and held for the whole run:
   * --sse (500) stalled SSE readers: each opens a streaming chat completion (--sse-max-tokens
     tokens) on a raw socket with a small receive buffer, reads one chunk of it every
-    --sse-read-every seconds, and opens the next when it ends;
+    --sse-read-every seconds on average (each stream its own pace, 0.25 to 1.75 times that, so
+    that streams end spread over the run), and opens the next when it ends;
   * --ws (500) idle WebSockets on /v1/ws: authenticate with {"type": "auth"}, send one tiny
     non-streaming inference (max_tokens 1), then only an application ping every
     --ws-ping-every seconds (the client library answers the server's protocol pings);
@@ -227,6 +228,9 @@ async def sse_client(i: int, host: str, port: int, tenant: Tenant, args: argpars
             state.sse_open += 1
             opened = True
             state.sse_seen.add(i)
+            # each stream its own pace (0.25 to 1.75 x --sse-read-every), so that the streams
+            # end, and their readers open the next, spread over the run instead of in waves
+            pace = args.sse_read_every * random.uniform(0.25, 1.75)
             buf, usage, done, failed = b"", None, False, None
             async for data in body_chunks(reader, headers):
                 buf += data
@@ -244,7 +248,7 @@ async def sse_client(i: int, host: str, port: int, tenant: Tenant, args: argpars
                             failed = json.dumps(chunk["error"])[:300]
                         if chunk.get("usage"):
                             usage = chunk["usage"]
-                await asyncio.sleep(args.sse_read_every)  # the stall: the rest waits unread
+                await asyncio.sleep(pace)  # the stall: the rest waits unread
             tally.usage("sse", usage)
             if failed:
                 tally.error("sse", "error event in the stream", failed)
@@ -642,8 +646,9 @@ def main() -> None:
     p.add_argument("--load", type=int, default=4, help="clients of the steady load")
     p.add_argument("--orgs", type=int, default=10, help="organisations the clients spread over")
     p.add_argument("--sse-max-tokens", type=int, default=8)
-    p.add_argument("--sse-read-every", type=float, default=10.0,
-                   help="seconds a stalled reader waits between two chunks it reads")
+    p.add_argument("--sse-read-every", type=float, default=40.0,
+                   help="mean seconds a stalled reader waits between two chunks it reads (a "
+                        "stream of 8 tokens is 12 chunks: about 8 minutes)")
     p.add_argument("--ws-ping-every", type=float, default=30.0,
                    help="mean seconds between an idle socket's application pings")
     p.add_argument("--no-ws-first-request", dest="ws_first_request", action="store_false",
@@ -657,7 +662,9 @@ def main() -> None:
     p.add_argument("--idle-timeout", type=float, default=60.0,
                    help="longest wait for the server to be idle after the settle time")
     p.add_argument("--data-dir", type=Path, default=Path.home() / ".cache" / "bastion-soak")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="llama.cpp threads; default half the CPUs: the 1,000 clients need a "
+                        "core, and llama.cpp's spinning threads crawl on an oversubscribed one")
     p.add_argument("--start-timeout", type=float, default=300.0)
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped
