@@ -4,6 +4,7 @@ what the responses reported; only the server admin's key or the metrics token ma
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -11,10 +12,12 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect
 
 from conftest import (ADMIN_KEY, MODEL, RunningServer, bearer, free_port, make_tenant,
                       start_server, stop_server)
 from ftdata import duck_examples, write_jsonl
+from polling import poll
 
 EMBED = "all-minilm-l6-v2"
 TOKEN = "metrics-token-0123456789abcdef"
@@ -201,3 +204,37 @@ def test_the_grafana_dashboard_reads_metrics_the_server_exports(srv: RunningServ
                for e in exprs for name in re.findall(r"\b(?:vllm:|bastion_)[a-z0-9_:]+", e)}
     assert len(queried) >= 12
     assert queried <= declared, queried - declared
+
+
+def test_requests_slots_and_sockets_in_flight(srv: RunningServer) -> None:
+    """What the soak (bench/soak.py) checks once its clients have left: the gauges of requests
+    in flight, concurrency slots held and open WebSockets count a running generation and its
+    socket, and are back to 0 after the socket closes mid-generation. SmolLM2 and the
+    WebSocket, so that the other tests' counters (Gemma, HTTP) stay as they were."""
+    smol = "smollm2-135m-instruct"
+    _, key = make_tenant(srv.api, name="gauges")  # seed: concurrency is limited, so counted
+    names = ("bastion_requests_in_flight", "bastion_concurrency_slots_held",
+             "bastion_websocket_connections")
+
+    def gauges() -> dict[str, float]:
+        m = scrape(srv, ADMIN_KEY)
+        return {**{n: value(m, n) for n in names},
+                "running": value(m, "vllm:num_requests_running", model_name=smol)}
+
+    assert gauges() == dict.fromkeys([*names, "running"], 0)
+    with connect(srv.base_url.replace("http://", "ws://") + "/v1/ws") as ws:
+        ws.send(json.dumps({"type": "auth", "api_key": key["key"]}))
+        assert json.loads(ws.recv(timeout=60))["type"] == "authenticated"
+        authenticated = gauges()
+        ws.send(json.dumps({"type": "inference", "id": "long", "model": smol, "max_tokens": 400,
+                            "temperature": 0, "messages": [{"role": "user", "content":
+                                "Count from 1 to 500, separated by commas."}]}))
+        first = json.loads(ws.recv(timeout=120))
+        assert first["type"] == "token", first
+        running = gauges()
+    assert authenticated == {**dict.fromkeys(names, 0), "running": 0,
+                             "bastion_websocket_connections": 1}
+    assert running == {**dict.fromkeys(names, 1), "running": 1}
+    # closed mid-generation: the generation is cancelled, and what it held is given back
+    idle = poll(gauges, lambda g: not any(g.values()), timeout=60)
+    assert idle == dict.fromkeys([*names, "running"], 0)

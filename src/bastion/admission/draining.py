@@ -11,6 +11,7 @@ class Lifecycle:
     def __init__(self) -> None:
         self.draining = False
         self.in_flight = 0
+        self.sockets = 0  # WebSockets open now (the metrics' gauge), authenticated or not
         self._idle = asyncio.Event()
         self._idle.set()
 

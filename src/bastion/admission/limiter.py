@@ -317,6 +317,12 @@ class Limiter:
                                       limits.tokens_per_hour or None, limits.concurrent_requests))
 
     # --- reporting -----------------------------------------------------------------------------
+    @property
+    def slots_held(self) -> int:
+        """Concurrency slots this replica's running requests hold now, by its own count (the
+        metrics' gauge): 0 once every request has ended, or a slot was leaked."""
+        return len(self._held)
+
     def headers(self, quota: Quota | None) -> dict[str, str]:
         """The rate-limit headers from the request's latest snapshot: no storage read."""
         return rate_limit_headers(self._windows(quota), time.time()) if quota else {}

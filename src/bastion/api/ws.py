@@ -44,7 +44,12 @@ RequestId = str | int | None
 
 @router.websocket("/v1/ws")
 async def websocket_api(ws: WebSocket) -> None:
-    await Connection(ws).serve()
+    lifecycle = ws.app.state.services.lifecycle
+    lifecycle.sockets += 1
+    try:
+        await Connection(ws).serve()
+    finally:
+        lifecycle.sockets -= 1
 
 
 class Connection:

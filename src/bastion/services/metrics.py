@@ -70,6 +70,15 @@ class ServerState(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._engines()
         s = self.services
+        yield GaugeMetricFamily("bastion_requests_in_flight",
+                                "Requests being answered now (HTTP and WebSocket inferences): "
+                                "what a SIGTERM waits for.", value=s.lifecycle.in_flight)
+        yield GaugeMetricFamily("bastion_concurrency_slots_held",
+                                "Concurrency slots of the organisations' plans that this "
+                                "replica's running requests hold (0 when idle: none leaked).",
+                                value=s.limiter.slots_held)
+        yield GaugeMetricFamily("bastion_websocket_connections",
+                                "WebSockets (/v1/ws) open now.", value=s.lifecycle.sockets)
         yield GaugeMetricFamily("bastion_usage_ledger_queue_depth",
                                 "Usage rows recorded and not yet written to the database.",
                                 value=s.ledger.pending)
