@@ -5,7 +5,9 @@ test_fine_tuning_worker.py: a job resumes from its checkpoint on another worker.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -17,9 +19,10 @@ from conftest import ADMIN_KEY, MODEL, database_rows, start_server, stop_server
 # (two, when it settles during one; bastion/usage/ledger.py): what settled longer ago than a
 # second must have survived the kill.
 LOST_AT_MOST_S = 1.0
-# Quiet long enough for the ledger to write everything and sleep: the first request after it
-# starts a batch of its own, so a ledger that held rows longer than a second would lose that
-# request's row on every run, not only when the kill happens to land late in a batch.
+# Quiet long enough for the ledger to write everything and sleep: the request after it (the
+# probe) starts a batch of its own, and the kill comes just over a second after its answer, so
+# a ledger that held rows longer than that loses the probe's row on every run, not only when
+# the kill happens to land late in a batch.
 QUIET_S = 2.0
 
 
@@ -28,31 +31,38 @@ def test_sigkill_mid_stream_loses_at_most_a_second_of_usage_and_bills_nothing_tw
     srv = start_server(tmp_path)
     client = openai.OpenAI(base_url=srv.api, api_key=ADMIN_KEY, max_retries=0, timeout=120)
     finished: list[tuple[str, float]] = []  # (completion id, when its answer arrived)
-    try:
-        def traffic(seconds: float) -> None:  # steady, so the kill lands amid batches
-            until = time.monotonic() + seconds
-            while time.monotonic() < until:
-                r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2,
-                                              temperature=0)
-                finished.append((r.id, time.monotonic()))
+    killed_at = 0.0
 
-        traffic(5)
-        time.sleep(QUIET_S)
-        after_quiet = len(finished)
-        traffic(LOST_AT_MOST_S)
-        stream = client.completions.create(model=MODEL, prompt="Once upon a time",
-                                           max_tokens=400, stream=True)
-        next(iter(stream))  # generating now
+    def ask() -> None:
+        r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+        finished.append((r.id, time.monotonic()))
+
+    def kill() -> None:
+        nonlocal killed_at
         killed_at = time.monotonic()
         srv.proc.send_signal(signal.SIGKILL)
+
+    try:
+        ask()  # the first request also warms the model up (seconds)
+        until = time.monotonic() + 5
+        while time.monotonic() < until or len(finished) < 6:  # steady traffic
+            ask()
+        time.sleep(QUIET_S)
+        ask()
+        probe_id, probe_at = finished[-1]
+        stream = client.completions.create(model=MODEL, prompt="Once upon a time",
+                                           max_tokens=1000, stream=True)
+        next(iter(stream))  # generating now
+        timer = threading.Timer(probe_at + LOST_AT_MOST_S + 0.05 - time.monotonic(), kill)
+        timer.start()
+        with contextlib.suppress(openai.APIConnectionError):
+            while True:  # traffic beside the stream, so the kill lands amid batches
+                ask()
+        timer.join()
         srv.proc.wait(10)
     finally:
         if srv.proc.poll() is None:
             srv.proc.kill()
-    assert len(finished) > after_quiet + 1 and after_quiet >= 5
-    # the first row after the quiet spell is older than the bound: checked below, never vacuous
-    probe_id, probe_at = finished[after_quiet]
-    assert killed_at - probe_at > LOST_AT_MOST_S
 
     again = start_server(tmp_path, data_dir=srv.data_dir)
     try:
