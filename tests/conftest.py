@@ -137,6 +137,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="session")
+def bounded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The server that schema fuzzing (test_fuzz.py) and the hostile-input corpus
+    (test_hostile_inputs.py) throw arbitrary requests at, started once for both: whatever slips
+    through to generation makes at most 4 tokens, and no worker runs jobs the fuzzer creates."""
+    srv = start_server(tmp_path_factory.mktemp("bounded"), "--parallel", "4", "--no-worker",
+                       env={"BASTION_DEFAULT_MAX_TOKENS": "4"}, embeddings=True,
+                       start_timeout=300)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="session")
 def client(server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.api, api_key=ADMIN_KEY, max_retries=0, timeout=120)
 

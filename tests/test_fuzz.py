@@ -15,12 +15,12 @@ so without that every one would stop at a 404)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from conftest import ADMIN_KEY, MODEL, RunningServer, bearer, make_tenant, start_server, stop_server
+from conftest import ADMIN_KEY, MODEL, RunningServer, bearer, make_tenant
 
 schemathesis = pytest.importorskip("schemathesis", reason="pip install '.[test]' (schemathesis)")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -32,12 +32,10 @@ GENERATION = {"/v1/chat/completions": MODEL, "/v1/completions": MODEL,
 TOKEN_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    s = start_server(tmp_path_factory.mktemp("fuzz"), "--parallel", "4", "--no-worker",
-                     env={"BASTION_DEFAULT_MAX_TOKENS": "4"}, embeddings=True, start_timeout=300)
-    yield s
-    stop_server(s)
+@pytest.fixture
+def srv(bounded_server: RunningServer) -> RunningServer:
+    """The bounded server (conftest.py), shared with test_hostile_inputs.py."""
+    return bounded_server
 
 
 def api_routes() -> set[tuple[str, str]]:
@@ -97,6 +95,7 @@ def test_fuzz_every_operation(srv: RunningServer) -> None:
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import response_schema_conformance
 
+    log_start = len(srv.log())  # the shared server's log: only what the fuzzing caused
     doc = httpx.get(f"{srv.base_url}/openapi.json", headers=bearer(ADMIN_KEY)).json()
     _, tenant = make_tenant(srv.api, plan="scale", name="fuzz",
                             permissions=("inference", "training", "models"))
@@ -130,6 +129,6 @@ def test_fuzz_every_operation(srv: RunningServer) -> None:
           f"({', '.join(f'{k}: {v}' for k, v in counts.items())}), "
           f"{FUZZ_EXAMPLES} per operation and key at most")
     assert httpx.get(f"{srv.base_url}/health").status_code == 200
-    log = srv.log()
+    log = srv.log()[log_start:]
     assert "Traceback" not in log and "Exception in ASGI" not in log, log[-4000:]
     assert not failures, f"{len(failures)} operations failed:\n" + "\n\n".join(failures)

@@ -27,9 +27,9 @@ import numpy as np
 
 from bastion.config import EmbeddingModelSpec, Settings
 from bastion.engines.base import (BaseEngine, Capabilities, EmbeddingPrompt, Embeddings,
-                                  EngineError, ModelFailure, ModelInfo, ModelInputError,
-                                  PreparedPrompt, PromptSource, format_parameters)
-from bastion.engines.tokens import check_token_ids
+                                  EngineError, ModelFailure, ModelInfo, PreparedPrompt,
+                                  PromptSource, format_parameters)
+from bastion.engines.tokens import embedding_inputs
 from bastion.engines.batching import plan_passes
 from bastion.engines.embedding_process import ModelProcess
 
@@ -187,23 +187,8 @@ class SentenceTransformerEngine(BaseEngine):
                    else await asyncio.to_thread(self.tokenize_many, strings))
             for (i, _), tokens in zip(texts, ids):
                 sequences[i] = tokens
-        limit = self.max_input_tokens
-        for i, seq in enumerate(sequences):
-            param = source.params[i]
-            if isinstance(inputs[i], list):
-                check_token_ids(seq, self.info.vocab_size, param)
-            if not seq:
-                raise ModelInputError(f"'{param}' has no tokens for this model.", param=param,
-                                      code="empty_input")
-            if len(seq) > limit:
-                if not source.truncate:
-                    raise ModelInputError(
-                        f"'{param}' is {len(seq)} tokens, but the model '{self.name}' takes at "
-                        f"most {limit} tokens per input. Shorten it, or send \"truncate\": true "
-                        f"to embed only its first {limit} tokens.",
-                        param=param, code="context_length_exceeded")
-                sequences[i] = seq[:limit]
-        return PreparedPrompt(sum(map(len, sequences)), payload=sequences)
+        return embedding_inputs(source, sequences, vocab_size=self.info.vocab_size,
+                                limit=self.max_input_tokens, model=self.name)
 
     async def embed(self, prompt: PreparedPrompt | list[list[int]], *,  # type: ignore[override]
                     dimensions: int | None = None) -> Any:

@@ -8,8 +8,8 @@ import json
 import re
 from typing import Any
 
-from bastion.engines.base import (BaseEngine, ChatPrompt, ModelInputError, PreparedPrompt,
-                                  Prompt, PromptSource, TextPrompt)
+from bastion.engines.base import (BaseEngine, ChatPrompt, EmbeddingPrompt, ModelInputError,
+                                  PreparedPrompt, Prompt, PromptSource, TextPrompt)
 
 # Private-use code points: they never occur in chat templates, and mark where message text goes.
 MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"
@@ -138,3 +138,28 @@ def check_token_ids(tokens: list[int], vocab_size: int, param: str) -> None:
             raise ModelInputError(
                 f"Token id {t} in '{param}' is outside this model's vocabulary (0 to "
                 f"{vocab_size - 1}).", param=param, code="invalid_token_id")
+
+
+def embedding_inputs(source: EmbeddingPrompt, sequences: list[list[int]], *, vocab_size: int,
+                     limit: int, model: str) -> PreparedPrompt:
+    """An embedding request's inputs as their engine runs them, checked alike by every local
+    embedding engine (sentence-transformers, llama.cpp), so a client gets the same errors from
+    either: `sequences` holds each text input tokenised (without special tokens) and each
+    token array as sent; token ids must be in the vocabulary, no input may be empty, and none
+    longer than `limit` tokens unless the request says truncate (then it is cut to `limit`)."""
+    out: list[list[int]] = []
+    for value, seq, param in zip(source.inputs, sequences, source.params):
+        if not isinstance(value, str):
+            check_token_ids(seq, vocab_size, param)
+        if not seq:
+            raise ModelInputError(f"'{param}' has no tokens for this model.", param=param,
+                                  code="empty_input")
+        if len(seq) > limit:
+            if not source.truncate:
+                raise ModelInputError(
+                    f"'{param}' is {len(seq)} tokens, but the model '{model}' embeds at most "
+                    f"{limit} tokens per input. Shorten it, or send \"truncate\": true to embed "
+                    f"only its first {limit} tokens.", param=param, code="context_length_exceeded")
+            seq = seq[:limit]
+        out.append(seq)
+    return PreparedPrompt(sum(map(len, out)), payload=out)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import llama_cpp as lc
 import numpy as np
 
-from bastion.engines.base import EmbeddingPrompt, ModelFailure, ModelInputError, PreparedPrompt
+from bastion.engines.base import EmbeddingPrompt, ModelFailure, PreparedPrompt
 from bastion.engines.llamacpp.model import LlamaModel
-from bastion.engines.tokens import check_token_ids
+from bastion.engines.tokens import embedding_inputs
 
 log = logging.getLogger("bastion.llamacpp")
 
@@ -84,27 +84,11 @@ class LlamaEmbedder:
         """Every input as token ids (text without special tokens: usage counts the input's own
         tokens), checked against the vocabulary and the per-input limit, or cut to it when the
         request says truncate."""
-        sequences: list[list[int]] = []
-        limit = self.max_input_tokens
-        for value, param in zip(source.inputs, source.params):
-            if isinstance(value, str):
-                seq = self.model.tokenize(value, add_special=False, parse_special=False)
-            else:
-                check_token_ids(value, self.model.n_vocab, param)
-                seq = list(value)
-            if not seq:
-                raise ModelInputError(f"'{param}' has no tokens for this model.", param=param,
-                                      code="empty_input")
-            if len(seq) > limit:
-                if not source.truncate:
-                    raise ModelInputError(
-                        f"'{param}' is {len(seq)} tokens, but the model '{self.name}' embeds at "
-                        f"most {limit} tokens per input. Shorten it, or send \"truncate\": true "
-                        f"to embed only its first {limit} tokens.",
-                        param=param, code="context_length_exceeded")
-                seq = seq[:limit]
-            sequences.append(seq)
-        return PreparedPrompt(sum(map(len, sequences)), payload=sequences)
+        m = self.model
+        sequences = [m.tokenize(value, add_special=False, parse_special=False)
+                     if isinstance(value, str) else value for value in source.inputs]
+        return embedding_inputs(source, sequences, vocab_size=m.n_vocab,
+                                limit=self.max_input_tokens, model=self.name)
 
     async def embed(self, sequences: list[list[int]]) -> np.ndarray:
         """Vectors (float32, one row per sequence), batched with whatever else is waiting."""
