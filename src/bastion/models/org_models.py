@@ -65,6 +65,7 @@ class OrgModels:
                                    settings.custom_model_idle_seconds)
         self.syncs: dict[str, int] = {}  # syncs run so far, by what asked for them (a metric)
         self._looked: dict[tuple[str, str], float] = {}  # (org, name) -> last lookup on a miss
+        self._gguf_costs: dict[Path, int] = {}  # a fine-tune's GGUF -> its estimated memory
 
     def _wanted(self) -> Wanted:
         with self.sessions() as s:
@@ -127,16 +128,20 @@ class OrgModels:
 
     def _estimate(self, weights: Path, lora: Path | None) -> int:
         """Bytes in memory once loaded, from the GGUF read in a child process (the files'
-        sizes where it cannot be read: the load will tell)."""
+        sizes where it cannot be read: the load will tell). Kept per GGUF, as a sync that
+        finds the memory busy tries again."""
         adapter = lora.stat().st_size if lora is not None and lora.exists() else 0
-        try:
-            facts = probe(weights, seconds=self.settings.gguf_probe_seconds,
-                          memory=self.settings.gguf_probe_memory)
-        except (ProbeError, OSError) as exc:
-            log.warning("could not read %s to estimate its memory: %s", weights, exc)
-            return (weights.stat().st_size if weights.exists() else 0) + adapter
-        return gguf_cost(facts, self.settings.context_per_sequence,
-                         self.settings.parallel) + adapter
+        known = self._gguf_costs.get(weights)
+        if known is None:
+            try:
+                facts = probe(weights, seconds=self.settings.gguf_probe_seconds,
+                              memory=self.settings.gguf_probe_memory)
+            except (ProbeError, OSError) as exc:
+                log.warning("could not read %s to estimate its memory: %s", weights, exc)
+                return (weights.stat().st_size if weights.exists() else 0) + adapter
+            known = self._gguf_costs[weights] = gguf_cost(
+                facts, self.settings.context_per_sequence, self.settings.parallel)
+        return known + adapter
 
     def _derived_profile(self, job: FineTuningJob, weights: Path,
                          artifact: Path) -> Profile | None:
