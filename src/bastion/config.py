@@ -242,11 +242,12 @@ class CustomModelSettings(SettingsGroup):
     custom_model_bytes_per_org: int = Field(50 * 1024 ** 3, ge=0, description="bytes of "
                                             "uploaded models one organisation may keep")
     custom_model_memory: int = Field(8 * 1024 ** 3, ge=1, description="estimated memory all "
-                                     "loaded uploaded models may take together; loading one "
-                                     "more unloads the least recently used idle ones")
-    custom_model_idle_seconds: float = Field(1800.0, gt=0, description="an uploaded model "
-                                             "unused this long is unloaded (loaded again on "
-                                             "its next request)")
+                                     "loaded uploaded and fine-tuned models may take "
+                                     "together; loading one more unloads the least recently "
+                                     "used idle ones")
+    custom_model_idle_seconds: float = Field(1800.0, gt=0, description="an uploaded or "
+                                             "fine-tuned model unused this long is unloaded "
+                                             "(loaded again on its next request)")
     gguf_probe_seconds: float = Field(120.0, gt=0, description="longest parse of an uploaded "
                                       "GGUF (metadata, vocabulary, tensor index)")
     gguf_probe_memory: int = Field(2 * 1024 ** 3, ge=64 * 1024 ** 2, description="memory the "

@@ -1,5 +1,5 @@
-"""SQLAlchemy tables: organisations, API keys, usage, files, fine-tuning jobs, uploaded models,
-stored responses, the audit log."""
+"""SQLAlchemy tables: organisations, API keys, usage, files, fine-tuning jobs, uploaded models
+(and the quota uploads under way hold), stored responses, the audit log."""
 
 from __future__ import annotations
 
@@ -164,6 +164,22 @@ class CustomModel(Base):
     format: Mapped[str] = mapped_column(String(16))  # "safetensors" or "gguf"
     path: Mapped[str] = mapped_column(String(1024))
     bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelUploadReservation(Base):
+    """An upload under way holds one model and up to `bytes` of its organisation's quota
+    (models/quotas.py), so two uploads racing for the last place cannot both have it. Deleted
+    when the upload is recorded or fails; one left by a process that died lapses at
+    `expires_at`."""
+
+    __tablename__ = "model_upload_reservations"
+    __table_args__ = (Index("ix_model_reservations_org", "org_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from bastion.engines.base import ModelUnavailable
-from bastion.models.org_models import OrgModels
+from bastion.models.org_models import OrgModels, fine_tuned_profile
 from bastion.models.catalog import Catalog, Deployment
-from bastion.models.quotas import ModelQuota, check as check_quota
+from bastion.models import quotas
+from bastion.models.quotas import ModelQuota, Reservation
 from bastion.config import Settings
 from bastion.db.tables import CustomModel
 from bastion.errors import (AuthorizationError, ConflictError, InvalidRequestError,
@@ -27,18 +28,18 @@ from bastion.models import uploads as service
 
 async def create(upload: Upload, org_id: str, *, catalog: Catalog,
                  sessions: sessionmaker[Session], settings: Settings, org_models: OrgModels,
-                 quota: ModelQuota,
+                 quota: ModelQuota, reservation: Reservation,
                  audit: Callable[[Session, CustomModel], None] | None = None) -> Deployment:
     """A received multipart upload (its temporary files are always discarded) to a served
-    model of `org_id`, within the organisation's `quota`."""
+    model of `org_id`, within the organisation's `quota`, of which the upload holds
+    `reservation` (quotas.py): recorded as the model here, the caller's to release if this
+    fails."""
     try:
         model_id, model_type = service.fields(upload)
         taken = catalog.taken(model_id) or catalog.has(model_id, org_id)
         if not taken:
             with sessions() as s:
                 taken = service.find(s, org_id, model_id) is not None
-                if not taken:
-                    check_quota(s, org_id, quota, sum(f.size for f in upload.files.values()))
         if taken:
             raise ConflictError(f"A model named '{model_id}' already exists; choose another "
                                 f"model_id or delete that model first.", param="model_id",
@@ -51,19 +52,18 @@ async def create(upload: Upload, org_id: str, *, catalog: Catalog,
     try:
         row = service.record(org_id, model_id, model_type, placed)
         lazy = org_models.uploaded(row, placed.cost)
-        try:  # loaded before it is recorded, so a record is always servable
+        try:  # loaded before it is recorded, so a record is always servable (and its profile
+            # saved: other replicas list it unloaded)
             await run_in_threadpool(org_models.residency.load_now, lazy)
         except ModelUnavailable as exc:  # the memory for uploads is all serving requests
             raise ServiceUnavailableError(exc.message, code=exc.code) from None
         except Exception as exc:
             raise InvalidRequestError(f"The model passed its checks but failed to load: {exc}",
                                       param="file", code="invalid_model") from None
-        org_models.save_profile(lazy, placed.directory)  # other replicas list it unloaded
         dep = Deployment(model_id, lazy, owned_by=org_id, org_id=org_id, source="uploaded")
         try:
             with sessions.begin() as s:
-                check_quota(s, org_id, quota, placed.size)  # another upload may have landed
-                s.add(row)
+                quotas.record(s, reservation, quota, row)  # the claim becomes the model
                 if audit is not None:
                     audit(s, row)
         except IntegrityError:
@@ -95,6 +95,8 @@ async def delete(dep: Deployment, org_id: str, *, sessions: sessionmaker[Session
     await org_models.sync()  # out of the catalog now; closed when idle
     if path is not None:  # served from memory or a mapping, so the files can go at once
         await run_in_threadpool(_remove, path)
+        if dep.source == "fine-tuned":
+            await run_in_threadpool(_remove, fine_tuned_profile(path))
 
 
 def _remove(path: Path) -> None:

@@ -2,22 +2,33 @@
 adapter on its base, served by the same llama.cpp engine, continuous batching included) and
 every uploaded model (GGUF on llama.cpp, safetensors on PyTorch). Synced from the database, so
 a model trained by any worker or uploaded to any replica appears on every replica, and a
-deleted one disappears from all of them. An uploaded model is listed from the profile saved
-at upload and loaded on its first request, within a memory budget (residency.py)."""
+deleted one disappears from all of them.
+
+Neither kind is loaded when it is listed: each is a LazyEngine, listed from a profile saved
+beside its files and loaded on its first request, within one memory budget (residency.py).
+An upload's profile is saved when it is loaded at upload. A fine-tune's is saved by the first
+replica to see it: derived from its base model as served (a LoRA or a merged copy of the
+base has the base's vocabulary, template and context), its memory estimated from its GGUF
+read in a child process (probe.py); only where the base is not served here is the model
+loaded once to learn it. A load corrects a derived profile that proves wrong."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from bastion.engines.base import ModelUnavailable
+from bastion.engines.llamacpp.probe import ProbeError, probe
 from bastion.models.catalog import Catalog, Deployment, build_engine
-from bastion.models.residency import LazyEngine, Profile, Residency
+from bastion.models.residency import PROFILE, LazyEngine, Profile, Residency
+from bastion.models.upload_checks import gguf_cost
 from bastion.config import ModelSpec, Settings
 from bastion.db.tables import CustomModel, FineTuningJob
 
@@ -25,6 +36,19 @@ log = logging.getLogger("bastion.models")
 
 Wanted = dict[tuple[str, str], FineTuningJob | CustomModel]  # (org, model id) -> its record
 RETIRE_GRACE_S = 60.0  # requests already running on a deleted model may finish this long
+
+
+def fine_tuned_profile(artifact: Path) -> Path:
+    """Where a fine-tuned model's profile is kept: beside its adapter or GGUF, named after it
+    (deleting the model deletes both)."""
+    return artifact.with_name(artifact.name + "." + PROFILE)
+
+
+def save_profile(profile: Profile, path: Path, name: str) -> None:
+    try:
+        profile.save(path)
+    except OSError:
+        log.warning("could not save the profile of %s in %s", name, path)
 
 
 class OrgModels:
@@ -41,6 +65,7 @@ class OrgModels:
                                    settings.custom_model_idle_seconds)
         self.syncs: dict[str, int] = {}  # syncs run so far, by what asked for them (a metric)
         self._looked: dict[tuple[str, str], float] = {}  # (org, name) -> last lookup on a miss
+        self._gguf_costs: dict[Path, int] = {}  # a fine-tune's GGUF -> its estimated memory
 
     def _wanted(self) -> Wanted:
         with self.sessions() as s:
@@ -53,23 +78,22 @@ class OrgModels:
             return wanted
 
     def load(self, record: FineTuningJob | CustomModel) -> Deployment:
-        """The engine for a record (slow: call off the event loop). An uploaded model with a
-        profile is not loaded here, only on its first request."""
+        """The engine for a record (slow: call off the event loop), loaded only on its first
+        request, unless its profile cannot be had otherwise (an upload from before profiles
+        were kept; a fine-tune whose base is not served here)."""
         if isinstance(record, CustomModel):
-            profile = Profile.read(Path(record.path))
+            path = Path(record.path) / PROFILE
+            profile = Profile.read(path)
             lazy = self.uploaded(record, profile.cost if profile else record.bytes, profile)
             if profile is None:  # uploaded before profiles were kept: learn it by loading
                 self.residency.load_now(lazy)
-                self.save_profile(lazy, Path(record.path))
             return Deployment(record.model_id, lazy, owned_by=record.org_id,
                               org_id=record.org_id, source="uploaded")
-        artifact = Path(str(record.artifact))
-        full = record.method == "full"  # a whole GGUF; a LoRA is an adapter on the base GGUF
-        spec = ModelSpec(path=artifact if full else Path(record.base_path),
-                         id=str(record.fine_tuned_model))
-        engine = build_engine("llamacpp", spec, self.settings, lora=None if full else artifact)
-        return Deployment(str(record.fine_tuned_model), engine, owned_by=record.org_id,
-                          org_id=record.org_id, source="fine-tuned")
+        lazy = self.fine_tuned(record)
+        if lazy.profile is None:
+            self.residency.load_now(lazy)
+        return Deployment(lazy.name, lazy, owned_by=record.org_id, org_id=record.org_id,
+                          source="fine-tuned")
 
     def uploaded(self, record: CustomModel, cost: int,
                  profile: Profile | None = None) -> LazyEngine:
@@ -80,15 +104,64 @@ class OrgModels:
         return LazyEngine(record.model_id,
                           lambda: build_engine("llamacpp" if gguf else "torch", spec,
                                                self.settings),
-                          cost, self.residency, profile)
+                          cost, self.residency, profile,
+                          keep_profile=lambda p: save_profile(p, path / PROFILE, record.model_id))
 
-    @staticmethod
-    def save_profile(lazy: LazyEngine, directory: Path) -> None:
-        if lazy.profile is not None:
+    def fine_tuned(self, job: FineTuningJob) -> LazyEngine:
+        """A fine-tuned model's engine, loaded when first needed: a LoRA adapter on its base's
+        GGUF, or a whole GGUF (method "full")."""
+        name = str(job.fine_tuned_model)
+        artifact = Path(str(job.artifact))
+        full = job.method == "full"
+        spec = ModelSpec(path=artifact if full else Path(job.base_path), id=name)
+        lora = None if full else artifact
+        where = fine_tuned_profile(artifact)
+        profile = Profile.read(where)
+        if profile is None:
+            profile = self._derived_profile(job, spec.path, artifact)
+            if profile is not None:
+                save_profile(profile, where, name)
+        cost = profile.cost if profile is not None else self._estimate(spec.path, lora)
+        return LazyEngine(name, lambda: build_engine("llamacpp", spec, self.settings, lora=lora),
+                          cost, self.residency, profile, kind="fine-tuned",
+                          keep_profile=lambda p: save_profile(p, where, name))
+
+    def _estimate(self, weights: Path, lora: Path | None) -> int:
+        """Bytes in memory once loaded, from the GGUF read in a child process (the files'
+        sizes where it cannot be read: the load will tell). Kept per GGUF, as a sync that
+        finds the memory busy tries again."""
+        adapter = lora.stat().st_size if lora is not None and lora.exists() else 0
+        known = self._gguf_costs.get(weights)
+        if known is None:
             try:
-                lazy.profile.save(directory)
-            except OSError:
-                log.warning("could not save the profile of %s in %s", lazy.name, directory)
+                facts = probe(weights, seconds=self.settings.gguf_probe_seconds,
+                              memory=self.settings.gguf_probe_memory)
+            except (ProbeError, OSError) as exc:
+                log.warning("could not read %s to estimate its memory: %s", weights, exc)
+                return (weights.stat().st_size if weights.exists() else 0) + adapter
+            known = self._gguf_costs[weights] = gguf_cost(
+                facts, self.settings.context_per_sequence, self.settings.parallel)
+        return known + adapter
+
+    def _derived_profile(self, job: FineTuningJob, weights: Path,
+                         artifact: Path) -> Profile | None:
+        """The fine-tune's profile from its base as this replica serves it, when the base is
+        served from the same GGUF the job trained on; None otherwise."""
+        base = self.catalog.get(job.model, job.org_id)
+        if base is None or base.source == "fine-tuned":
+            return None
+        try:  # an uploaded base neither loaded nor profiled raises RuntimeError
+            base_path = getattr(base.engine, "path", None)
+            if base_path is None or Path(base_path).resolve() != Path(job.base_path).resolve():
+                return None
+            of = Profile.of(base.engine, 0)
+            created = int(artifact.stat().st_mtime)
+        except (OSError, RuntimeError):
+            return None
+        lora = None if job.method == "full" else artifact
+        return replace(of, capabilities=replace(of.capabilities, vision=False),  # no projector
+                       info=replace(of.info, created=created), path=str(weights),
+                       cost=self._estimate(weights, lora))
 
     async def adopt(self, dep: Deployment) -> None:
         """Serve a model loaded by this replica's upload handler (unless a sync beat it)."""
@@ -140,6 +213,11 @@ class OrgModels:
                     continue
                 try:
                     dep = await run_in_threadpool(self.load, record)
+                except ModelUnavailable as exc:  # the memory is busy: the next sync retries
+                    log.warning("could not load model %s of %s: %s", name, org_id, exc.message)
+                    if exc.code == "model_too_large":  # it never will
+                        self._failed.add(key)
+                    continue
                 except Exception:
                     log.exception("could not load model %s of %s", name, org_id)
                     self._failed.add(key)

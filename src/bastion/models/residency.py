@@ -1,6 +1,6 @@
-"""Which uploaded models are in memory. An organisation's uploaded model is loaded on its first
-request, not at start on every replica; all loaded uploads together stay within a memory
-budget (BASTION_CUSTOM_MODEL_MEMORY, each model counted by an estimate made at upload: its
+"""Which of the organisations' own models are in memory. An uploaded or fine-tuned model is
+loaded on its first request, not at start on every replica; all loaded ones together stay
+within a memory budget (BASTION_CUSTOM_MODEL_MEMORY, each model counted by an estimate: its
 weights as loaded plus its KV cache), so loading one more first unloads the least recently
 used idle ones; one idle for BASTION_CUSTOM_MODEL_IDLE_SECONDS is unloaded anyway. A model
 with a request running is never unloaded, nor one used in the last GRACE_S (a request between
@@ -8,8 +8,9 @@ counting its prompt and generating) or read by a synchronous caller in the last 
 (fine-tuning checking a training file with its tokenizer); when the budget is all in use, a
 request gets a 503 to retry rather than an overcommitted machine.
 
-The catalogue shows a model that is not loaded from its Profile, saved beside its files when
-the upload was first loaded, so listing models loads nothing."""
+The catalogue shows a model that is not loaded from its Profile, saved beside its files (an
+upload's when it was first loaded, a fine-tune's when first seen: see org_models.py), so
+listing models loads nothing."""
 
 from __future__ import annotations
 
@@ -54,18 +55,18 @@ class Profile:
                    architecture=getattr(engine, "architecture", None),
                    path=str(path) if path is not None else None, cost=cost)
 
-    def save(self, directory: Path) -> None:
+    def save(self, path: Path) -> None:
         data = {**asdict(self), "capabilities": asdict(self.capabilities),
                 "info": asdict(self.info)}
-        temp = directory / (PROFILE + ".tmp")
+        temp = path.with_name(path.name + ".tmp")
         temp.write_text(json.dumps(data), "utf-8")
-        temp.replace(directory / PROFILE)
+        temp.replace(path)
 
     @classmethod
-    def read(cls, directory: Path) -> "Profile | None":
-        """None for a model uploaded before profiles were kept (or a damaged one)."""
+    def read(cls, path: Path) -> "Profile | None":
+        """None for a model first served before profiles were kept (or a damaged one)."""
         try:
-            data = json.loads((directory / PROFILE).read_text("utf-8"))
+            data = json.loads(path.read_text("utf-8"))
             return cls(capabilities=Capabilities(**data["capabilities"]),
                        info=ModelInfo(**data["info"]), max_parallel=int(data["max_parallel"]),
                        architecture=data["architecture"], path=data["path"],
@@ -78,12 +79,19 @@ class LazyEngine(BaseEngine):
     """An engine that is loaded when a request needs it, through its Residency."""
 
     def __init__(self, name: str, load: Callable[[], Engine], cost: int,
-                 residency: "Residency", profile: Profile | None = None) -> None:
+                 residency: "Residency", profile: Profile | None = None, *,
+                 kind: str = "uploaded",
+                 keep_profile: Callable[[Profile], None] | None = None) -> None:
+        """`kind`: "uploaded" or "fine-tuned", for the log. `keep_profile`: saves the profile
+        learnt on a load when it differs from the one known (a fine-tune's is first derived
+        from its base model's)."""
         self.name = name
         self.load = load
         self.cost = cost
         self.residency = residency
         self.profile = profile
+        self.kind = kind
+        self.keep_profile = keep_profile
         self.engine: Engine | None = None  # set and cleared under the residency's lock
         self.active = 0  # requests using the engine now
         self.last_used = time.monotonic()
@@ -163,7 +171,8 @@ class LazyEngine(BaseEngine):
     def __getattr__(self, name: str) -> Any:
         """Anything else of the engine (fine-tuning reads a GGUF model's tokenizer and
         template): loaded if need be, and counted as a use."""
-        if name.startswith("_") or name in ("engine", "profile", "residency", "held_until"):
+        if name.startswith("_") or name in ("engine", "profile", "residency", "held_until",
+                                            "kind", "keep_profile"):
             raise AttributeError(name)
         return getattr(self.residency.hold(self), name)
 
@@ -229,11 +238,12 @@ class Residency:
                 victims = self._make_room(lazy)
                 self._reserved += lazy.cost
                 self._resident[id(lazy)] = lazy
-            for name, engine in victims:
-                log.info("unloading uploaded model %s to make room for %s", name, lazy.name)
+            for victim, engine in victims:
+                log.info("unloading %s model %s to make room for %s", victim.kind,
+                         victim.name, lazy.name)
                 engine.close()
             try:
-                log.info("loading uploaded model %s (about %d MiB)", lazy.name,
+                log.info("loading %s model %s (about %d MiB)", lazy.kind, lazy.name,
                          lazy.cost // 2 ** 20)
                 engine = lazy.load()
             except BaseException:
@@ -241,20 +251,23 @@ class Residency:
                     self._reserved -= lazy.cost
                     self._resident.pop(id(lazy), None)
                 raise
+            learnt = Profile.of(engine, lazy.cost)
             with self._lock:
                 lazy.engine = engine
                 lazy.last_used = time.monotonic()
-                if lazy.profile is None:
-                    lazy.profile = Profile.of(engine, lazy.cost)
+                changed, lazy.profile = lazy.profile != learnt, learnt
+            if changed and lazy.keep_profile is not None:
+                lazy.keep_profile(learnt)
             return engine
 
-    def _make_room(self, lazy: LazyEngine) -> list[tuple[str, Engine]]:
+    def _make_room(self, lazy: LazyEngine) -> list[tuple[LazyEngine, Engine]]:
         """Under the lock: detach idle models, least recently used first, until `lazy` fits
         (their engines are the caller's to close); ModelUnavailable when it cannot fit."""
         if lazy.cost > self.budget:
             raise ModelUnavailable(
                 f"The model '{lazy.name}' needs about {lazy.cost // 2 ** 20} MiB, more than "
-                f"this server keeps for uploaded models ({self.budget // 2 ** 20} MiB).",
+                f"this server keeps for uploaded and fine-tuned models "
+                f"({self.budget // 2 ** 20} MiB).",
                 code="model_too_large")
         now = time.monotonic()
         idle = sorted((r for r in self._resident.values()
@@ -269,18 +282,19 @@ class Residency:
             over -= candidate.cost
         if over > 0:
             raise ModelUnavailable(
-                f"The memory for uploaded models ({self.budget // 2 ** 20} MiB) is taken by "
-                f"models serving requests; retry in a moment.", code="model_overloaded")
+                f"The memory for uploaded and fine-tuned models ({self.budget // 2 ** 20} MiB) "
+                f"is taken by models serving requests; retry in a moment.",
+                code="model_overloaded")
         return [self._detach(victim) for victim in chosen]
 
-    def _detach(self, lazy: LazyEngine) -> tuple[str, Engine]:
+    def _detach(self, lazy: LazyEngine) -> tuple[LazyEngine, Engine]:
         """Under the lock: out of the residents (new requests will load it again)."""
         engine = lazy.engine
         assert engine is not None
         lazy.engine = None
         self._reserved -= lazy.cost
         self._resident.pop(id(lazy), None)
-        return lazy.name, engine
+        return lazy, engine
 
     def unload(self, lazy: LazyEngine) -> None:
         """Unload now (deleted, or shutting down); slow: off the loop."""
@@ -298,7 +312,7 @@ class Residency:
             stale = [self._detach(r) for r in list(self._resident.values())
                      if r.engine is not None and not _busy(r, now)
                      and now - r.last_used > self.idle_s]
-        for name, engine in stale:
-            log.info("unloading uploaded model %s: idle", name)
+        for lazy, engine in stale:
+            log.info("unloading %s model %s: idle", lazy.kind, lazy.name)
             engine.close()
         return len(stale)

@@ -262,6 +262,15 @@ def check_gguf(path: Path, *, seconds: float, memory: int) -> GgufFacts:
         raise bad(f"The GGUF file was refused: {exc}.") from None
 
 
+def gguf_cost(facts: GgufFacts, context_per_sequence: int, parallel: int) -> int:
+    """Estimated bytes in memory of a GGUF loaded by the llama.cpp engine: its weights and the
+    KV cache of `parallel` sequences of the context it gets (residency.py's budget counts it)."""
+    context = context_per_sequence
+    if facts.n_ctx_train > 0:
+        context = min(context, facts.n_ctx_train)
+    return facts.size + facts.kv_bytes(context * parallel)
+
+
 def check_tokenizer(path: Path, config: Any) -> None:
     """tokenizer.json parses, and every id it can produce has a row in the embedding."""
     from tokenizers import Tokenizer

@@ -71,10 +71,7 @@ def place(upload: Upload, target: Path, settings: Settings) -> Placed:
     if fmt == "gguf":
         facts = checks.check_gguf(weights, seconds=settings.gguf_probe_seconds,
                                   memory=settings.gguf_probe_memory)
-        context = settings.context_per_sequence
-        if facts.n_ctx_train > 0:
-            context = min(context, facts.n_ctx_train)
-        cost = facts.size + facts.kv_bytes(context * settings.parallel)
+        cost = checks.gguf_cost(facts, settings.context_per_sequence, settings.parallel)
         parts["model.gguf"] = weights
     else:
         for name in ("config", "tokenizer"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import anyio
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -70,37 +71,95 @@ def quota(services: Services, principal: Principal) -> quotas.ModelQuota:
     return quotas.ModelQuota.of(principal.limits, services.settings)
 
 
-def _bytes_left(services: Services, principal: Principal) -> int:
-    with services.sessions() as s:
-        return quotas.bytes_left(s, principal.org_id, quota(services, principal))
+@dataclass
+class Received:
+    """A model upload whose body is on disk, holding its share of the organisation's model
+    quota until it is recorded or discarded."""
+
+    upload: Upload
+    reservation: quotas.Reservation
+
+    @property
+    def fields(self) -> dict[str, str]:
+        return self.upload.fields
 
 
-async def receive(services: Services, principal: Principal, request: Request) -> Upload:
-    """The multipart body of an upload, streamed to disk: refused before a byte is read when
-    the organisation's model quota is full, and cut off where its bytes run out (a 403 that
-    says so) or at BASTION_MAX_MODEL_BYTES (a 413)."""
-    left = await run_in_threadpool(_bytes_left, services, principal)
+def _reserve(services: Services, principal: Principal, want: int) -> quotas.Reservation:
+    with services.sessions.begin() as s:
+        return quotas.reserve(s, principal.org_id, quota(services, principal), want)
+
+
+def _shrink(services: Services, reservation: quotas.Reservation, size: int) -> None:
+    with services.sessions.begin() as s:
+        quotas.shrink(s, reservation, size)
+
+
+def _release_now(services: Services, reservation: quotas.Reservation) -> None:
+    with services.sessions.begin() as s:
+        quotas.release(s, reservation)
+
+
+async def _release(services: Services, reservation: quotas.Reservation) -> None:
+    """Even while the request is being cancelled: a claim left behind would hold a place in
+    the quota until it lapses."""
+    with anyio.CancelScope(shield=True):
+        await run_in_threadpool(_release_now, services, reservation)
+
+
+async def receive(services: Services, principal: Principal, request: Request) -> Received:
+    """The multipart body of an upload, streamed to disk, once it has claimed one model and
+    its Content-Length (or every byte left) of the organisation's quota: refused before a
+    byte is read when the quota is full (also when another upload under way holds its last
+    place), and cut off where its bytes run out (a 403 that says so) or at
+    BASTION_MAX_MODEL_BYTES (a 413)."""
     limit = services.settings.max_model_bytes
+    length = request.headers.get("content-length", "")
+    want = min(int(length), limit) if length.isdigit() else limit
+    reservation = await run_in_threadpool(_reserve, services, principal, want)
     try:
-        return await receive_upload(request, upload_store(services), min(limit, left))
-    except PayloadTooLargeError:
-        if left < limit:
-            raise quotas.over_bytes(quota(services, principal), left) from None
+        try:
+            upload = await receive_upload(request, upload_store(services),
+                                          min(limit, reservation.bytes))
+        except PayloadTooLargeError:
+            if reservation.left < limit:
+                raise quotas.over_bytes(quota(services, principal), reservation.left) from None
+            raise
+        try:
+            await run_in_threadpool(_shrink, services, reservation,
+                                    sum(f.size for f in upload.files.values()))
+        except BaseException:
+            upload.discard()
+            raise
+    except BaseException:
+        await _release(services, reservation)
         raise
+    return Received(upload, reservation)
 
 
-async def upload(services: Services, principal: Principal, received: Upload) -> ModelCard:
-    """A received multipart upload (its temporary files are always discarded) to a model
-    served to the caller's organisation."""
+async def discard(services: Services, received: Received) -> None:
+    """An upload refused before it reached upload(): its files and its claim go."""
+    received.upload.discard()
+    await _release(services, received.reservation)
+
+
+async def upload(services: Services, principal: Principal, received: Received) -> ModelCard:
+    """A received multipart upload (its temporary files are always discarded, its claim on
+    the quota recorded as the model or released) to a model served to the caller's
+    organisation."""
     def audited(s: Session, row: CustomModel) -> None:
         audit.record(s, principal, "model.uploaded", principal.org_id, target_id=row.model_id,
                      details={"model_type": row.model_type, "format": row.format,
                               "bytes": row.bytes})
 
-    dep = await custom.create(received, principal.org_id, catalog=services.catalog,
-                              sessions=services.sessions, settings=services.settings,
-                              org_models=services.org_models,
-                              quota=quota(services, principal), audit=audited)
+    try:
+        dep = await custom.create(received.upload, principal.org_id, catalog=services.catalog,
+                                  sessions=services.sessions, settings=services.settings,
+                                  org_models=services.org_models,
+                                  quota=quota(services, principal),
+                                  reservation=received.reservation, audit=audited)
+    except BaseException:
+        await _release(services, received.reservation)
+        raise
     return card(dep)
 
 

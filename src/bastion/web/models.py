@@ -46,9 +46,9 @@ async def upload(request: Request, viewer: ModelsViewer, codec: Codec,
     except APIError as exc:  # not multipart, too large: nothing was kept
         return models_page(request, services, viewer, status=exc.status, error=exc.message)
     try:
-        checked_upload(received, request, codec)
+        checked_upload(received.upload, request, codec)
     except BaseException:
-        received.discard()
+        await models.discard(services, received)
         raise
     model_id = received.fields.get("model_id", "")
     try:  # upload() always discards the temporary files
