@@ -42,6 +42,7 @@ class Result:
     ttft_ms: float | None
     tokens: int
     cached: int
+    prompt: int
     seconds: float
     error: str | None
 
@@ -52,7 +53,7 @@ async def chat(client: httpx.AsyncClient, messages: list[dict[str, str]],
     t0 = time.perf_counter()
     body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
-    ttft, tokens, cached, text, error = None, 0, 0, "", None
+    ttft, tokens, cached, prompt, text, error = None, 0, 0, 0, "", None
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -67,6 +68,7 @@ async def chat(client: httpx.AsyncClient, messages: list[dict[str, str]],
                         error = f"stream error: {chunk['error']}"
                     if chunk.get("usage"):
                         cached = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+                        prompt = chunk["usage"]["prompt_tokens"]
                     for c in chunk.get("choices") or []:
                         if c["delta"].get("content"):
                             tokens += 1
@@ -75,7 +77,7 @@ async def chat(client: httpx.AsyncClient, messages: list[dict[str, str]],
                                 ttft = (time.perf_counter() - t0) * 1000
     except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    return Result(ttft, tokens, cached, time.perf_counter() - t0, error), text
+    return Result(ttft, tokens, cached, prompt, time.perf_counter() - t0, error), text
 
 
 async def shared_prompt(base: str, clients: int, questions: int,
@@ -127,6 +129,7 @@ async def conversation(base: str, turns: int, max_tokens: int,
     return [{"turn": t + 1,
              "ttft_ms": percentile([r.ttft_ms for r in rs if r.ttft_ms is not None], 0.5),
              "ttft_all_ms": [r.ttft_ms for r in rs], "cached": rs[0].cached,
+             "prompt": rs[0].prompt,
              "error": next((r.error for r in rs if r.error), None)}
             for t, rs in enumerate(samples)]
 
@@ -154,12 +157,12 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(f"| {name} | {m['requests']} | {m['errors']} | {fmt(m['ttft_p50_ms'])} | "
                      f"{fmt(m['tok_s'], 1)} |")
     lines += ["", f"{meta.get('conversations', 1)} conversations; TTFT: the median per turn, "
-              "cached: the first conversation's", "",
-              "| turn | " + " | ".join(f"TTFT ms ({n}) | cached ({n})" for n in results)
-              + " |", "|---|" + "---|---|" * len(results)]
+              "prompt and cached tokens: the first conversation's", "",
+              "| turn | prompt | " + " | ".join(f"TTFT ms ({n}) | cached ({n})" for n in results)
+              + " |", "|---|---|" + "---|---|" * len(results)]
     names = list(results)
     for t in range(len(results[names[0]]["turns"])):
-        cells = []
+        cells = [str(results[names[0]]["turns"][t]["prompt"])]
         for n in names:
             row = results[n]["turns"][t]
             cells += [fmt(row["ttft_ms"]), str(row["cached"])]

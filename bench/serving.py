@@ -206,8 +206,23 @@ def prompt_for(n: int, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)) + ". " + PROMPTS[n % len(PROMPTS)]
 
 
+def end_of_generation_bias(gguf: Path) -> dict[str, int]:
+    """logit_bias that keeps every end-of-generation token out: each request then generates
+    exactly max_tokens, as the ceilings do (an early end would spread the fixed costs of a
+    request, prefill and HTTP, over fewer tokens on every server alike). Both servers apply
+    logit_bias to the logits before sampling, as OpenAI does."""
+    from bastion.engines.llamacpp.model import LlamaModel
+
+    vocab = LlamaModel(gguf, n_seq=1, ctx_per_seq=1, n_batch=1, threads=1, vocab_only=True)
+    try:
+        return {str(t): -100 for t in range(vocab.n_vocab) if vocab.is_eog(t)}
+    finally:
+        vocab.close()
+
+
 async def run_level(base: str, server: Server, model: str, concurrency: int, per_client: int,
-                    max_tokens: int, words: int = 0) -> dict[str, Any]:
+                    max_tokens: int, words: int = 0,
+                    logit_bias: dict[str, int] | None = None) -> dict[str, Any]:
     """`concurrency` clients, each sending `per_client` requests back to back."""
     async def client_loop(k: int) -> list[RequestResult]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -219,7 +234,8 @@ async def run_level(base: str, server: Server, model: str, concurrency: int, per
                 out.append(await one_request(client, {
                     "model": model, "prompt": prompt_for(1000 * concurrency + n, words),
                     "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
-                    "seed": 1000 * concurrency + n}))
+                    "seed": 1000 * concurrency + n, **({"logit_bias": logit_bias}
+                                                       if logit_bias else {})}))
             return out
 
     t0 = time.perf_counter()
@@ -232,6 +248,7 @@ async def run_level(base: str, server: Server, model: str, concurrency: int, per
     tokens = sum(r.tokens for r in results)
     return {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
             "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "tokens_per_request": tokens / max(1, len(results) - len(errors)),
             "ttft_p50_ms": percentile(ttfts, 0.5), "ttft_p99_ms": percentile(ttfts, 0.99),
             "raw": [asdict(r) for r in results]}
 
@@ -252,7 +269,7 @@ async def drive(base: str, pid: int, server: Server, args: argparse.Namespace) -
         try:
             level = await run_level(base, server, model, c,
                                     args.requests_per_client or (3 if c < 8 else 2), args.max_tokens,
-                                    args.prompt_words)
+                                    args.prompt_words, args.logit_bias)
         finally:
             stats = monitor.stop()
         level["peak_rss_mib"], level["other_cpu_pct"] = stats
@@ -280,10 +297,12 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [f"Run {meta['timestamp']} on {meta['cpus']} CPUs ({meta['platform']}); "
              f"{meta['model_file']}, max_tokens={meta['max_tokens']}, "
              f"prompt {meta['prompt_words']} filler words + a story opening, streaming "
-             "/v1/completions.", "",
+             "/v1/completions, " + ("end-of-generation tokens biased out (every request "
+             "max_tokens long)." if meta.get("eog_logit_bias") else "requests may end early."),
+             "",
              f"| concurrency | server | tok/s | of decode ceiling | of workload ceiling | ÷ {first} "
-             "| TTFT p50/p99 ms | errors | requests | other CPU % |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| TTFT p50/p99 ms | tokens per request | errors | requests | other CPU % |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in meta["levels"]:
         base = results[first]["levels"].get(c) if first else None
         for name, res in results.items():
@@ -296,7 +315,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 f"{lv['tok_s'] / top:.0%}" if top else "-",
                 f"{lv['tok_s'] / whole:.0%}" if whole else "-",
                 f"{lv['tok_s'] / base['tok_s']:.2f}x" if base and base["tok_s"] else "-",
-                f"{fmt(lv['ttft_p50_ms'])}/{fmt(lv['ttft_p99_ms'])}", str(lv["errors"]),
+                f"{fmt(lv['ttft_p50_ms'])}/{fmt(lv['ttft_p99_ms'])}",
+                fmt(lv.get("tokens_per_request"), 1), str(lv["errors"]),
                 str(lv["requests"]), f"{lv['other_cpu_pct']:.0f} |"]))
     if ceiling:
         lines += ["", "Decode ceiling (`bench/decode_ceiling.py`, same run): " + ", ".join(
@@ -350,6 +370,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-words", type=int, default=0,
                    help="filler words of its own before each request's story opening")
+    p.add_argument("--allow-eos", action="store_true",
+                   help="let requests end early at an end-of-generation token (by default a "
+                        "logit_bias keeps those out, so every request generates max_tokens)")
     p.add_argument("--ceiling", action="store_true",
                    help="also time bare llama_decode (bench/decode_ceiling.py) in this run")
     p.add_argument("--bastion-env", action="append", default=[], metavar="NAME=VALUE",
@@ -370,6 +393,7 @@ def main() -> None:
     from bastion.models.bundled import bundled_gguf, bundled_smollm2
 
     gguf = bundled_gguf(args.data_dir / "models") if args.model == "gemma" else bundled_smollm2()
+    args.logit_bias = None if args.allow_eos else end_of_generation_bias(gguf)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     threads = str(args.threads)
     env = dict(kv.split("=", 1) for kv in args.bastion_env)
@@ -400,6 +424,7 @@ def main() -> None:
             "python": platform.python_version(), "model_file": gguf.name,
             "max_tokens": args.max_tokens, "levels": args.levels, "threads": args.threads,
             "prompt_words": args.prompt_words, "ceiling": ceiling,
+            "eog_logit_bias": sorted(map(int, args.logit_bias or {})),
             "requests_per_client": args.requests_per_client,
             "commands": {s.name: s.cmd for s in servers if s.name in results},
             "envs": {s.name: s.env for s in servers if s.name in results}}
