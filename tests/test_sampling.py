@@ -71,6 +71,25 @@ def test_presence_penalty_and_logit_bias_reach_far_tokens() -> None:
     assert first == 0 and second == 1
 
 
+def test_logit_bias_shifts_the_plain_draw_exactly() -> None:
+    # A bias without top-k/p or penalties is added in numpy, not by the chain: the draw must
+    # still follow softmax((logits + bias) / T), a banned token never drawn.
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal(1000) * 2).astype(np.float32)
+    logits[:5] += 6
+    bias = {3: 2.5, 1: -100.0, 700: 9.0}
+    params = SamplingParams(max_tokens=1, temperature=0.7, seed=5,
+                            logit_bias=tuple(bias.items()))
+    n = 40_000
+    got = np.bincount(draw(params, logits, n), minlength=1000) / n
+    shifted = logits.astype(np.float64)
+    for tok, value in bias.items():
+        shifted[tok] += value
+    want = softmax(shifted, 0.7)
+    assert np.abs(got - want).max() < 0.01
+    assert got[1] == 0 and got[700] > 0.03
+
+
 def test_token_logprob_is_log_softmax() -> None:
     logits = np.array([1.0, 2.0, 3.0, 0.5], dtype=np.float32)
     lp = token_logprob(logits, 1, 2, lambda t: (f"t{t}", [t]))

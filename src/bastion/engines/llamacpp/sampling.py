@@ -46,18 +46,24 @@ class SequenceSampler:
         self.inv_temp = 0.0 if self.greedy else 1.0 / params.temperature
         # Plain temperature sampling (the usual OpenAI request) is an exact categorical draw
         # over softmax(logits / T), done vectorised: 0.3 ms instead of the chain's 2 ms over
-        # 262k tokens. Anything more (top-k/p, min-p, penalties, bias) goes through the chain.
+        # 262k tokens. A logit bias is added to a copy of the logits first, as the chain's bias
+        # sampler would (through the chain every step cost Gemma several milliseconds a token);
+        # anything more (top-k/p, min-p, penalties, or a bias when greedy) goes through the chain.
         self.plain = not (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
                           or params.frequency_penalty or params.presence_penalty
-                          or params.logit_bias)
+                          or (params.logit_bias and self.greedy))
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         self.rng = np.random.default_rng((seed + seed_offset) & 0xFFFFFFFF)
         self.penalised = bool(params.frequency_penalty or params.presence_penalty)
         self.bias_tokens = np.array(sorted({t for t, _ in params.logit_bias}), dtype=np.int64)
+        totals: dict[int, float] = {}
+        for tok, value in params.logit_bias:  # the chain's sampler adds each entry, so do we
+            totals[tok] = totals.get(tok, 0.0) + value
+        self.bias = np.array([totals[t] for t in self.bias_tokens.tolist()], dtype=np.float32)
         self.history: list[int] = []
         self.chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda smpl: lc.llama_sampler_chain_add(self.chain, smpl)  # noqa: E731
-        if params.logit_bias:
+        if params.logit_bias and not self.plain:
             arr = (lc.llama_logit_bias * len(params.logit_bias))()
             for i, (tok, bias) in enumerate(params.logit_bias):
                 arr[i].token = tok
@@ -79,6 +85,9 @@ class SequenceSampler:
         add(lc.llama_sampler_init_dist((seed + seed_offset) & 0xFFFFFFFF))
 
     def sample(self, ctx: ctypes.c_void_p, logits: np.ndarray, batch_index: int) -> int:
+        if self.plain and self.bias_tokens.size:
+            logits = logits.copy()
+            logits[self.bias_tokens] += self.bias
         if self.grammar is not None:
             return self._sample_constrained(logits)
         if self.greedy:
