@@ -289,10 +289,6 @@ def fmt(v: float | None, digits: int = 0) -> str:
 
 def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     """One row per level and server; ratios against the first server and the decode ceiling."""
-    ceiling: dict[int, float] = {int(k): v for k, v in (meta.get("ceiling") or {}).get(
-        "decode", {}).items()}
-    workload: dict[int, float] = {int(k): v for k, v in (meta.get("ceiling") or {}).get(
-        "workload", {}).items()}
     first = "bastion" if "bastion" in results else next(iter(results), None)
     lines = [f"Run {meta['timestamp']} on {meta['cpus']} CPUs ({meta['platform']}); "
              f"{meta['model_file']}, max_tokens={meta['max_tokens']}, "
@@ -309,7 +305,8 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
             lv = res["levels"].get(c)
             if not lv:
                 continue
-            top, whole = ceiling.get(c), workload.get(c)
+            bound = res.get("ceiling") or {}
+            top, whole = bound.get("decode", {}).get(c), bound.get("workload", {}).get(c)
             lines.append(" | ".join([
                 f"| {c}", name, f"{lv['tok_s']:.1f}",
                 f"{lv['tok_s'] / top:.0%}" if top else "-",
@@ -318,13 +315,16 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 f"{fmt(lv['ttft_p50_ms'])}/{fmt(lv['ttft_p99_ms'])}",
                 fmt(lv.get("tokens_per_request"), 1), str(lv["errors"]),
                 str(lv["requests"]), f"{lv['other_cpu_pct']:.0f} |"]))
-    if ceiling:
-        lines += ["", "Decode ceiling (`bench/decode_ceiling.py`, same run): " + ", ".join(
-            f"{c} seq {v:.0f} tok/s" for c, v in sorted(ceiling.items())),
-            "", f"Workload ceiling (same script, {meta['prompt_words'] + 10}-token prompts and "
-            f"{meta['max_tokens']} generated tokens per request, prefilled and decoded in "
-            "lock-step with nothing else running): " + ", ".join(
-                f"{c} seq {v:.1f} tok/s" for c, v in sorted(workload.items()))]
+    for m in meta.get("ceilings") or []:
+        lines += ["", f"Ceilings measured {m['when']} (`bench/decode_ceiling.py`): decode "
+                  + ", ".join(f"{c} seq {v:.0f}" for c, v in sorted(m["decode"].items()))
+                  + f" tok/s; workload ({meta['prompt_words'] + 10}-token prompts and "
+                  f"{meta['max_tokens']} generated tokens per request, prefilled and decoded in "
+                  "lock-step with nothing else running) " + ", ".join(
+                      f"{c} seq {v:.1f}" for c, v in sorted(m["workload"].items())) + " tok/s"]
+    if meta.get("ceilings"):
+        lines += ["", "Each server's \"of ceiling\" columns divide by the mean of the two "
+                  "measurements that bracket its run."]
     top_level = max(meta["levels"])
     lines += ["", "other CPU %: share of all cores used by processes other than the server and "
               "this script; above ~10% that level ran on a busy machine.", ""]
@@ -348,6 +348,12 @@ def decode_ceiling(model: str, data_dir: Path, threads: int,
     rows = [r for r in rows if r[0].strip().isdigit()]
     return {"decode": {int(r[0]): float(r[1]) for r in rows},
             "workload": {int(r[0]): float(r[3]) for r in rows}}
+
+
+def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """The mean of two ceiling measurements, per kind and batch size."""
+    return {kind: {c: (before[kind][c] + after[kind][c]) / 2 for c in before[kind]}
+            for kind in ("decode", "workload")}
 
 
 def bastion_server(name: str, args: argparse.Namespace, data_dir: Path,
@@ -407,7 +413,20 @@ def main() -> None:
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
         "--port", "{port}", "--n_ctx", "4096", "--n_threads", threads, "--n_threads_batch",
         threads, "--interrupt_requests", "false"], {}, "/v1/models", {}, None))
+    # the story openings are 5-11 tokens, and each filler word about one token
+    ceilings: list[dict[str, Any]] = []
+
+    def measure_ceiling(when: str) -> None:
+        """The ceiling right before the first server and after each one: this VM's speed
+        drifts by a third within minutes, so each server is held to the mean of the two
+        measurements that bracket its own run."""
+        if args.ceiling:
+            ceilings.append({"when": when, **decode_ceiling(
+                args.model, args.data_dir, args.threads, args.prompt_words + 10,
+                args.max_tokens)})
+
     results: dict[str, Any] = {}
+    measure_ceiling("before the first server")
     for server in reversed(servers) if args.reverse else servers:
         if args.only is None or (server.name == "reference") == (args.only == "reference"):
             log_path = args.data_dir / "logs" / stamp / f"{server.name}.log"
@@ -416,14 +435,14 @@ def main() -> None:
                 startup = time.perf_counter() - t0
                 results[server.name] = asyncio.run(drive(base, pid, server, args))
             results[server.name].update(startup_s=startup, log=str(log_path))
-    # the story openings are 5-11 tokens, and each filler word about one token
-    ceiling = decode_ceiling(args.model, args.data_dir, args.threads, args.prompt_words + 10,
-                             args.max_tokens) if args.ceiling else {}
+            measure_ceiling(f"after {server.name}")
+            if args.ceiling:
+                results[server.name]["ceiling"] = bracket(ceilings[-2], ceilings[-1])
 
     meta = {"timestamp": stamp, "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "model_file": gguf.name,
             "max_tokens": args.max_tokens, "levels": args.levels, "threads": args.threads,
-            "prompt_words": args.prompt_words, "ceiling": ceiling,
+            "prompt_words": args.prompt_words, "ceilings": ceilings,
             "eog_logit_bias": sorted(map(int, args.logit_bias or {})),
             "requests_per_client": args.requests_per_client,
             "commands": {s.name: s.cmd for s in servers if s.name in results},
