@@ -163,9 +163,20 @@ def running(server: Server, log_path: Path, timeout: float) -> Iterator[tuple[st
 
 
 async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> RequestResult:
-    """One streamed completion; a token is an SSE chunk with non-empty text."""
+    """One streamed completion; a token is an SSE chunk with non-empty text. Not streamed:
+    the usage's completion tokens, and no TTFT."""
     t0 = time.perf_counter()
     ttft, tokens, done, error = None, 0, False, None
+    if not body.get("stream"):
+        try:
+            resp = await client.post("/v1/completions", json=body)
+            if resp.status_code != 200:
+                error = f"HTTP {resp.status_code}: {resp.content[:200]!r}"
+            else:
+                tokens = resp.json()["usage"]["completion_tokens"]
+        except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        return RequestResult(ttft, tokens, time.perf_counter() - t0, error)
     try:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -222,7 +233,8 @@ def end_of_generation_bias(gguf: Path) -> dict[str, int]:
 
 async def run_level(base: str, server: Server, model: str, concurrency: int, per_client: int,
                     max_tokens: int, words: int = 0,
-                    logit_bias: dict[str, int] | None = None) -> dict[str, Any]:
+                    logit_bias: dict[str, int] | None = None,
+                    stream: bool = True) -> dict[str, Any]:
     """`concurrency` clients, each sending `per_client` requests back to back."""
     async def client_loop(k: int) -> list[RequestResult]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -233,7 +245,7 @@ async def run_level(base: str, server: Server, model: str, concurrency: int, per
                 n = k * per_client + i
                 out.append(await one_request(client, {
                     "model": model, "prompt": prompt_for(1000 * concurrency + n, words),
-                    "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
+                    "max_tokens": max_tokens, "temperature": 0.8, "stream": stream,
                     "seed": 1000 * concurrency + n, **({"logit_bias": logit_bias}
                                                        if logit_bias else {})}))
             return out
@@ -269,7 +281,7 @@ async def drive(base: str, pid: int, server: Server, args: argparse.Namespace) -
         try:
             level = await run_level(base, server, model, c,
                                     args.requests_per_client or (3 if c < 8 else 2), args.max_tokens,
-                                    args.prompt_words, args.logit_bias)
+                                    args.prompt_words, args.logit_bias, not args.no_stream)
         finally:
             stats = monitor.stop()
         level["peak_rss_mib"], level["other_cpu_pct"] = stats
@@ -292,8 +304,9 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     first = "bastion" if "bastion" in results else next(iter(results), None)
     lines = [f"Run {meta['timestamp']} on {meta['cpus']} CPUs ({meta['platform']}); "
              f"{meta['model_file']}, max_tokens={meta['max_tokens']}, "
-             f"prompt {meta['prompt_words']} filler words + a story opening, streaming "
-             "/v1/completions, " + ("end-of-generation tokens biased out (every request "
+             f"prompt {meta['prompt_words']} filler words + a story opening, "
+             + ("streaming " if meta.get("stream", True) else "whole answers from ")
+             + "/v1/completions, " + ("end-of-generation tokens biased out (every request "
              "max_tokens long)." if meta.get("eog_logit_bias") else "requests may end early."),
              "",
              f"| concurrency | server | tok/s | of decode ceiling | of workload ceiling | ÷ {first} "
@@ -379,6 +392,8 @@ def main() -> None:
     p.add_argument("--allow-eos", action="store_true",
                    help="let requests end early at an end-of-generation token (by default a "
                         "logit_bias keeps those out, so every request generates max_tokens)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="whole answers instead of SSE (no TTFT): what streaming costs the machine")
     p.add_argument("--ceiling", action="store_true",
                    help="also time bare llama_decode (bench/decode_ceiling.py) in this run")
     p.add_argument("--bastion-env", action="append", default=[], metavar="NAME=VALUE",
@@ -444,6 +459,7 @@ def main() -> None:
             "max_tokens": args.max_tokens, "levels": args.levels, "threads": args.threads,
             "prompt_words": args.prompt_words, "ceilings": ceilings,
             "eog_logit_bias": sorted(map(int, args.logit_bias or {})),
+            "stream": not args.no_stream,
             "requests_per_client": args.requests_per_client,
             "commands": {s.name: s.cmd for s in servers if s.name in results},
             "envs": {s.name: s.env for s in servers if s.name in results}}
