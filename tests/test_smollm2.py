@@ -59,9 +59,9 @@ def test_listed_and_reached_by_alias(client: openai.OpenAI) -> None:
     assert client.models.retrieve("smollm2").id == SMOLLM2
 
 
-FACTS = [("Which city is the capital of France?", "Paris"), ("Name the capital of France.", "Paris"),
-         ("What is the capital of Germany?", "Berlin"), ("What is 2 + 2?", "4"),
-         ("What is the largest ocean on Earth?", "Pacific")]
+FACTS = [("Which city is the capital of France?", "Paris"),
+         ("Name the capital of France.", "Paris"), ("What is the capital of Germany?", "Berlin"),
+         ("What is 2 + 2?", "4"), ("What is the largest ocean on Earth?", "Pacific")]
 
 
 def test_answers_sensibly_and_ends_its_turn(client: openai.OpenAI) -> None:
