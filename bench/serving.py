@@ -428,14 +428,13 @@ def main() -> None:
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
         "--port", "{port}", "--n_ctx", "4096", "--n_threads", threads, "--n_threads_batch",
         threads, "--interrupt_requests", "false"], {}, "/v1/models", {}, None))
-    # the story openings are 5-11 tokens, and each filler word about one token
     ceilings: list[dict[str, Any]] = []
 
     def measure_ceiling(when: str) -> None:
         """The ceiling right before the first server and after each one: this VM's speed
         drifts by a third within minutes, so each server is held to the mean of the two
         measurements that bracket its own run."""
-        if args.ceiling:
+        if args.ceiling:  # the story openings are 5-11 tokens, each filler word about one
             ceilings.append({"when": when, **decode_ceiling(
                 args.model, args.data_dir, args.threads, args.prompt_words + 10,
                 args.max_tokens)})

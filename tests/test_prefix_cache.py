@@ -32,23 +32,21 @@ ARGS = dict(max_tokens=16, temperature=0, seed=1, logprobs=True, top_logprobs=2)
 TEXT_ARGS = dict(max_tokens=16, temperature=0, seed=1, logprobs=2)  # /v1/completions' form
 ENV = {"BASTION_PARALLEL": "2", "BASTION_CONTEXT_PER_SEQUENCE": "2048"}
 TIE = 3.0  # nats between the two best tokens below which rounding may pick the other one
-Step = tuple[str, float, list[tuple[str, float]]]  # token, logprob, the two best
+Step = tuple[str, list[tuple[str, float]]]  # the token picked, the two best with logprobs
 
 
 def chat_steps(content) -> list[Step]:
-    return [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs])
-            for t in content]
+    return [(t.token, [(a.token, a.logprob) for a in t.top_logprobs]) for t in content]
 
 
 def text_steps(lp) -> list[Step]:
-    return [(tok, lp_, sorted(top.items(), key=lambda kv: -kv[1]))
-            for tok, lp_, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)]
+    return [(tok, list(top.items())) for tok, top in zip(lp.tokens, lp.top_logprobs)]
 
 
 def same_answer(cached_steps: list[Step], plain_steps: list[Step]) -> bool:
     """Asserts the two greedy answers agree as described above; True if they never part."""
     assert cached_steps and plain_steps
-    for (tok, _, _), (ptok, _, ptop) in zip(cached_steps, plain_steps):
+    for (tok, _), (ptok, ptop) in zip(cached_steps, plain_steps):
         if tok != ptok:
             best = sorted((v for _, v in ptop), reverse=True)
             assert best[0] - best[1] < TIE and tok in {t for t, _ in ptop}, (tok, ptok, ptop)
