@@ -400,7 +400,9 @@ def main() -> None:
                    help="extra environment for this version's Bastion (repeatable)")
     p.add_argument("--baseline", action="append", default=[], metavar="LABEL=SRC",
                    help="also run another Bastion version from its src/ directory (e.g. "
-                        "`git archive <commit> src | tar -x -C /tmp/base`), in the same run")
+                        "`git archive <commit> src | tar -x -C /tmp/base`), in the same run; several "
+                        "paths joined by os.pathsep all go first on PYTHONPATH (e.g. another "
+                        "llama_cpp build)")
     p.add_argument("--reverse", action="store_true",
                    help="run the servers in reverse order (reference, baselines, this version): "
                         "a second run with it balances drift across the run")
@@ -421,8 +423,8 @@ def main() -> None:
     servers = [bastion_server("bastion", args, args.data_dir, env)]
     for spec in args.baseline:
         label, src = spec.split("=", 1)
-        servers.append(bastion_server(label, args, args.data_dir / f"baseline-{label}",
-                                      {"PYTHONPATH": str(Path(src).resolve())}))
+        servers.append(bastion_server(label, args, args.data_dir / f"baseline-{label}", {
+            "PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in src.split(os.pathsep))}))
     # interrupt_requests=false: by default a queued request cuts the running stream short.
     servers.append(Server("reference", [
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",

@@ -97,3 +97,21 @@ def test_token_logprob_is_log_softmax() -> None:
     assert abs(lp.logprob - ref[1]) < 1e-6
     assert [t for t, _, _ in lp.top] == ["t2", "t1"]
     assert abs(lp.top[0][2] - ref[2]) < 1e-6
+
+
+def test_draw_holds_far_from_zero_and_with_the_best_token_banned() -> None:
+    # The weights skip the shift by the max while the best scaled logit is moderate; large
+    # logits are shifted, and a banned best token over a far-down rest falls back to shifting.
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(800).astype(np.float32)
+    n = 20_000
+    for offset, bias in ((150.0, ()), (-80.0, ((0, -100.0),))):
+        logits = base + np.float32(offset)
+        logits[0] = 60.0  # the best token; banned in the second case
+        params = SamplingParams(max_tokens=1, temperature=1.0, seed=7, logit_bias=bias)
+        got = np.bincount(draw(params, logits, n), minlength=800) / n
+        shifted = logits.astype(np.float64)
+        for tok, value in bias:
+            shifted[tok] += value
+        assert np.abs(got - softmax(shifted, 1.0)).max() < 0.015
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import threading
 from typing import Callable
 
 import llama_cpp as lc
@@ -18,6 +19,8 @@ from bastion.engines.base import SamplingParams, TokenLogprob
 RIGOROUS_LOGITS = 30.0
 MIN_TEMPERATURE = 1e-3
 BLOCK = 512  # tokens per block in the two-level categorical draw
+SHIFT_FREE_LOW, SHIFT_FREE_HIGH = -20.0, 70.0  # see SequenceSampler._blocks
+MIN_MASS = 1e-20  # total unshifted weight below which tokens lost to underflow could count
 # A constrained sequence first samples as if free and keeps the token if the grammar allows it
 # (llama.cpp's common sampler does the same): checking one token costs microseconds, masking
 # Gemma's 262k-token vocabulary tens of milliseconds. Only when the free choice does not fit
@@ -85,15 +88,14 @@ class SequenceSampler:
         add(lc.llama_sampler_init_dist((seed + seed_offset) & 0xFFFFFFFF))
 
     def sample(self, ctx: ctypes.c_void_p, logits: np.ndarray, batch_index: int) -> int:
+        if self.plain and self.grammar is None and not self.greedy:
+            return self._draw(self._blocks(logits, add_bias=True))  # no copy for the bias
         if self.plain and self.bias_tokens.size:
-            logits = logits.copy()
-            logits[self.bias_tokens] += self.bias
+            logits = self._biased(logits)
         if self.grammar is not None:
             return self._sample_constrained(logits)
         if self.greedy:
             return lc.llama_sampler_sample(self.chain, ctx, batch_index)
-        if self.plain:
-            return self._categorical(logits)
         return self._through_chain(self._candidates(logits), logits)
 
     # --- constrained output -------------------------------------------------------------------
@@ -140,7 +142,7 @@ class SequenceSampler:
         chunk (4,096 tokens) the draw keeps to the allowed tokens in it: masking Gemma's whole
         vocabulary costs 60 ms a token, and llama.cpp's own sampler keeps only 40. The whole
         vocabulary is masked only when none of those 4,096 is allowed."""
-        mass = self._blocks(logits)
+        mass = self._blocks(logits, add_bias=False)  # the logits come biased
         for _ in range(REJECTION_TRIES):
             token = self._draw(mass)
             if self._fits(token, logits):
@@ -197,20 +199,52 @@ class SequenceSampler:
         near = np.flatnonzero(logits >= best - RIGOROUS_LOGITS / (self.inv_temp or 1.0))
         return np.union1d(near, special) if special.size else near
 
-    def _categorical(self, logits: np.ndarray) -> int:
-        return self._draw(self._blocks(logits))
+    def _biased(self, logits: np.ndarray) -> np.ndarray:
+        out = logits.copy()
+        out[self.bias_tokens] += self.bias
+        return out
 
-    def _blocks(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """softmax(logits / T), unnormalised, in blocks, with the blocks' cumulative mass."""
+    def _blocks(self, logits: np.ndarray, add_bias: bool) -> tuple[np.ndarray, np.ndarray]:
+        """softmax(logits / T) plus the logit bias, unnormalised, in blocks, with the blocks'
+        cumulative mass. Each pass over Gemma's 262k logits costs about as much as the
+        exponentials, so there are three: the max, the scaling, the exponentials (then the
+        block sums). The weights need no shift by the max while the largest scaled logit
+        lies in [SHIFT_FREE_LOW, SHIFT_FREE_HIGH]: nothing overflows, and what underflows
+        weighs under e^-67 of the best token. The few biased tokens are set afterwards."""
         n = logits.shape[0]
-        pad = (-n) % BLOCK
-        weights = np.exp((logits - logits.max()) * np.float32(self.inv_temp))
-        if pad:
-            weights = np.concatenate([weights, np.zeros(pad, dtype=weights.dtype)])
+        weights = _buffer(n)
+        w = weights[:n]
+        inv_temp = np.float32(self.inv_temp)
+        top = float(logits.max())
+        add_bias = add_bias and bool(self.bias_tokens.size)
+        if add_bias:
+            biased = logits[self.bias_tokens] + self.bias
+            top = max(top, float(biased.max()))
+        shift = np.float32(top * self.inv_temp)
+        np.multiply(logits, inv_temp, out=w)
+        unshifted = SHIFT_FREE_LOW <= shift <= SHIFT_FREE_HIGH
+        if not unshifted:
+            np.subtract(w, shift, out=w)
+        np.exp(w, out=w)
+        if add_bias:
+            w[self.bias_tokens] = np.exp(biased * inv_temp - (0 if unshifted else shift))
         blocks = weights.reshape(-1, BLOCK)
         # Each block summed in float32 (pairwise, 512 terms: relative error about 1e-7), the
         # blocks' running total in float64: summing every weight as float64 took as long as
         # the exponentials themselves.
+        mass = np.cumsum(blocks.sum(axis=1), dtype=np.float64)
+        if unshifted and not mass[-1] >= MIN_MASS:  # the best token was biased far down
+            return self._shifted_blocks(self._biased(logits) if add_bias else logits, weights)
+        return blocks, mass
+
+    def _shifted_blocks(self, logits: np.ndarray, weights: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """The same with the max subtracted first, so the best token weighs exactly 1."""
+        w = weights[:logits.shape[0]]
+        np.subtract(logits, logits.max(), out=w)
+        np.multiply(w, np.float32(self.inv_temp), out=w)
+        np.exp(w, out=w)
+        blocks = weights.reshape(-1, BLOCK)
         return blocks, np.cumsum(blocks.sum(axis=1), dtype=np.float64)
 
     def _draw(self, mass: tuple[np.ndarray, np.ndarray]) -> int:
@@ -232,6 +266,21 @@ class SequenceSampler:
         if self.grammar:
             lc.llama_sampler_free(self.grammar)
             self.grammar = None
+
+
+_local = threading.local()
+
+
+def _buffer(n: int) -> np.ndarray:
+    """This thread's buffer for the weights of a draw over n logits, padded to whole blocks
+    with zeros: one per thread, not per sequence, so that it stays in the core's cache from
+    one sequence to the next (it is a megabyte over Gemma's vocabulary). A draw's weights
+    are used before its thread draws again."""
+    buf: np.ndarray | None = getattr(_local, "weights", None)
+    if buf is None or getattr(_local, "n", None) != n:  # the padding must hold zeros
+        buf = _local.weights = np.zeros(n + (-n) % BLOCK, dtype=np.float32)
+        _local.n = n
+    return buf
 
 
 def _token_array(ids: np.ndarray, logits: np.ndarray
