@@ -100,18 +100,23 @@ def test_token_logprob_is_log_softmax() -> None:
 
 
 def test_draw_holds_far_from_zero_and_with_the_best_token_banned() -> None:
-    # The weights skip the shift by the max while the best scaled logit is moderate; large
-    # logits are shifted, and a banned best token over a far-down rest falls back to shifting.
+    # The weights skip the shift by the max while the best scaled logit is moderate. Each case
+    # must still follow softmax: large logits (shifted); the best token banned, the rest 105
+    # below it (unshifted, token 0 and the rest both likely); the best banned over a rest so
+    # far down that the unshifted weights would lose it (the fallback that shifts).
     rng = np.random.default_rng(3)
     base = rng.standard_normal(800).astype(np.float32)
     n = 20_000
-    for offset, bias in ((150.0, ()), (-80.0, ((0, -100.0),))):
+    for offset, best, bias in ((150.0, 0.0, ()), (-45.0, 60.0, ((0, -100.0),)),
+                               (-60.0, 50.0, ((0, -100.0),))):
         logits = base + np.float32(offset)
-        logits[0] = 60.0  # the best token; banned in the second case
+        if bias:
+            logits[0] = best
         params = SamplingParams(max_tokens=1, temperature=1.0, seed=7, logit_bias=bias)
         got = np.bincount(draw(params, logits, n), minlength=800) / n
         shifted = logits.astype(np.float64)
         for tok, value in bias:
             shifted[tok] += value
-        assert np.abs(got - softmax(shifted, 1.0)).max() < 0.015
-
+        want = softmax(shifted, 1.0)
+        assert np.abs(got - want).max() < 0.015
+        assert 0.05 < want[0] < 0.95 or not bias  # the case really weighs token 0 against the rest
