@@ -107,11 +107,12 @@ def test_draw_holds_far_from_zero_and_with_the_best_token_banned() -> None:
     rng = np.random.default_rng(3)
     base = rng.standard_normal(800).astype(np.float32)
     n = 20_000
-    for offset, best, bias in ((150.0, 0.0, ()), (-45.0, 60.0, ((0, -100.0),)),
-                               (-60.0, 50.0, ((0, -100.0),))):
+    for offset, banned_best in ((150.0, None), (-45.0, 60.0), (-60.0, 50.0)):
         logits = base + np.float32(offset)
-        if bias:
-            logits[0] = best
+        bias: tuple[tuple[int, float], ...] = ()
+        if banned_best is not None:
+            logits[0] = banned_best
+            bias = ((0, -100.0),)
         params = SamplingParams(max_tokens=1, temperature=1.0, seed=7, logit_bias=bias)
         got = np.bincount(draw(params, logits, n), minlength=800) / n
         shifted = logits.astype(np.float64)
